@@ -1,0 +1,55 @@
+"""The command line: `python -m kvapp serve [--host H] [--port P] [--threads N]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvapp import create_app
+from kvapp.config import ConfigError, load_config
+from kvapp.repository import DatabaseUnusable
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("threads", args.threads))
+        if value is not None
+    }
+    settings = load_config(args.config, **overrides)
+    app = create_app(settings)
+    import waitress
+
+    print(
+        f"kvapp: serving {settings.database} on http://{settings.host}:{settings.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        waitress.serve(app, **settings.waitress_options())
+    finally:
+        app.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvapp", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $KVAPP_CONFIG or config.ini)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="serve the HTTP API with waitress")
+    run.add_argument("--host", help="listen address (default from config.ini: 127.0.0.1)")
+    run.add_argument("--port", type=int, help="listen port (default from config.ini: 4000)")
+    run.add_argument("--threads", type=int, help="waitress threads (default from config.ini: 4)")
+    run.set_defaults(func=serve)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatabaseUnusable) as exc:
+        print(f"kvapp: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Settings: config.ini and the environment -> one validated Settings object.
+
+Every setting is declared once in SETTINGS as (section, name, converter,
+default, help).  config.ini holds strings; each converter turns one into a
+value or raises ValueError.  KVAPP_<NAME> in the environment overrides the
+file, and KVAPP_CONFIG names another config file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config.ini"
+
+
+class ConfigError(Exception):
+    """A config file or environment value that cannot be used; the message is one line."""
+
+
+def asbool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def asint(minimum: int, maximum: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        value = int(text.strip())
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return convert
+
+
+def aschoice(*choices: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = text.strip().upper()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return convert
+
+
+def aslist(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+def asstr(text: str) -> str:
+    return text.strip()
+
+
+def aslevel(text: str) -> str:
+    return aschoice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(text)
+
+
+_KIB = 1024
+_MIB = 1024 * _KIB
+
+# (section, name, converter, default as it would be written in config.ini, help)
+SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
+    (
+        "storage",
+        "database",
+        asstr,
+        "data/kvapp.sqlite3",
+        "SQLite file; a relative path is relative to the config file's folder",
+    ),
+    (
+        "storage",
+        "busy_timeout_ms",
+        asint(0, 600_000),
+        "5000",
+        "how long a write waits for a lock held by another process before 503",
+    ),
+    (
+        "storage",
+        "synchronous",
+        aschoice("FULL", "NORMAL"),
+        "FULL",
+        "FULL: every acknowledged write is on disk; NORMAL: may lose the last writes on power loss",
+    ),
+    (
+        "storage",
+        "startup_check_max_bytes",
+        asint(0, 2**62),
+        str(256 * _MIB),
+        "run PRAGMA quick_check at start when the database is at most this big",
+    ),
+    (
+        "limits",
+        "max_key_bytes",
+        asint(1, 65_536),
+        "1024",
+        "longest key, in bytes of UTF-8 (400 beyond)",
+    ),
+    (
+        "limits",
+        "max_value_bytes",
+        asint(0, 512 * _MIB),
+        str(1 * _MIB),
+        "longest value, in bytes (413 beyond)",
+    ),
+    (
+        "limits",
+        "max_body_bytes",
+        asint(0, 2 * 1024 * _MIB),
+        str(4 * _MIB),
+        "largest request body, refused with 413 before it is read",
+    ),
+    (
+        "server",
+        "host",
+        asstr,
+        "127.0.0.1",
+        "address the run command listens on; 0.0.0.0 exposes the server to the network",
+    ),
+    ("server", "port", asint(0, 65_535), "4000", "port the run command listens on"),
+    ("server", "threads", asint(1, 256), "4", "waitress worker threads"),
+    (
+        "server",
+        "connection_limit",
+        asint(1, 100_000),
+        "100",
+        "open connections waitress accepts at once",
+    ),
+    (
+        "server",
+        "channel_timeout",
+        asint(1, 3600),
+        "30",
+        "seconds an idle or trickling connection may live",
+    ),
+    (
+        "server",
+        "max_request_header_size",
+        asint(1024, 1 * _MIB),
+        str(64 * _KIB),
+        "largest request line plus headers (431 beyond)",
+    ),
+)
+
+_BY_NAME = {name: (section, convert, default) for section, name, convert, default, _ in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: str
+    busy_timeout_ms: int
+    synchronous: str
+    startup_check_max_bytes: int
+    max_key_bytes: int
+    max_value_bytes: int
+    max_body_bytes: int
+    host: str
+    port: int
+    threads: int
+    connection_limit: int
+    channel_timeout: int
+    max_request_header_size: int
+    source: str = field(default="defaults", compare=False)
+
+    def waitress_options(self) -> dict[str, Any]:
+        """Return the keyword arguments for waitress.serve()."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "threads": self.threads,
+            "connection_limit": self.connection_limit,
+            "channel_timeout": self.channel_timeout,
+            "max_request_header_size": self.max_request_header_size,
+            "max_request_body_size": self.max_body_bytes,
+            "ident": "kvapp",
+        }
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Return the Settings from defaults, the config file, the environment and overrides.
+
+    Raises ConfigError for a missing file, an unknown setting or a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = environ.get("KVAPP_CONFIG") or DEFAULT_CONFIG
+    config_path = Path(path).resolve()
+    raw = {name: default for name, (_, _, default) in _BY_NAME.items()}
+    origin = {name: "default" for name in raw}
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_path} does not exist") from None
+    except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {config_path} cannot be read: {first}") from None
+    for section in parser.sections():
+        for name, value in parser.items(section):
+            if name not in _BY_NAME or _BY_NAME[name][0] != section:
+                raise ConfigError(f"{config_path}: unknown setting [{section}] {name}")
+            raw[name] = value
+            origin[name] = f"{config_path} [{section}] {name}"
+
+    for key, value in environ.items():
+        if not key.startswith("KVAPP_") or key == "KVAPP_CONFIG":
+            continue
+        name = key[len("KVAPP_") :].lower()
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {key} in the environment")
+        raw[name] = value
+        origin[name] = f"environment variable {key}"
+
+    values: dict[str, Any] = {}
+    for name, (_, convert, _) in _BY_NAME.items():
+        try:
+            values[name] = convert(raw[name])
+        except ValueError as exc:
+            raise ConfigError(f"bad value for {name} ({origin[name]}): {exc}") from None
+    for name, value in overrides.items():
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name}")
+        values[name] = value
+
+    database = values["database"]
+    if not database:
+        raise ConfigError("database must not be empty")
+    values["database"] = str((config_path.parent / database).resolve())
+    return Settings(source=str(config_path), **values)

@@ -1,0 +1,92 @@
+"""Strict application/x-www-form-urlencoded decoding and key rules.
+
+The WHATWG URL standard (section 5.1) is the reference, with every lenient
+corner turned into a 400: a malformed %-escape or bytes that are not UTF-8
+are errors here, where urllib.parse would keep '%zz' or write U+FFFD.
+"""
+
+from __future__ import annotations
+
+from string import hexdigits
+
+from kvapp.http import BadRequest
+
+_HEX_PAIRS = {
+    (a + b).encode("ascii"): bytes([int(a + b, 16)]) for a in hexdigits for b in hexdigits
+}
+
+# C0 controls, DEL and C1 controls: never part of a key (they break logs,
+# terminals and line-based listings).
+_CONTROL = frozenset(range(0x00, 0x20)) | {0x7F} | frozenset(range(0x80, 0xA0))
+_CONTROL_TABLE = {code: None for code in _CONTROL}
+
+
+def show(text: str, limit: int = 40) -> str:
+    """Return text as a short quoted one-line excerpt for an error message."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+def unquote(data: bytes) -> bytes:
+    """Return data with '+' as space and %XX escapes decoded; raise BadRequest on a bad escape."""
+    data = data.replace(b"+", b" ")
+    if b"%" not in data:
+        return data
+    parts = data.split(b"%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        byte = _HEX_PAIRS.get(part[:2])
+        if byte is None:
+            raise BadRequest("malformed percent-escape: '%' must be followed by two hex digits")
+        out.append(byte)
+        out.append(part[2:])
+    return b"".join(out)
+
+
+def utf8(data: bytes, what: str) -> str:
+    """Return data decoded as UTF-8; raise BadRequest if it is not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{what} is not valid UTF-8 after percent-decoding") from None
+
+
+def environ_bytes(text: str, what: str) -> bytes:
+    """Return the bytes behind a WSGI 'bytes-as-latin-1' string (PEP 3333)."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} holds characters that are not bytes") from None
+
+
+def parse_pairs(data: bytes) -> list[tuple[str, bytes]]:
+    """Return (name, raw value bytes) pairs of a urlencoded string, names decoded.
+
+    Empty segments ('a=1&&b=2', a trailing '&') are skipped as in WHATWG;
+    a segment without '=' is a BadRequest.  Values stay bytes so that callers
+    decide how to decode and measure them.
+    """
+    pairs = []
+    for segment in data.split(b"&"):
+        if not segment:
+            continue
+        name, sep, value = segment.partition(b"=")
+        if not sep:
+            raise BadRequest("each pair must have the form key=value (a pair has no '=')")
+        pairs.append((utf8(unquote(name), "a key"), unquote(value)))
+    return pairs
+
+
+def check_key(key: str, max_key_bytes: int) -> str:
+    """Return key if it is a valid key; raise BadRequest saying why not."""
+    if not key:
+        raise BadRequest("the key is empty")
+    if len(key.translate(_CONTROL_TABLE)) != len(key):
+        raise BadRequest(f"the key {show(key)} contains a control character")
+    size = len(key.encode("utf-8"))
+    if size > max_key_bytes:
+        raise BadRequest(
+            f"the key is {size} bytes long; the limit is {max_key_bytes} bytes of UTF-8"
+        )
+    return key

@@ -1,0 +1,341 @@
+"""Every line of SQL, the SQLite connections, transactions and storage errors.
+
+Durability: WAL mode with synchronous=FULL makes SQLite fsync the WAL on every
+COMMIT (https://sqlite.org/pragma.html#pragma_synchronous), so a write is on
+disk before we acknowledge it.  Readers use one connection per thread and never
+wait for the writer (https://sqlite.org/wal.html).  Writes in this process take
+one lock and one connection, so threads queue in Python instead of spinning in
+SQLite's busy handler; busy_timeout only covers other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+SCHEMA_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Statements run one by one inside BEGIN IMMEDIATE (executescript would commit first).
+SCHEMA = (
+    """CREATE TABLE meta (
+        name  TEXT PRIMARY KEY NOT NULL,
+        value INTEGER NOT NULL
+    )""",
+    """CREATE TABLE kv (
+        key          TEXT PRIMARY KEY NOT NULL,  -- BINARY collation: UTF-8 byte order
+        value        BLOB NOT NULL,
+        content_type TEXT NOT NULL,
+        revision     INTEGER NOT NULL,           -- meta.revision of the last write
+        expires_at   INTEGER                     -- unix milliseconds, NULL: never
+    )""",
+    f"INSERT INTO meta (name, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('revision', 0)",
+)
+
+
+class Item(NamedTuple):
+    value: bytes
+    content_type: str
+    revision: int
+
+
+class StorageError(Exception):
+    """The database could not serve a request; the message is one line."""
+
+
+class StorageFull(StorageError):
+    """The disk or the database's size limit is full (SQLITE_FULL)."""
+
+
+class StorageBusy(StorageError):
+    """Another connection held the lock past the busy timeout (SQLITE_BUSY)."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be written or read now: read-only, I/O error, damaged."""
+
+
+class DatabaseUnusable(Exception):
+    """At startup: the file cannot serve as kvapp's database; the message says what to do."""
+
+
+# Primary result codes, https://sqlite.org/rescode.html
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL = 10, 11, 13
+_SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
+
+
+def storage_error(exc: sqlite3.Error) -> StorageError:
+    """Return the StorageError that stands for an sqlite3 exception."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == _SQLITE_FULL:
+        return StorageFull("the disk is full: nothing was stored; free space and retry")
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StorageBusy("the database is locked by another process: nothing was stored; retry")
+    if code == _SQLITE_READONLY:
+        return StorageUnavailable("the database is read-only: nothing was stored")
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StorageUnavailable("the database file is damaged: restore it from a backup")
+    if code in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
+        return StorageUnavailable("the database had an I/O error: nothing was stored; retry")
+    return StorageUnavailable(
+        f"the database failed: {str(exc).splitlines()[0] if str(exc) else code}"
+    )
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Turn sqlite3 errors raised inside the block into StorageError."""
+    try:
+        yield
+    except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.ProgrammingError):
+            raise
+        raise storage_error(exc) from exc
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Repository:
+    """The key-value store in one SQLite file."""
+
+    def __init__(
+        self,
+        path: str,
+        busy_timeout_ms: int = 5000,
+        synchronous: str = "FULL",
+        startup_check_max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._open(startup_check_max_bytes)
+        self._writer = self._connect()
+
+    # -- connections -------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+        # check_same_thread=False: close() runs on another thread; each
+        # connection is still used by one thread at a time.
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=64
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with translated():
+                conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this repository opened."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    # -- startup -----------------------------------------------------------
+
+    def _refuse(self, problem: str, advice: str) -> DatabaseUnusable:
+        return DatabaseUnusable(f"cannot use database {self.path}: {problem}; {advice}")
+
+    def _open(self, startup_check_max_bytes: int) -> None:
+        """Create or check the file and its schema; raise DatabaseUnusable if it is unfit."""
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._refuse(
+                f"cannot create its folder ({exc.strerror})", "check the path and permissions"
+            ) from None
+        existed = path.exists() and path.stat().st_size > 0
+        if existed:
+            self._check_header(path)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._refuse(
+                f"cannot open it ({exc})", "check the path and permissions"
+            ) from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            if existed and path.stat().st_size <= startup_check_max_bytes:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+                if rows != [("ok",)]:
+                    raise self._refuse(
+                        "it is damaged (PRAGMA quick_check failed)", "restore it from a backup"
+                    )
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise self._refuse(f"it cannot use WAL mode (got {mode})", "check the filesystem")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                tables = {
+                    row[0]
+                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+                if tables and not {"kv", "meta"} <= tables:
+                    raise self._refuse(
+                        "it holds tables that kvapp did not create", "choose another database path"
+                    )
+                if not tables:
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'schema_version'"
+                ).fetchone()
+                if version is None or version[0] != SCHEMA_VERSION:
+                    raise self._refuse(
+                        f"its schema version is {version and version[0]},"
+                        f" this kvapp knows {SCHEMA_VERSION}",
+                        "use a matching kvapp version",
+                    )
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise self._refuse(_describe(exc), _advice(exc)) from None
+        finally:
+            conn.close()
+        if not existed:
+            _fsync_dir(path.parent)
+
+    def _check_header(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as handle:
+                header = handle.read(100)
+        except OSError as exc:
+            raise self._refuse(f"cannot read it ({exc.strerror})", "check permissions") from None
+        if not header.startswith(SQLITE_MAGIC):
+            raise self._refuse("it is not an SQLite database", "move it away or restore a backup")
+        if len(header) < 100:
+            raise self._refuse("its header is truncated", "restore it from a backup")
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        if page_size < 512 or page_size & (page_size - 1):
+            raise self._refuse("its header is damaged", "restore it from a backup")
+        size = path.stat().st_size
+        if size % page_size:
+            raise self._refuse(
+                "it is truncated (not a whole number of pages)", "restore it from a backup"
+            )
+        # The header's page count is valid when its change counter matches
+        # "version-valid-for" (https://sqlite.org/fileformat.html#in_header_database_size).
+        pages = int.from_bytes(header[28:32], "big")
+        if header[24:28] == header[92:96] and pages and size < pages * page_size:
+            wal = Path(f"{path}-wal")
+            if not (wal.exists() and wal.stat().st_size > 0):
+                raise self._refuse(
+                    f"it is truncated ({size} bytes, its header says {pages * page_size})",
+                    "restore it from a backup",
+                )
+
+    # -- reads and writes ---------------------------------------------------
+
+    def get(self, key: str) -> Item | None:
+        """Return the live item stored under key, or None."""
+        with translated():
+            row = (
+                self._reader()
+                .execute(
+                    "SELECT value, content_type, revision FROM kv"
+                    " WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (key, _now_ms()),
+                )
+                .fetchone()
+            )
+        return None if row is None else Item(*row)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any error.
+
+        IMMEDIATE takes the write lock up front, so a transaction that reads and
+        then writes cannot fail half-way with SQLITE_BUSY_SNAPSHOT.
+        """
+        timeout = self.busy_timeout_ms / 1000
+        if not self._write_lock.acquire(timeout=timeout):
+            raise StorageBusy("the database is busy: nothing was stored; retry")
+        try:
+            conn = self._writer
+            with translated():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    # After an error SQLite may already have rolled back
+                    # (SQLITE_FULL, SQLITE_IOERR), so only roll back what is open.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+        finally:
+            self._write_lock.release()
+
+    def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
+        """Store (key, value, content_type) items in one transaction; return its revision."""
+        with self._transaction() as conn:
+            revision = conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+            ).fetchone()[0]
+            conn.executemany(
+                "INSERT INTO kv (key, value, content_type, revision, expires_at)"
+                " VALUES (?, ?, ?, ?, NULL)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " content_type = excluded.content_type, revision = excluded.revision,"
+                " expires_at = NULL",
+                [(key, value, content_type, revision) for key, value, content_type in items],
+            )
+        return revision
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+        return "it is not a healthy SQLite database"
+    if code == _SQLITE_READONLY:
+        return "it is read-only"
+    return str(exc).splitlines()[0] if str(exc) else "SQLite error"
+
+
+def _advice(exc: sqlite3.Error) -> str:
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+        return "move it away or restore a backup"
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return "another process holds it locked; retry"
+    return "check the file, its folder and their permissions"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a newly created file's directory entry durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,58 @@
+"""The request as kvapp sees it: method, path, query bytes and a bounded body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvapp.decoding import environ_bytes
+from kvapp.http import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+FORM = "application/x-www-form-urlencoded"
+
+
+class Request:
+    """One WSGI environ, read lazily and strictly."""
+
+    __slots__ = ("environ", "method", "path", "query")
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+        self.method: str = environ.get("REQUEST_METHOD", "GET")
+        self.path: str = environ.get("PATH_INFO", "") or "/"
+        self.query: bytes = environ_bytes(environ.get("QUERY_STRING", ""), "the query string")
+
+    def header(self, name: str, default: str = "") -> str:
+        """Return a request header by its CGI name (e.g. 'HTTP_HOST'), or default."""
+        return self.environ.get(name, default)
+
+    def body(self, limit: int) -> bytes:
+        """Return the whole body; 413 if Content-Length is over limit, before reading it."""
+        raw_length = self.environ.get("CONTENT_LENGTH") or "0"
+        if not raw_length.isdigit() or not raw_length.isascii():
+            raise BadRequest("Content-Length is not a number")
+        length = int(raw_length)
+        if length > limit:
+            raise PayloadTooLarge(f"the request body is {length} bytes; the limit is {limit}")
+        if length == 0:
+            return b""
+        data = self.environ["wsgi.input"].read(length)
+        if len(data) != length:
+            raise BadRequest("the request body is shorter than its Content-Length")
+        return data
+
+    def form(self, limit: int) -> bytes:
+        """Return an application/x-www-form-urlencoded body; 415 for any other type."""
+        content_type = self.environ.get("CONTENT_TYPE", "")
+        media_type, _, params = content_type.partition(";")
+        media_type = media_type.strip().lower()
+        data = self.body(limit)
+        if not data and not media_type:
+            return data
+        if media_type != FORM:
+            raise UnsupportedMediaType(
+                f"the body must be {FORM} (curl -d or --data-urlencode), not {content_type[:60]!r}"
+            )
+        charset = params.strip().lower()
+        if charset and charset.replace(" ", "") not in ("charset=utf-8", 'charset="utf-8"'):
+            raise UnsupportedMediaType("form bodies must be UTF-8")
+        return data

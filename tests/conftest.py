@@ -1,0 +1,174 @@
+"""Shared fixtures: settings on a temporary database, the app in process, real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webtest
+
+from kvapp import create_app
+from kvapp.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# In CI every test must run: KVAPP_FORBID_SKIPS=1 (set by .ci/run) turns a skip
+# into a failure, so a missing nginx or PostgreSQL cannot pass silently.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("KVAPP_FORBID_SKIPS") and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but KVAPP_FORBID_SKIPS is set: {report.longrepr}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "kv.sqlite3"
+
+
+@pytest.fixture
+def make_settings(db_path: Path):
+    """Return a function building Settings on db_path, with overrides."""
+
+    def make(**overrides):
+        return load_config(ROOT / "config.ini", environ={}, database=str(db_path), **overrides)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings):
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings):
+    application = create_app(settings)
+    yield application
+    application.close()
+
+
+@pytest.fixture
+def client(app) -> webtest.TestApp:
+    return webtest.TestApp(app)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real `waitress-serve wsgi:app` subprocess on a free port."""
+
+    def __init__(
+        self, db_path: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
+        self.db_path = db_path
+        self.env = {**os.environ, "KVAPP_DATABASE": str(db_path), **(env or {})}
+        self.env.pop("KVAPP_CONFIG", None)
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> Server:
+        self.port = free_port()
+        waitress = Path(sys.executable).with_name("waitress-serve")
+        self.proc = subprocess.Popen(
+            [str(waitress), "--listen", f"127.0.0.1:{self.port}", *self.args, "wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out, err = self.proc.communicate()
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {err.decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("server did not start listening")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; return the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            self._drain()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or close anything."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        self._drain()
+
+    def _drain(self) -> None:
+        if self.proc is not None:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream and not stream.closed:
+                    stream.close()
+
+
+@pytest.fixture
+def server_factory(db_path: Path):
+    """Return a function that starts Servers; all are killed at teardown."""
+    servers: list[Server] = []
+
+    def start(
+        env: dict[str, str] | None = None, args: tuple[str, ...] = (), path: Path | None = None
+    ) -> Server:
+        server = Server(path or db_path, env, args).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def server(server_factory) -> Server:
+    return server_factory()
+
+
+def curl(*args: str, data: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Run curl; return (status, headers with lower-case names, body)."""
+    result = subprocess.run(
+        ["curl", "-sS", "-i", "--max-time", "30", *args],
+        input=data,
+        capture_output=True,
+        check=True,
+    )
+    raw = result.stdout
+    head, _, body = raw.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body

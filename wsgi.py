@@ -1,0 +1,11 @@
+"""The WSGI entry point: `waitress-serve --port=4000 wsgi:app` from this folder."""
+
+from kvapp import create_app
+from kvapp.config import ConfigError, load_config
+from kvapp.repository import DatabaseUnusable
+
+try:
+    app = create_app(load_config())
+except (ConfigError, DatabaseUnusable) as exc:
+    # One line on stderr and exit status 1; no traceback for a setup problem.
+    raise SystemExit(f"kvapp: {exc}") from None
