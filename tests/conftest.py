@@ -68,16 +68,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_environ() -> dict[str, str]:
+    """Return os.environ without KVAPP_* variables, for a server subprocess.
+
+    load_config rejects unknown KVAPP_* names, and CI sets KVAPP_FORBID_SKIPS;
+    a developer's own KVAPP_DATABASE or KVAPP_CONFIG must not leak in either.
+    """
+    return {name: value for name, value in os.environ.items() if not name.startswith("KVAPP_")}
+
+
 class Server:
     """A real `waitress-serve wsgi:app` subprocess on a free port."""
 
     def __init__(
-        self, db_path: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        self,
+        db_path: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.db_path = db_path
-        self.env = {**os.environ, "KVAPP_DATABASE": str(db_path), **(env or {})}
-        self.env.pop("KVAPP_CONFIG", None)
+        self.env = {**server_environ(), "KVAPP_DATABASE": str(db_path), **(env or {})}
         self.args = args
+        self.prefix = prefix  # a command that runs waitress-serve, e.g. setpriv ... --
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -89,7 +102,14 @@ class Server:
         self.port = free_port()
         waitress = Path(sys.executable).with_name("waitress-serve")
         self.proc = subprocess.Popen(
-            [str(waitress), "--listen", f"127.0.0.1:{self.port}", *self.args, "wsgi:app"],
+            [
+                *self.prefix,
+                str(waitress),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                *self.args,
+                "wsgi:app",
+            ],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -137,9 +157,12 @@ def server_factory(db_path: Path):
     servers: list[Server] = []
 
     def start(
-        env: dict[str, str] | None = None, args: tuple[str, ...] = (), path: Path | None = None
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        path: Path | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> Server:
-        server = Server(path or db_path, env, args).start()
+        server = Server(path or db_path, env, args, prefix).start()
         servers.append(server)
         return server
 
