@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,7 @@ class Repository:
         self._connections_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._open(startup_check_max_bytes)
+        self._identity = _identity(path)
         self._writer = self._connect()
 
     # -- connections -------------------------------------------------------
@@ -130,8 +132,16 @@ class Repository:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         # check_same_thread=False: close() runs on another thread; each
         # connection is still used by one thread at a time.
+        # mode=rw: after startup a missing file is an error, never a new empty
+        # database that would answer 404 for every key
+        # (https://sqlite.org/uri.html#urimode).  A write-protected file still
+        # opens, read-only.
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, cached_statements=64
+            f"file:{urllib.parse.quote(self.path)}?mode=rw",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=64,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -171,6 +181,7 @@ class Repository:
         existed = path.exists() and path.stat().st_size > 0
         if existed:
             self._check_header(path)
+        self._check_writable(path)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -215,11 +226,38 @@ class Repository:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
+            code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+            if code in (_SQLITE_READONLY, _SQLITE_CANTOPEN) and not os.access(path.parent, os.W_OK):
+                # Reading a WAL database needs its -shm and -wal files, which
+                # SQLite creates beside it (https://sqlite.org/wal.html#readonly).
+                raise self._refuse(
+                    f"its folder {path.parent} is read-only and SQLite must create"
+                    f" {path.name}-wal and {path.name}-shm there",
+                    "make the folder writable",
+                ) from None
             raise self._refuse(_describe(exc), _advice(exc)) from None
         finally:
             conn.close()
         if not existed:
             _fsync_dir(path.parent)
+
+    def _check_writable(self, path: Path) -> None:
+        """Refuse a read-only database before SQLite opens it.
+
+        SQLite would open it read-only and create its -shm file with the
+        database's mode; that read-only -shm keeps the database read-only even
+        after the file is made writable, and an open connection never becomes
+        writable again.  So kvapp does not start read-only.
+        """
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            raise self._refuse(
+                f"its folder {path.parent} is on a read-only filesystem",
+                "remount it read-write or choose another database path",
+            )
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if name.exists() and not os.access(name, os.W_OK):
+                problem = "it is read-only" if name == path else f"{name} is read-only"
+                raise self._refuse(problem, "make it writable for the user running kvapp")
 
     def _check_header(self, path: Path) -> None:
         try:
@@ -282,6 +320,14 @@ class Repository:
             with translated():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # In WAL mode SQLite keeps committing after its file was
+                    # renamed or deleted, into a WAL that a restart would not
+                    # match with the file: refuse instead of acknowledging.
+                    if _identity(self.path) != self._identity:
+                        raise StorageUnavailable(
+                            "the database file was moved or deleted:"
+                            " nothing was stored; put it back"
+                        )
                     yield conn
                     conn.execute("COMMIT")
                 finally:
@@ -325,6 +371,15 @@ def _advice(exc: sqlite3.Error) -> str:
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return "another process holds it locked; retry"
     return "check the file, its folder and their permissions"
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Return the (device, inode) of the file at path, or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _fsync_dir(folder: Path) -> None:
