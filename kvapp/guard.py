@@ -3,9 +3,9 @@
 kvapp.app calls Guard.check once per request, before routing.  It checks, in order:
 
 1. Host, against DNS rebinding.  A page on evil.example can point its own name at
-   127.0.0.1; the browser then sends it our answers, with `Host: evil.example`.
-   Only the names in allowed_hosts are served (any port).  A missing, malformed or
-   other Host is 400, as RFC 9112 section 3.2 asks for an invalid Host.
+   127.0.0.1 and then read our answers as its own; the browser still sends
+   `Host: evil.example`.  Only the names in allowed_hosts are served (any port).
+   A missing, malformed or other Host is 400, as RFC 9112 section 3.2 asks.
 2. The bearer token (RFC 6750), when auth_token is set: 401 without the right one.
    It comes before check 3 so that a client learns first what it lacks; a browser
    never attaches a bearer token by itself, so a cross-site request fails here too.
@@ -13,6 +13,8 @@ kvapp.app calls Guard.check once per request, before routing.  It checks, in ord
    Sec-Fetch-Site (Fetch Metadata) and, on POST and cross-origin requests, Origin.
    A write marked cross-site or same-site, or whose Origin is not this server, is
    403.  curl sends neither header; a typed URL sends `Sec-Fetch-Site: none`.
+   Browsers send Sec-Fetch-Site only to https:// and localhost URLs, and no Origin
+   on an <img> GET, so a plain-http public name needs TLS or the token as well.
 
 Reads stay open to other sites: every answer is text/plain with nosniff and a
 sandbox CSP, so `<script src>` refuses to run it and `<img>` cannot decode it, and
