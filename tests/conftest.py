@@ -69,6 +69,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_environ() -> dict[str, str]:
+    """Return os.environ without KVAPP_* variables, for a server subprocess.
+
+    kvapp refuses unknown KVAPP_ settings, and CI sets KVAPP_FORBID_SKIPS; a
+    developer's own KVAPP_DATABASE or KVAPP_AUTH_TOKEN must not leak in either.
+    """
+    return {name: value for name, value in os.environ.items() if not name.startswith("KVAPP_")}
+
+
 class Server:
     """A real `waitress-serve wsgi:app` subprocess on a free port."""
 
@@ -87,8 +96,7 @@ class Server:
             os.close(fd)
             log_path = Path(name)
         self.log_path = log_path
-        self.env = {**os.environ, "KVAPP_DATABASE": str(db_path), **(env or {})}
-        self.env.pop("KVAPP_CONFIG", None)
+        self.env = {**server_environ(), "KVAPP_DATABASE": str(db_path), **(env or {})}
         self.args = args
         self.proc: subprocess.Popen | None = None
         self.port = 0

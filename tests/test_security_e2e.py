@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, free_port
+from conftest import ROOT, curl, free_port, server_environ
 
 pytestmark = pytest.mark.slow
 
@@ -128,9 +127,7 @@ def listening_addresses(port: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 def test_run_command_listens_on_loopback_only(tmp_path):
     port = free_port()
-    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3")}
-    env.pop("KVAPP_CONFIG", None)
-    env.pop("KVAPP_HOST", None)
+    env = {**server_environ(), "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3")}
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
