@@ -2,10 +2,13 @@
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
+from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
 
 try:
-    app = create_app(load_config())
+    settings = load_config()
+    setup_logging(settings)
+    app = create_app(settings)
 except (ConfigError, DatabaseUnusable) as exc:
     # One line on stderr and exit status 1; no traceback for a setup problem.
     raise SystemExit(f"kvapp: {exc}") from None

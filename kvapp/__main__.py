@@ -7,6 +7,7 @@ import sys
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
+from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
 
 
@@ -17,6 +18,7 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = load_config(args.config, **overrides)
+    setup_logging(settings)
     app = create_app(settings)
     import waitress
 

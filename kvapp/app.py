@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvapp.config import Settings
+from kvapp.guard import Guard
 from kvapp.handlers import Handlers
 from kvapp.http import (
     COMMON_HEADERS,
@@ -19,6 +21,7 @@ from kvapp.http import (
     ServiceUnavailable,
     status_line,
 )
+from kvapp.logs import log_request, target
 from kvapp.repository import Repository, StorageError, StorageFull
 from kvapp.request import Request
 
@@ -33,6 +36,8 @@ class App:
     def __init__(self, settings: Settings, repository: Repository) -> None:
         self.settings = settings
         self.repository = repository
+        self.guard = Guard(settings.allowed_hosts, settings.auth_token)
+        self.access_log = settings.access_log
         handlers = Handlers(repository, settings)
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": handlers.index, "HEAD": handlers.index},
@@ -54,6 +59,7 @@ class App:
         """Return the Response for one request; never raises an Exception."""
         try:
             request = Request(environ)
+            self.guard.check(request)
             return self.match(request.method, request.path)(request)
         except HTTPError as exc:
             return exc.response()
@@ -62,13 +68,14 @@ class App:
             return status(str(exc)).response()
         except Exception:
             log.exception(
-                "unhandled error for %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+                "unhandled error for %.20r %s", environ.get("REQUEST_METHOD"), target(environ)
             )
             return InternalServerError("internal error; the server log has the details").response()
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        started = time.perf_counter() if self.access_log else 0.0
         response = self.respond(environ)
         body = response.body
         headers = [
@@ -80,9 +87,10 @@ class App:
         if not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
         start_response(status_line(response.status), headers)
-        if environ.get("REQUEST_METHOD") == "HEAD":
-            return []
-        return [body]
+        head = environ.get("REQUEST_METHOD") == "HEAD"
+        if self.access_log:
+            log_request(environ, response.status, 0 if head else len(body), started)
+        return [] if head else [body]
 
     def close(self) -> None:
         self.repository.close()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvapp.guard import parse_allowed_hosts, parse_token
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.ini"
 
@@ -148,6 +150,22 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         str(64 * _KIB),
         "largest request line plus headers (431 beyond)",
     ),
+    (
+        "security",
+        "allowed_hosts",
+        parse_allowed_hosts,
+        "localhost 127.0.0.1 [::1]",
+        "Host names served, any port (400 otherwise); .example.com adds subdomains; * any",
+    ),
+    (
+        "security",
+        "auth_token",
+        parse_token,
+        "",
+        "when set, every request but /healthz needs Authorization: Bearer <token> (401)",
+    ),
+    ("logging", "log_level", aslevel, "INFO", "level of kvapp's log records"),
+    ("logging", "access_log", asbool, "on", "one log line per request (logger kvapp.access)"),
 )
 
 _BY_NAME = {name: (section, convert, default) for section, name, convert, default, _ in SETTINGS}
@@ -168,6 +186,10 @@ class Settings:
     connection_limit: int
     channel_timeout: int
     max_request_header_size: int
+    allowed_hosts: tuple[str, ...]
+    auth_token: str = field(repr=False)  # a secret: never in a log or traceback
+    log_level: str
+    access_log: bool
     source: str = field(default="defaults", compare=False)
 
     def waitress_options(self) -> dict[str, Any]:

@@ -69,6 +69,18 @@ class BadRequest(HTTPError):
     status = 400
 
 
+class Unauthorized(HTTPError):
+    status = 401
+
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.headers = (("WWW-Authenticate", challenge),)
+
+
+class Forbidden(HTTPError):
+    status = 403
+
+
 class NotFound(HTTPError):
     status = 404
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def free_port() -> int:
 def server_environ() -> dict[str, str]:
     """Return os.environ without KVAPP_* variables, for a server subprocess.
 
-    load_config rejects unknown KVAPP_* names, and CI sets KVAPP_FORBID_SKIPS;
-    a developer's own KVAPP_DATABASE or KVAPP_CONFIG must not leak in either.
+    kvapp refuses unknown KVAPP_ settings, and CI sets KVAPP_FORBID_SKIPS; a
+    developer's own KVAPP_DATABASE or KVAPP_AUTH_TOKEN must not leak in either.
     """
     return {name: value for name, value in os.environ.items() if not name.startswith("KVAPP_")}
 
@@ -85,9 +86,17 @@ class Server:
         db_path: Path,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        log_path: Path | None = None,
         prefix: tuple[str, ...] = (),
     ) -> None:
         self.db_path = db_path
+        # The server's stdout and stderr go to a file, not a pipe: with one access-log
+        # line per request, a pipe nobody reads fills up (64 KiB) and blocks the server.
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="kvapp-server-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        self.log_path = log_path
         self.env = {**server_environ(), "KVAPP_DATABASE": str(db_path), **(env or {})}
         self.args = args
         self.prefix = prefix  # a command that runs waitress-serve, e.g. setpriv ... --
@@ -101,25 +110,25 @@ class Server:
     def start(self, timeout: float = 15.0) -> Server:
         self.port = free_port()
         waitress = Path(sys.executable).with_name("waitress-serve")
-        self.proc = subprocess.Popen(
-            [
-                *self.prefix,
-                str(waitress),
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                *self.args,
-                "wsgi:app",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *self.prefix,
+                    str(waitress),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    *self.args,
+                    "wsgi:app",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {err.decode()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return self
@@ -144,6 +153,10 @@ class Server:
             self.proc.wait(timeout=15)
         self._drain()
 
+    def output(self) -> str:
+        """Return everything the server wrote to stdout and stderr so far."""
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
     def _drain(self) -> None:
         if self.proc is not None:
             for stream in (self.proc.stdout, self.proc.stderr):
@@ -152,7 +165,7 @@ class Server:
 
 
 @pytest.fixture
-def server_factory(db_path: Path):
+def server_factory(db_path: Path, tmp_path: Path):
     """Return a function that starts Servers; all are killed at teardown."""
     servers: list[Server] = []
 
@@ -162,7 +175,8 @@ def server_factory(db_path: Path):
         path: Path | None = None,
         prefix: tuple[str, ...] = (),
     ) -> Server:
-        server = Server(path or db_path, env, args, prefix).start()
+        log_path = tmp_path / f"server-{len(servers)}.log"
+        server = Server(path or db_path, env, args, log_path, prefix).start()
         servers.append(server)
         return server
 

@@ -1,0 +1,163 @@
+"""The access log: one line per request with its fields, and never a secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import webtest
+
+from kvapp import create_app
+from kvapp.logs import redact, setup_logging, target
+
+TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
+FORM = "application/x-www-form-urlencoded"
+LINE = re.compile(
+    r'^(?P<client>\S+) "(?P<method>\S+) (?P<target>\S+)" (?P<status>\d{3}) (?P<bytes>\d+)'
+    r" (?P<ms>\d+\.\d)ms$"
+)
+
+
+@pytest.fixture
+def make_client(make_settings):
+    apps = []
+
+    def make(**overrides) -> webtest.TestApp:
+        application = create_app(make_settings(**overrides))
+        apps.append(application)
+        return webtest.TestApp(application, extra_environ={"REMOTE_ADDR": "192.0.2.7"})
+
+    yield make
+    for application in apps:
+        application.close()
+
+
+def access_lines(caplog) -> list[re.Match]:
+    records = [r for r in caplog.records if r.name == "kvapp.access"]
+    matches = [LINE.match(r.getMessage()) for r in records]
+    assert all(matches), [r.getMessage() for r in records]
+    assert all(r.levelno == logging.INFO for r in records)
+    return matches
+
+
+def test_one_line_per_request_with_every_field(make_client, caplog):
+    client = make_client()
+    caplog.set_level(logging.INFO, logger="kvapp.access")
+    responses = [
+        client.get("/set?name=v"),
+        client.get("/get?key=name"),
+        client.head("/get?key=name"),
+        client.get("/nope", expect_errors=True),
+        client.post("/set", {"a": "1"}),
+    ]
+    lines = access_lines(caplog)
+    assert len(lines) == len(responses)
+    got = [
+        (m["client"], m["method"], m["target"], int(m["status"]), int(m["bytes"])) for m in lines
+    ]
+    assert got == [
+        ("192.0.2.7", "GET", "/set?name=***", 200, len(responses[0].body)),
+        ("192.0.2.7", "GET", "/get?key=***", 200, 1),
+        ("192.0.2.7", "HEAD", "/get?key=***", 200, 0),
+        ("192.0.2.7", "GET", "/nope", 404, len(responses[3].body)),
+        ("192.0.2.7", "POST", "/set", 200, len(responses[4].body)),
+    ]
+
+
+SECRET = "hunter2-S3CRET"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", f"/set?password={SECRET}&user=alice", None),
+        ("GET", f"/set?a=1&password={SECRET}", None),
+        ("GET", f"/set?password={SECRET}&password={SECRET}", None),  # 400 too
+        ("GET", f"/set?password=%{SECRET}", None),  # malformed: 400, still redacted
+        ("POST", "/set", f"password={SECRET}".encode()),
+        ("POST", f"/set?x={SECRET}", f"password={SECRET}".encode()),
+        ("GET", f"/get?key={SECRET}", None),
+    ],
+)
+def test_values_never_reach_the_log(make_client, caplog, method, path, body):
+    client = make_client()
+    caplog.set_level(logging.DEBUG)
+    kwargs = {} if body is None else {"body": body, "content_type": FORM}
+    client.request(path, method=method, expect_errors=True, **kwargs)
+    (line,) = access_lines(caplog)
+    assert SECRET not in caplog.text
+    assert line["target"].partition("?")[0] == path.partition("?")[0]
+
+
+@pytest.mark.parametrize("authorization", [f"Bearer {TOKEN}", "Bearer wrong-token-1234567890"])
+def test_the_token_never_reaches_the_log(make_client, caplog, authorization):
+    client = make_client(auth_token=TOKEN)
+    caplog.set_level(logging.DEBUG)
+    client.get("/set?k=v", headers={"Authorization": authorization}, expect_errors=True)
+    assert len(access_lines(caplog)) == 1
+    assert TOKEN not in caplog.text
+    assert authorization.split()[1] not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/a%0Ab", "/a%0Ab"),  # a decoded newline cannot start a forged line
+        ('/a"b c', "/a%22b%20c"),
+        ("/%C3%A9", "/%C3%A9"),
+        ("/x" + "y" * 5000, "/x" + "y" * 398 + "..."),
+    ],
+)
+def test_paths_are_escaped_and_bounded(make_client, caplog, path, logged):
+    caplog.set_level(logging.INFO, logger="kvapp.access")
+    make_client().get(path, expect_errors=True)
+    (line,) = access_lines(caplog)
+    assert line["target"] == logged
+
+
+@pytest.mark.parametrize(
+    ("query", "redacted"),
+    [
+        ("a=1&b=2", "a=***&b=***"),
+        ("a=&b", "a=***&b"),
+        ("a=1=2", "a=***"),
+        ("&&a=1&", "&&a=***&"),
+        ("", ""),
+        ("k%3Dx=v", "k%3Dx=***"),
+    ],
+)
+def test_redact_keeps_names_only(query, redacted):
+    assert redact(query) == redacted
+
+
+def test_target_of_a_query_is_bounded():
+    text = target({"PATH_INFO": "/set", "QUERY_STRING": "k" * 10_000 + "=v"})
+    assert len(text) == 403 and text.endswith("...")
+
+
+def test_access_log_off_writes_nothing(make_client, caplog):
+    client = make_client(access_log=False)
+    caplog.set_level(logging.DEBUG)
+    client.get("/set?k=v")
+    client.get("/get?key=k")
+    assert [r for r in caplog.records if r.name == "kvapp.access"] == []
+
+
+@pytest.fixture
+def restore_kvapp_level():
+    logger = logging.getLogger("kvapp")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_kvapp_level")
+def test_log_level_from_settings_silences_the_access_log(make_client, make_settings, caplog):
+    setup_logging(make_settings(log_level="WARNING"))
+    assert logging.getLogger("kvapp").level == logging.WARNING
+    make_client().get("/")
+    assert [r for r in caplog.records if r.name == "kvapp.access"] == []
+    setup_logging(make_settings(log_level="INFO"))
+    make_client().get("/")
+    assert len(access_lines(caplog)) == 1
