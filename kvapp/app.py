@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvapp.config import Settings
+from kvapp.decoding import show
 from kvapp.guard import Guard
 from kvapp.handlers import Handlers
 from kvapp.http import (
@@ -17,17 +19,34 @@ from kvapp.http import (
     InternalServerError,
     MethodNotAllowed,
     NotFound,
+    PreconditionFailed,
     Response,
     ServiceUnavailable,
+    prefers_json,
     status_line,
 )
 from kvapp.logs import log_request, target
+from kvapp.metrics import Metrics
+from kvapp.metrics_store import MetricsStore, metrics_path
+from kvapp.operations import Operations
 from kvapp.repository import Repository, StorageError, StorageFull
 from kvapp.request import Request
+from kvapp.resources import Resources
+from kvapp.sweeper import Sweeper
+from kvapp.writes import ConditionFailed
 
 log = logging.getLogger("kvapp")
 
 Handler = Callable[[Request], Response]
+
+KEY_PREFIX = "/kv/"
+KEY_ROUTE = "/kv/{key}"
+UNMATCHED = "unmatched"
+# Metric labels take these methods as they are and any other as "other", so a
+# client cannot make up new label values.
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
+# RFC 9110 section 8.6: no Content-Length (nor content) in a 204 or 304.
+NO_CONTENT = frozenset((204, 304))
 
 
 class App:
@@ -38,18 +57,45 @@ class App:
         self.repository = repository
         self.guard = Guard(settings.allowed_hosts, settings.auth_token)
         self.access_log = settings.access_log
+        store = MetricsStore(metrics_path(repository.path), settings.busy_timeout_ms)
+        self.metrics = Metrics(store)
+        repository.on_commit = self.metrics.observe_commit
+        self.sweeper = Sweeper(repository, settings.sweep_interval_seconds)
+        self._threads_pid = 0
         handlers = Handlers(repository, settings)
+        resources = Resources(repository, settings)
+        operations = Operations(repository, self.metrics)
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": handlers.index, "HEAD": handlers.index},
             "/set": {"GET": handlers.set, "POST": handlers.set},
             "/get": {"GET": handlers.get, "HEAD": handlers.get},
+            "/delete": {"GET": handlers.delete, "POST": handlers.delete},
+            KEY_PREFIX: {"GET": resources.list, "HEAD": resources.list},
+            "/healthz": {"GET": operations.healthz, "HEAD": operations.healthz},
+            "/metrics": {"GET": operations.metrics_page, "HEAD": operations.metrics_page},
+            "/openapi.json": {"GET": operations.openapi, "HEAD": operations.openapi},
         }
+        # Every longer path under /kv/ names a key.
+        self.key_methods: dict[str, Handler] = {
+            "GET": resources.get,
+            "HEAD": resources.get,
+            "PUT": resources.put,
+            "DELETE": resources.delete,
+        }
+
+    def route(self, path: str) -> str:
+        """Return the route template that path falls under, for metrics: /kv/{key}, unmatched."""
+        if path in self.routes:
+            return path
+        return KEY_ROUTE if path.startswith(KEY_PREFIX) else UNMATCHED
 
     def match(self, method: str, path: str) -> Handler:
         """Return the handler for method and path; raise NotFound, or 405 with Allow."""
         methods = self.routes.get(path)
         if methods is None:
-            raise NotFound("no such path; see GET / for usage")
+            if not path.startswith(KEY_PREFIX):
+                raise NotFound("no such path; see GET / for usage")
+            methods, path = self.key_methods, KEY_ROUTE
         handler = methods.get(method)
         if handler is None:
             raise MethodNotAllowed(f"{path} does not accept this method", tuple(methods))
@@ -62,35 +108,56 @@ class App:
             self.guard.check(request)
             return self.match(request.method, request.path)(request)
         except HTTPError as exc:
-            return exc.response()
+            error = exc
+        except ConditionFailed as exc:
+            error = PreconditionFailed(
+                f"precondition failed: the key {show(exc.key)} is not at the version that"
+                " If-Match or If-None-Match asks for; nothing was changed"
+            )
         except StorageError as exc:
-            status = InsufficientStorage if isinstance(exc, StorageFull) else ServiceUnavailable
-            return status(str(exc)).response()
+            error = (InsufficientStorage if isinstance(exc, StorageFull) else ServiceUnavailable)(
+                str(exc)
+            )
         except Exception:
             log.exception(
                 "unhandled error for %.20r %s", environ.get("REQUEST_METHOD"), target(environ)
             )
-            return InternalServerError("internal error; the server log has the details").response()
+            error = InternalServerError("internal error; the server log has the details")
+        return error.response(prefers_json(environ.get("HTTP_ACCEPT")))
+
+    def _start_threads(self) -> None:
+        """Start the metrics flusher and the sweeper in this process (again after a fork)."""
+        self._threads_pid = os.getpid()
+        self.metrics.start()
+        self.sweeper.start()
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        started = time.perf_counter() if self.access_log else 0.0
+        started = time.perf_counter()
+        if self._threads_pid != os.getpid():
+            self._start_threads()
         response = self.respond(environ)
         body = response.body
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(body))),
-            *COMMON_HEADERS,
-            *response.headers,
-        ]
+        headers = [*COMMON_HEADERS, *response.headers]
+        if response.status not in NO_CONTENT:
+            headers += [("Content-Type", response.content_type), ("Content-Length", str(len(body)))]
         if not any(name == "Cache-Control" for name, _ in response.headers):
             headers.append(("Cache-Control", "no-store"))
         start_response(status_line(response.status), headers)
-        head = environ.get("REQUEST_METHOD") == "HEAD"
+        method = environ.get("REQUEST_METHOD", "GET")
+        empty = method == "HEAD" or response.status in NO_CONTENT
         if self.access_log:
-            log_request(environ, response.status, 0 if head else len(body), started)
-        return [] if head else [body]
+            log_request(environ, response.status, 0 if empty else len(body), started)
+        self.metrics.observe_request(
+            self.route(environ.get("PATH_INFO") or "/"),
+            method if method in KNOWN_METHODS else "other",
+            response.status,
+            time.perf_counter() - started,
+        )
+        return [] if empty else [body]
 
     def close(self) -> None:
+        self.sweeper.stop()
+        self.metrics.close()
         self.repository.close()

@@ -100,6 +100,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "run PRAGMA quick_check at start when the database is at most this big",
     ),
     (
+        "storage",
+        "sweep_interval_seconds",
+        asint(0, 86_400),
+        "60",
+        "how often expired keys' rows are removed in the background; 0: never",
+    ),
+    (
         "limits",
         "max_key_bytes",
         asint(1, 65_536),
@@ -177,6 +184,7 @@ class Settings:
     busy_timeout_ms: int
     synchronous: str
     startup_check_max_bytes: int
+    sweep_interval_seconds: int
     max_key_bytes: int
     max_value_bytes: int
     max_body_bytes: int

@@ -28,9 +28,13 @@ def show(text: str, limit: int = 40) -> str:
     return repr(text)
 
 
-def unquote(data: bytes) -> bytes:
-    """Return data with '+' as space and %XX escapes decoded; raise BadRequest on a bad escape."""
-    data = data.replace(b"+", b" ")
+def unquote(data: bytes, plus: bool = True) -> bytes:
+    """Return data with %XX escapes decoded; raise BadRequest on a bad escape.
+
+    plus: '+' is a space, as in a form; in a URL path it stays a '+'.
+    """
+    if plus:
+        data = data.replace(b"+", b" ")
     if b"%" not in data:
         return data
     parts = data.split(b"%")
@@ -58,6 +62,28 @@ def environ_bytes(text: str, what: str) -> bytes:
         return text.encode("latin-1")
     except UnicodeEncodeError:
         raise BadRequest(f"{what} holds characters that are not bytes") from None
+
+
+def request_path(environ: dict) -> bytes:
+    """Return the path of the request as bytes, percent-decoded strictly.
+
+    waitress's PATH_INFO is already decoded, leniently: it keeps '%zz' as it
+    is.  REQUEST_URI is the raw request-target (RFC 9112 section 3.2), so it
+    is decoded again here, where a bad escape is a 400.  When REQUEST_URI is
+    absent, or names another path (a server that rewrote it), the answer is
+    SCRIPT_NAME + PATH_INFO.
+    """
+    path = environ_bytes(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), "the path")
+    uri = environ.get("REQUEST_URI")
+    if uri is None:
+        return path
+    target = environ_bytes(uri, "the request target").partition(b"?")[0]
+    if not target.startswith(b"/"):
+        # absolute-form, http://host/path (RFC 9112 section 3.2.2)
+        target = b"/" + target.partition(b"://")[2].partition(b"/")[2]
+    # waitress folds leading slashes into one; do the same before comparing.
+    decoded = b"/" + unquote(target, plus=False).lstrip(b"/")
+    return decoded if decoded == path else path
 
 
 def parse_pairs(data: bytes) -> list[tuple[str, bytes]]:

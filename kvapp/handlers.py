@@ -4,18 +4,30 @@ from __future__ import annotations
 
 from kvapp.config import Settings
 from kvapp.decoding import check_key, parse_pairs, show, utf8
+from kvapp.etags import etag
 from kvapp.http import TEXT, BadRequest, NotFound, PayloadTooLarge, Response, text
 from kvapp.repository import Repository
 from kvapp.request import Request
+from kvapp.resources import read_conditions
+from kvapp.writes import Delete, Write
 
 USAGE = """\
 kvapp: a durable key-value store over HTTP.
 
   curl 'localhost:4000/set?somekey=somevalue'      store one or more key=value pairs
   curl 'localhost:4000/get?key=somekey'            read a value back
+  curl 'localhost:4000/delete?key=somekey'         delete a key
   curl --data-urlencode 'big@file.txt' localhost:4000/set    store a large value (POST)
 
 Keys and values are UTF-8 and percent-encoded as in an HTML form.
+
+Each key is also a resource, for any bytes and with ETags and TTLs:
+
+  curl -X PUT --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:4000/kv/photo
+  curl localhost:4000/kv/photo          curl -X DELETE localhost:4000/kv/photo
+  curl 'localhost:4000/kv/?prefix=ph'   list keys
+
+The whole API: localhost:4000/openapi.json
 """
 
 
@@ -57,19 +69,36 @@ class Handlers:
         count = len(items)
         return text(f"stored {count} key{'' if count == 1 else 's'}")
 
-    def get(self, request: Request) -> Response:
-        """GET or HEAD /get?key=k: the stored value exactly, or 404."""
-        pairs = parse_pairs(request.query)
+    def _key(self, pairs: list[tuple[str, bytes]], route: str, verb: str) -> str:
+        """Return the one key parameter of pairs; 400 unless there is exactly one."""
         names = [name for name, _ in pairs]
         if not names:
-            raise BadRequest("give the key to read: /get?key=NAME")
+            raise BadRequest(f"give the key to {verb}: {route}?key=NAME")
         for name in names:
             if name != "key":
-                raise BadRequest(f"unexpected parameter {show(name)}: /get takes only key")
+                raise BadRequest(f"unexpected parameter {show(name)}: {route} takes only key")
         if len(names) > 1:
             raise BadRequest("give the key parameter exactly once")
-        key = check_key(utf8(pairs[0][1], "the key"), self.max_key_bytes)
+        return check_key(utf8(pairs[0][1], "the key"), self.max_key_bytes)
+
+    def get(self, request: Request) -> Response:
+        """GET or HEAD /get?key=k: the stored value and its Content-Type exactly; 304; 404."""
+        key = self._key(parse_pairs(request.query), "/get", "read")
         item = self.repository.get(key)
         if item is None:
             raise NotFound(f"no such key: {show(key)}")
-        return Response(200, item.value, item.content_type)
+        headers = [("ETag", etag(item.revision))]
+        not_modified = read_conditions(request, item.revision, headers)
+        if not_modified is not None:
+            return not_modified
+        return Response(200, item.value, item.content_type, headers)
+
+    def delete(self, request: Request) -> Response:
+        """GET or POST /delete?key=k (or a form body on POST): 200 when deleted, 404 when absent."""
+        pairs = parse_pairs(request.query)
+        if request.method == "POST":
+            pairs += parse_pairs(request.form(self.max_body_bytes))
+        key = self._key(pairs, "/delete", "delete")
+        if not self.repository.apply(Write.of(Delete(key))).existed[0]:
+            raise NotFound(f"no such key: {show(key)}")
+        return text("deleted 1 key")

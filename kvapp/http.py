@@ -6,9 +6,13 @@ the WSGI start_response call, adding the headers every response carries.
 
 from __future__ import annotations
 
+import json
+import re
 from http import HTTPStatus
 
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+PROBLEM = "application/problem+json"
 
 # Sent on every response: never cached, never sniffed into HTML, never able to
 # run script even if a browser is told to render it.
@@ -24,6 +28,46 @@ _REASONS[507] = "507 Insufficient Storage"
 def status_line(code: int) -> str:
     """Return the WSGI status string for code, e.g. '404 Not Found'."""
     return _REASONS.get(code) or f"{code} Unknown"
+
+
+# qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] ), RFC 9110 section 12.4.2
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
+def _quality(ranges: list[tuple[str, float]], media_type: str) -> float:
+    """Return the q of the most specific range that matches media_type (RFC 9110 12.5.1)."""
+    major = media_type.partition("/")[0] + "/*"
+    best, rank = 0.0, -1
+    for media_range, q in ranges:
+        specific = 2 if media_range == media_type else 1 if media_range == major else 0
+        if (specific or media_range == "*/*") and specific > rank:
+            best, rank = q, specific
+    return best
+
+
+def prefers_json(accept: str | None) -> bool:
+    """Return True if the Accept header ranks JSON strictly above plain text.
+
+    No Accept, */* and ties all mean plain text, kvapp's default.  A range with
+    a malformed q is ignored, as if it were not there.
+    """
+    if not accept or "json" not in accept.lower():
+        return False
+    ranges = []
+    for element in accept.split(","):
+        media_range, *params = element.split(";")
+        media_range = media_range.strip().lower()
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                value = value.strip()
+                q = float(value) if _QVALUE.fullmatch(value) else -1.0
+                break
+        if media_range and q >= 0:
+            ranges.append((media_range, q))
+    json_q = max(_quality(ranges, JSON), _quality(ranges, PROBLEM))
+    return json_q > _quality(ranges, "text/plain")
 
 
 class Response:
@@ -61,8 +105,18 @@ class HTTPError(Exception):
         super().__init__(message)
         self.message = message
 
-    def response(self) -> Response:
-        return text(f"{self.message}", self.status, list(self.headers))
+    def response(self, as_json: bool = False) -> Response:
+        """Return the error as one line of text, or as RFC 9457 problem details if as_json."""
+        if not as_json:
+            return text(f"{self.message}", self.status, list(self.headers))
+        problem = {
+            "type": "about:blank",
+            "title": HTTPStatus(self.status).phrase,
+            "status": self.status,
+            "detail": self.message,
+        }
+        body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
+        return Response(self.status, body, PROBLEM, list(self.headers))
 
 
 class BadRequest(HTTPError):
@@ -95,6 +149,10 @@ class MethodNotAllowed(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status = 413
+
+
+class PreconditionFailed(HTTPError):
+    status = 412
 
 
 class UnsupportedMediaType(HTTPError):

@@ -15,10 +15,12 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
+
+from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Write
 
 SCHEMA_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -38,6 +40,17 @@ SCHEMA = (
     )""",
     f"INSERT INTO meta (name, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('revision', 0)",
 )
+
+# Added at every start when missing, so version 1 databases made before it
+# gain it in place.  An index changes no query's answer and older kvapp
+# versions ignore it, so it needs no new SCHEMA_VERSION.  Partial: only rows
+# with a TTL are in it, so the sweeper finds expired rows without a full scan.
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS kv_expires_at ON kv (expires_at) WHERE expires_at IS NOT NULL",
+)
+
+# The disk space /healthz asks for before it calls the database writable.
+HEALTH_MIN_FREE_BYTES = 1024 * 1024
 
 
 class Item(NamedTuple):
@@ -101,8 +114,20 @@ def translated() -> Iterator[None]:
         raise storage_error(exc) from exc
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def successor(prefix: str) -> str | None:
+    """Return the least string above every string that starts with prefix, or None if none is.
+
+    UTF-8 byte order is code point order, so bumping the last code point that
+    can be bumped gives the exclusive upper bound of a prefix range.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            # Surrogates cannot be stored as UTF-8; the next code point above them is U+E000.
+            chars.append(chr(0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1))
+            return "".join(chars)
+    return None
 
 
 class Repository:
@@ -114,10 +139,14 @@ class Repository:
         busy_timeout_ms: int = 5000,
         synchronous: str = "FULL",
         startup_check_max_bytes: int = 256 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
+        self._clock = clock
+        # Called after every commit of apply_batch with the number of Writes it held.
+        self.on_commit: Callable[[int], None] = lambda size: None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -221,6 +250,8 @@ class Repository:
                         f" this kvapp knows {SCHEMA_VERSION}",
                         "use a matching kvapp version",
                     )
+                for statement in INDEXES:
+                    conn.execute(statement)
                 conn.execute("COMMIT")
             finally:
                 if conn.in_transaction:
@@ -291,6 +322,9 @@ class Repository:
 
     # -- reads and writes ---------------------------------------------------
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
     def get(self, key: str) -> Item | None:
         """Return the live item stored under key, or None."""
         with translated():
@@ -299,18 +333,81 @@ class Repository:
                 .execute(
                     "SELECT value, content_type, revision FROM kv"
                     " WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
-                    (key, _now_ms()),
+                    (key, self._now_ms()),
                 )
                 .fetchone()
             )
         return None if row is None else Item(*row)
 
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """Return up to limit live keys that start with prefix and sort above after.
+
+        Keys come in UTF-8 byte order (the BINARY collation), from one range
+        scan of the primary key's index: key >= prefix AND key < successor(prefix).
+        """
+        if after is not None and after >= prefix:
+            where, params = "key > ?", [after]
+        else:
+            where, params = "key >= ?", [prefix]
+        upper = successor(prefix)
+        if upper is not None:
+            where += " AND key < ?"
+            params.append(upper)
+        sql = (
+            f"SELECT key FROM kv WHERE {where} AND (expires_at IS NULL OR expires_at > ?)"
+            " ORDER BY key LIMIT ?"
+        )
+        with translated():
+            rows = self._reader().execute(sql, (*params, self._now_ms(), limit)).fetchall()
+        return [row[0] for row in rows]
+
+    def stats(self) -> tuple[int, int]:
+        """Return (number of live keys, bytes of the database file plus its WAL)."""
+        with translated():
+            keys = (
+                self._reader()
+                .execute(
+                    "SELECT (SELECT count(*) FROM kv)"
+                    " - (SELECT count(*) FROM kv WHERE expires_at <= ?)",
+                    (self._now_ms(),),
+                )
+                .fetchone()[0]
+            )
+        size = 0
+        for name in (self.path, f"{self.path}-wal"):
+            try:
+                size += os.stat(name).st_size
+            except FileNotFoundError:
+                pass
+        return keys, size
+
+    def check_health(self) -> None:
+        """Return if the database answers a read and would accept a write; else raise StorageError.
+
+        Writes nothing to disk.  BEGIN IMMEDIATE alone succeeds on a read-only
+        file in WAL mode, so a no-op UPDATE asks for the write; its page stays
+        in the cache and is rolled back, so the WAL does not grow per probe.
+        A full disk only shows at commit, hence the free-space check.
+        """
+        with translated():
+            self._reader().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+        with self._transaction(commit=False) as conn:
+            conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
+        try:
+            fs = os.statvfs(Path(self.path).parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"the database folder is unreadable: {exc.strerror}") from None
+        free = fs.f_bavail * fs.f_frsize
+        if free < HEALTH_MIN_FREE_BYTES:
+            raise StorageFull(f"the disk is full: {free} bytes free; free space and retry")
+
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any error.
 
         IMMEDIATE takes the write lock up front, so a transaction that reads and
-        then writes cannot fail half-way with SQLITE_BUSY_SNAPSHOT.
+        then writes cannot fail half-way with SQLITE_BUSY_SNAPSHOT.  With
+        commit=False it always ends in ROLLBACK.
         """
         timeout = self.busy_timeout_ms / 1000
         if not self._write_lock.acquire(timeout=timeout):
@@ -329,7 +426,8 @@ class Repository:
                             " nothing was stored; put it back"
                         )
                     yield conn
-                    conn.execute("COMMIT")
+                    if commit:
+                        conn.execute("COMMIT")
                 finally:
                     # After an error SQLite may already have rolled back
                     # (SQLITE_FULL, SQLITE_IOERR), so only roll back what is open.
@@ -340,19 +438,96 @@ class Repository:
 
     def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
         """Store (key, value, content_type) items in one transaction; return its revision."""
+        write = Write(tuple(Put(key, value, content_type) for key, value, content_type in items))
+        return self.apply(write).revision
+
+    def apply(self, write: Write) -> Outcome:
+        """Apply one Write in its own transaction; return its Outcome or raise ConditionFailed."""
+        result = self.apply_batch([write])[0]
+        if isinstance(result, ConditionFailed):
+            raise result
+        return result
+
+    def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
+        """Apply writes in one transaction and one commit; return each one's result, in order.
+
+        Each applied Write gets the next revision, so every write of a key gets
+        a new ETag even when one batch writes it twice.  A Write whose condition
+        fails is skipped alone; a StorageError fails the whole batch, and then
+        nothing of it is stored.
+        """
+        results: list[Outcome | ConditionFailed] = []
         with self._transaction() as conn:
-            revision = conn.execute(
-                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+            now = self._now_ms()
+            start = revision = conn.execute(
+                "SELECT value FROM meta WHERE name = 'revision'"
             ).fetchone()[0]
-            conn.executemany(
-                "INSERT INTO kv (key, value, content_type, revision, expires_at)"
-                " VALUES (?, ?, ?, ?, NULL)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
-                " content_type = excluded.content_type, revision = excluded.revision,"
-                " expires_at = NULL",
-                [(key, value, content_type, revision) for key, value, content_type in items],
+            for write in writes:
+                try:
+                    outcome = _apply(conn, write, now, revision + 1)
+                except ConditionFailed as exc:
+                    results.append(exc)
+                    continue
+                revision = outcome.revision
+                results.append(outcome)
+            if revision != start:
+                conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (revision,))
+        self.on_commit(len(writes))
+        return results
+
+    def purge_expired(self, limit: int = 500) -> int:
+        """Delete up to limit expired rows in one short transaction; return how many."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM kv WHERE key IN"
+                " (SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
+                (self._now_ms(), limit),
+            ).rowcount
+
+
+_UPSERT = (
+    "INSERT INTO kv (key, value, content_type, revision, expires_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+    " content_type = excluded.content_type, revision = excluded.revision,"
+    " expires_at = excluded.expires_at"
+)
+
+
+def _apply(conn: sqlite3.Connection, write: Write, now: int, revision: int) -> Outcome:
+    """Apply write inside the open transaction at revision; raise ConditionFailed first if due.
+
+    Every condition is checked before any change is made, so a failed one
+    leaves nothing to undo.
+    """
+    if len(write.changes) != len({change.key for change in write.changes}):
+        raise ValueError("a Write changes each key at most once")
+    rows = [
+        conn.execute("SELECT revision, expires_at FROM kv WHERE key = ?", (change.key,)).fetchone()
+        for change in write.changes
+    ]
+    live = [row[0] if row and (row[1] is None or row[1] > now) else None for row in rows]
+    for change, current in zip(write.changes, live, strict=True):
+        # A Delete of an absent key answers 404 whatever its condition says: RFC 9110
+        # section 13.2.1 ignores preconditions when the answer would not be 2xx anyway.
+        if change.condition is None or (current is None and isinstance(change, Delete)):
+            continue
+        if not change.condition.holds(current):
+            raise ConditionFailed(change.key)
+    changed = False
+    for change, row in zip(write.changes, rows, strict=True):
+        if isinstance(change, Put):
+            expires_at = None if change.ttl is None else now + change.ttl * 1000
+            conn.execute(
+                _UPSERT, (change.key, change.value, change.content_type, revision, expires_at)
             )
-        return revision
+            changed = True
+        elif isinstance(change, Delete) and row is not None:
+            # An expired row is deleted too, but reported as absent.
+            conn.execute("DELETE FROM kv WHERE key = ?", (change.key,))
+            changed = True
+    return Outcome(
+        revision if changed else revision - 1, tuple(current is not None for current in live)
+    )
 
 
 def _describe(exc: sqlite3.Error) -> str:

@@ -1,0 +1,73 @@
+"""Entity tags: the ETag of a stored version, and the If-Match / If-None-Match lists.
+
+A version's ETag is its revision in quotes, "42": meta.revision grows by one
+on every write and is stored with the key, so the tag is strong (one tag, one
+exact value and Content-Type), changes on every write of the key and survives
+restarts (RFC 9110 section 8.8.3).
+"""
+
+from __future__ import annotations
+
+import re
+
+from kvapp.http import BadRequest
+from kvapp.writes import ANY, Condition, Tag
+
+# entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
+# (RFC 9110 section 8.8.3); WSGI hands obs-text over as latin-1 characters.
+_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
+
+
+def etag(revision: int) -> str:
+    """Return the ETag header value of the version written at revision."""
+    return f'"{revision}"'
+
+
+def parse_tags(value: str, header: str, strong: bool) -> Tag:
+    """Return ANY or the revisions that an If-Match / If-None-Match value names.
+
+    strong: If-Match compares strongly, so weak tags never match; If-None-Match
+    compares weakly, so W/"42" matches "42" (RFC 9110 section 8.8.3.2).  Tags
+    that kvapp never sends match nothing.  Raises BadRequest if value is not
+    "*" or a list of quoted entity tags.
+    """
+    value = value.strip(" \t")
+    if value == "*":
+        return ANY
+    revisions = set()
+    position, end, seen = 0, len(value), 0
+    while position < end:
+        if value[position] in " \t,":
+            position += 1
+            continue
+        match = _ENTITY_TAG.match(value, position)
+        if match is None:
+            raise BadRequest(f'{header} must be * or quoted entity tags, e.g. {header}: "42"')
+        position = match.end()
+        while position < end and value[position] in " \t":
+            position += 1
+        if position < end and value[position] != ",":
+            raise BadRequest(f'{header} must be * or quoted entity tags, e.g. {header}: "42"')
+        seen += 1
+        weak, opaque = match.groups()
+        if weak and strong:
+            continue
+        # Only the canonical form of a revision is a tag kvapp sent: "007" is not "7".
+        if opaque.isascii() and opaque.isdigit() and len(opaque) < 20:
+            if opaque == str(int(opaque)):
+                revisions.add(int(opaque))
+    if not seen:
+        raise BadRequest(f'{header} is empty; give * or quoted entity tags, e.g. "42"')
+    return frozenset(revisions)
+
+
+def condition(environ: dict) -> Condition | None:
+    """Return the Condition that a write request's If-Match and If-None-Match state, or None."""
+    if_match = environ.get("HTTP_IF_MATCH")
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_match is None and if_none_match is None:
+        return None
+    return Condition(
+        None if if_match is None else parse_tags(if_match, "If-Match", strong=True),
+        None if if_none_match is None else parse_tags(if_none_match, "If-None-Match", strong=False),
+    )

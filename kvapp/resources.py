@@ -1,0 +1,170 @@
+"""The /kv/ routes: each key as an HTTP resource (PUT, GET, HEAD, DELETE) and the listing.
+
+Conditional requests follow RFC 9110 section 13: ETags name versions, If-Match
+and If-None-Match guard writes (412), and a read whose If-None-Match matches
+answers 304.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import quote, urlencode
+
+from kvapp.config import Settings
+from kvapp.decoding import (
+    check_key,
+    environ_bytes,
+    parse_pairs,
+    request_path,
+    show,
+    utf8,
+)
+from kvapp.etags import condition, etag, parse_tags
+from kvapp.http import JSON, TEXT, BadRequest, NotFound, PreconditionFailed, Response, prefers_json
+from kvapp.repository import Repository
+from kvapp.request import Request
+from kvapp.writes import Delete, Put, Write
+
+OCTET_STREAM = "application/octet-stream"
+MAX_TTL_SECONDS = 2**31 - 1
+DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
+MAX_CONTENT_TYPE = 255
+
+# type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?")
+
+
+def query_params(request: Request, allowed: tuple[str, ...]) -> dict[str, bytes]:
+    """Return the query's parameters by name; 400 for an unknown or repeated one."""
+    params: dict[str, bytes] = {}
+    for name, value in parse_pairs(request.query):
+        if name not in allowed:
+            takes = ", ".join(allowed) if allowed else "no parameters"
+            raise BadRequest(f"unexpected parameter {show(name)}: this route takes {takes}")
+        if name in params:
+            raise BadRequest(f"give the {name} parameter at most once")
+        params[name] = value
+    return params
+
+
+def read_conditions(
+    request: Request, revision: int, headers: list[tuple[str, str]]
+) -> Response | None:
+    """Return the 304 that If-None-Match earns, or None; 412 if If-Match fails.
+
+    Evaluated in the order of RFC 9110 section 13.2.2, for GET and HEAD of a
+    key that exists.
+    """
+    if_match = request.header("HTTP_IF_MATCH", None)
+    if if_match is not None:
+        tags = parse_tags(if_match, "If-Match", strong=True)
+        if tags != "*" and revision not in tags:
+            raise PreconditionFailed("If-Match names another version of this key")
+    if_none_match = request.header("HTTP_IF_NONE_MATCH", None)
+    if if_none_match is not None:
+        tags = parse_tags(if_none_match, "If-None-Match", strong=False)
+        if tags == "*" or revision in tags:
+            return Response(304, headers=headers)
+    return None
+
+
+def positive_int(value: bytes, name: str, maximum: int) -> int:
+    """Return value as an integer from 1 to maximum; 400 otherwise."""
+    if not (value.isdigit() and value.isascii() and len(value) <= 20):
+        raise BadRequest(f"{name} must be a whole number from 1 to {maximum}")
+    number = int(value)
+    if not 1 <= number <= maximum:
+        raise BadRequest(f"{name} must be a whole number from 1 to {maximum}, not {number}")
+    return number
+
+
+class Resources:
+    """The /kv/ route functions, bound to one repository and one Settings."""
+
+    def __init__(self, repository: Repository, settings: Settings) -> None:
+        self.repository = repository
+        self.max_key_bytes = settings.max_key_bytes
+        self.max_value_bytes = settings.max_value_bytes
+
+    def _key(self, request: Request) -> str:
+        """Return the key: the rest of the raw path after /kv/, percent-decoded as UTF-8."""
+        prefix = environ_bytes(request.header("SCRIPT_NAME"), "the path") + b"/kv/"
+        path = request_path(request.environ)
+        return check_key(utf8(path[len(prefix) :], "the key"), self.max_key_bytes)
+
+    def _location(self, request: Request, key: str) -> str:
+        return f"{request.header('SCRIPT_NAME')}/kv/{quote(key, safe='/')}"
+
+    def get(self, request: Request) -> Response:
+        """GET or HEAD /kv/{key}: the value with its Content-Type and ETag; 304; 404."""
+        key = self._key(request)
+        query_params(request, ())
+        item = self.repository.get(key)
+        if item is None:
+            raise NotFound(f"no such key: {show(key)}")
+        headers = [("ETag", etag(item.revision)), ("Cache-Control", "no-cache")]
+        not_modified = read_conditions(request, item.revision, headers)
+        if not_modified is not None:
+            return not_modified
+        return Response(200, item.value, item.content_type, headers)
+
+    def put(self, request: Request) -> Response:
+        """PUT /kv/{key}[?ttl=N]: store the body exactly; 201 new, 204 replaced, 412."""
+        key = self._key(request)
+        params = query_params(request, ("ttl",))
+        ttl = positive_int(params["ttl"], "ttl", MAX_TTL_SECONDS) if "ttl" in params else None
+        content_type = request.header("CONTENT_TYPE").strip() or OCTET_STREAM
+        if len(content_type) > MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
+            raise BadRequest(
+                f"Content-Type must be a media type such as text/plain, at most"
+                f" {MAX_CONTENT_TYPE} printable ASCII characters"
+            )
+        write_condition = condition(request.environ)
+        value = request.body(self.max_value_bytes)
+        outcome = self.repository.apply(
+            Write.of(Put(key, value, content_type, ttl, write_condition))
+        )
+        headers = [("ETag", etag(outcome.revision))]
+        if outcome.existed[0]:
+            return Response(204, headers=headers)
+        headers.append(("Location", self._location(request, key)))
+        return Response(201, headers=headers)
+
+    def delete(self, request: Request) -> Response:
+        """DELETE /kv/{key}: 204 when deleted, 404 when absent, 412 when a condition fails."""
+        key = self._key(request)
+        query_params(request, ())
+        outcome = self.repository.apply(Write.of(Delete(key, condition(request.environ))))
+        if not outcome.existed[0]:
+            raise NotFound(f"no such key: {show(key)}")
+        return Response(204)
+
+    def list(self, request: Request) -> Response:
+        """GET or HEAD /kv/?prefix=p&limit=n&after=k: live keys in UTF-8 byte order."""
+        params = query_params(request, ("prefix", "limit", "after"))
+        prefix = utf8(params.get("prefix", b""), "prefix")
+        if prefix:
+            check_key(prefix, self.max_key_bytes)
+        limit = positive_int(params["limit"], "limit", MAX_LIMIT) if "limit" in params else None
+        after = utf8(params["after"], "after") if params.get("after") else None
+        if after is not None:
+            check_key(after, self.max_key_bytes)
+        page = limit or DEFAULT_LIMIT
+        keys = self.repository.list_keys(prefix, after, page + 1)
+        cursor = keys[page - 1] if len(keys) > page else None
+        keys = keys[:page]
+        headers = [("Vary", "Accept")]
+        if cursor is not None:
+            query = {"prefix": prefix} if prefix else {}
+            if limit is not None:
+                query["limit"] = str(limit)
+            query["after"] = cursor
+            link = f"{request.header('SCRIPT_NAME')}/kv/?{urlencode(query, quote_via=quote)}"
+            headers.append(("Link", f'<{link}>; rel="next"'))
+        if prefers_json(request.header("HTTP_ACCEPT")):
+            body = json.dumps({"keys": keys, "next": cursor}, ensure_ascii=False)
+            return Response(200, body.encode("utf-8"), JSON, headers)
+        body = "".join(f"{key}\n" for key in keys)
+        return Response(200, body.encode("utf-8"), TEXT, headers)
