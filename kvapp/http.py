@@ -51,7 +51,7 @@ def prefers_json(accept: str | None) -> bool:
     No Accept, */* and ties all mean plain text, kvapp's default.  A range with
     a malformed q is ignored, as if it were not there.
     """
-    if not accept or "json" not in accept.lower():
+    if not accept or ("json" not in accept and "application/" not in accept.lower()):
         return False
     ranges = []
     for element in accept.split(","):
