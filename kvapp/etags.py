@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from kvapp.http import BadRequest
 from kvapp.writes import ANY, Condition, Tag
 
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
@@ -23,41 +22,25 @@ def etag(revision: int) -> str:
     return f'"{revision}"'
 
 
-def parse_tags(value: str, header: str, strong: bool) -> Tag:
+def parse_tags(value: str, strong: bool) -> Tag:
     """Return ANY or the revisions that an If-Match / If-None-Match value names.
 
     strong: If-Match compares strongly, so weak tags never match; If-None-Match
     compares weakly, so W/"42" matches "42" (RFC 9110 section 8.8.3.2).  Tags
-    that kvapp never sends match nothing.  Raises BadRequest if value is not
-    "*" or a list of quoted entity tags.
+    that kvapp never sends, and anything that is not an entity tag (If-Match: 42
+    without quotes), match nothing: a malformed If-Match gets 412 and cannot
+    turn a conditional write into an unconditional one.
     """
-    value = value.strip(" \t")
-    if value == "*":
+    if value.strip(" \t") == "*":
         return ANY
     revisions = set()
-    position, end, seen = 0, len(value), 0
-    while position < end:
-        if value[position] in " \t,":
-            position += 1
-            continue
-        match = _ENTITY_TAG.match(value, position)
-        if match is None:
-            raise BadRequest(f'{header} must be * or quoted entity tags, e.g. {header}: "42"')
-        position = match.end()
-        while position < end and value[position] in " \t":
-            position += 1
-        if position < end and value[position] != ",":
-            raise BadRequest(f'{header} must be * or quoted entity tags, e.g. {header}: "42"')
-        seen += 1
-        weak, opaque = match.groups()
+    for weak, opaque in _ENTITY_TAG.findall(value):
         if weak and strong:
             continue
         # Only the canonical form of a revision is a tag kvapp sent: "007" is not "7".
         if opaque.isascii() and opaque.isdigit() and len(opaque) < 20:
             if opaque == str(int(opaque)):
                 revisions.add(int(opaque))
-    if not seen:
-        raise BadRequest(f'{header} is empty; give * or quoted entity tags, e.g. "42"')
     return frozenset(revisions)
 
 
@@ -68,6 +51,6 @@ def condition(environ: dict) -> Condition | None:
     if if_match is None and if_none_match is None:
         return None
     return Condition(
-        None if if_match is None else parse_tags(if_match, "If-Match", strong=True),
-        None if if_none_match is None else parse_tags(if_none_match, "If-None-Match", strong=False),
+        None if if_match is None else parse_tags(if_match, strong=True),
+        None if if_none_match is None else parse_tags(if_none_match, strong=False),
     )

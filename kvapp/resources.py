@@ -20,11 +20,11 @@ from kvapp.decoding import (
     show,
     utf8,
 )
-from kvapp.etags import condition, etag, parse_tags
+from kvapp.etags import condition, etag
 from kvapp.http import JSON, TEXT, BadRequest, NotFound, PreconditionFailed, Response, prefers_json
 from kvapp.repository import Repository
 from kvapp.request import Request
-from kvapp.writes import Delete, Put, Write
+from kvapp.writes import Condition, Delete, Put, Write
 
 OCTET_STREAM = "application/octet-stream"
 MAX_TTL_SECONDS = 2**31 - 1
@@ -57,16 +57,13 @@ def read_conditions(
     Evaluated in the order of RFC 9110 section 13.2.2, for GET and HEAD of a
     key that exists.
     """
-    if_match = request.header("HTTP_IF_MATCH", None)
-    if if_match is not None:
-        tags = parse_tags(if_match, "If-Match", strong=True)
-        if tags != "*" and revision not in tags:
-            raise PreconditionFailed("If-Match names another version of this key")
-    if_none_match = request.header("HTTP_IF_NONE_MATCH", None)
-    if if_none_match is not None:
-        tags = parse_tags(if_none_match, "If-None-Match", strong=False)
-        if tags == "*" or revision in tags:
-            return Response(304, headers=headers)
+    found = condition(request.environ)
+    if found is None:
+        return None
+    if not Condition(if_match=found.if_match).holds(revision):
+        raise PreconditionFailed("If-Match names another version of this key")
+    if not Condition(if_none_match=found.if_none_match).holds(revision):
+        return Response(304, headers=headers)
     return None
 
 

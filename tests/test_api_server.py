@@ -77,21 +77,23 @@ def test_cas_put_race_has_exactly_one_winner(two_servers):
         results = race(
             two_servers,
             WRITERS,
-            lambda i: ("PUT", path, f"writer {i}".encode(), {"If-Match": etag}),
+            lambda i, path=path, etag=etag: ("PUT", path, f"w{i}".encode(), {"If-Match": etag}),
         )
         statuses = sorted(status for _, status, _ in results)
         assert statuses == [204] + [412] * (WRITERS - 1), statuses
         winner = next(index for index, status, _ in results if status == 204)
         winner_tag = next(h["etag"] for _, status, h in results if status == 204)
         status, headers, body = request(two_servers[1], "GET", path)
-        assert (status, body, headers["etag"]) == (200, f"writer {winner}".encode(), winner_tag)
+        assert (status, body, headers["etag"]) == (200, f"w{winner}".encode(), winner_tag)
 
 
 def test_create_only_race_has_exactly_one_winner(two_servers):
     for round_number in range(ROUNDS):
         path = f"/kv/create-{round_number}"
         results = race(
-            two_servers, WRITERS, lambda i: ("PUT", path, f"{i}".encode(), {"If-None-Match": "*"})
+            two_servers,
+            WRITERS,
+            lambda i, path=path: ("PUT", path, f"{i}".encode(), {"If-None-Match": "*"}),
         )
         statuses = sorted(status for _, status, _ in results)
         assert statuses == [201] + [412] * (WRITERS - 1), statuses
@@ -103,7 +105,11 @@ def test_conditional_delete_race_has_exactly_one_winner(two_servers):
     for round_number in range(ROUNDS):
         path = f"/kv/delete-{round_number}"
         etag = request(two_servers[0], "PUT", path, b"v")[1]["etag"]
-        results = race(two_servers, WRITERS, lambda i: ("DELETE", path, None, {"If-Match": etag}))
+        results = race(
+            two_servers,
+            WRITERS,
+            lambda i, path=path, etag=etag: ("DELETE", path, None, {"If-Match": etag}),
+        )
         statuses = [status for _, status, _ in results]
         assert statuses.count(204) == 1, statuses
         # A loser finds the key gone (404), as an unconditional DELETE would.
