@@ -86,7 +86,7 @@ def test_settings_table_and_settings_class_agree():
     assert {name for _, name, *_ in SETTINGS} == {
         f.name for f in fields(Settings) if f.name != "source"
     }
-    for _, name, convert, default, help_text in SETTINGS:
+    for _, _, convert, default, help_text in SETTINGS:
         convert(default)  # every default passes its own converter
         assert help_text
 
