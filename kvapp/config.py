@@ -201,7 +201,9 @@ class Settings:
             "connection_limit": self.connection_limit,
             "channel_timeout": self.channel_timeout,
             "max_request_header_size": self.max_request_header_size,
-            "max_request_body_size": self.max_body_bytes,
+            # waitress refuses a body of max_request_body_size bytes or more
+            # (parser.py: content_length >= max_body); ours is the largest allowed.
+            "max_request_body_size": self.max_body_bytes + 1,
             "ident": "kvapp",
         }
 
