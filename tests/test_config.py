@@ -383,3 +383,17 @@ def test_configparser_reads_config_ini_without_error():
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(CONFIG_INI, encoding="utf-8")
     assert set(parser.sections()) == {section for section, *_ in SETTINGS}
+
+
+def test_python_m_kvapp_serve_refuses_a_body_over_max_body_bytes(tmp_path: Path, kvapp_serve):
+    """serve passes max_body_bytes to waitress, which answers 413 from Content-Length
+    alone, before reading the body or calling kvapp (so with waitress's own headers)."""
+    database = tmp_path / "kv.sqlite3"
+    _, port = kvapp_serve(clean_env(KVAPP_DATABASE=str(database), KVAPP_MAX_BODY_BYTES="100"))
+    url = f"http://127.0.0.1:{port}/set"
+    status, _, _ = curl("--data-binary", "@-", url, data=b"big=" + b"x" * 97)
+    assert status == 413
+    status, _, body = curl("--data-binary", "@-", url, data=b"big=" + b"x" * 96)
+    assert (status, body) == (200, b"stored 1 key\n")
+    status, _, body = curl(f"http://127.0.0.1:{port}/get?key=big")
+    assert body == b"x" * 96
