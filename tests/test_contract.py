@@ -96,7 +96,9 @@ def snapshot(db_path: Path):
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         try:
             return (
-                conn.execute("SELECT * FROM kv ORDER BY key").fetchall(),
+                conn.execute(
+                    "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key"
+                ).fetchall(),
                 conn.execute("SELECT * FROM meta ORDER BY name").fetchall(),
             )
         finally:
@@ -347,6 +349,7 @@ SET_BAD = [
     ("control-1f", "a%1F=1", "control"),
     ("control-del", "a%7F=1", "control"),
     ("control-raw-01", "a\x01b=1", "control"),
+    ("control-c1-nel", "a%C2%85=1", "control"),  # C1 controls too: they break logs alike
     ("key-too-long-ascii", "k" * (MAX_KEY + 1) + "=1", "1025 bytes"),
     ("key-too-long-utf8", "%C3%A9" * (MAX_KEY // 2) + "a=1", "1025 bytes"),
     ("key-too-long-fewer-chars", "%C3%A9" * 600 + "=1", "1200 bytes"),  # 600 characters
