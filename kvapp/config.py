@@ -209,7 +209,9 @@ class Settings:
             "connection_limit": self.connection_limit,
             "channel_timeout": self.channel_timeout,
             "max_request_header_size": self.max_request_header_size,
-            "max_request_body_size": self.max_body_bytes,
+            # waitress refuses a body of max_request_body_size bytes or more
+            # (parser.py: content_length >= max_body); ours is the largest allowed.
+            "max_request_body_size": self.max_body_bytes + 1,
             "ident": "kvapp",
         }
 
@@ -230,7 +232,9 @@ def load_config(
     raw = {name: default for name, (_, _, default) in _BY_NAME.items()}
     origin = {name: "default" for name in raw}
 
-    parser = configparser.ConfigParser(interpolation=None)
+    # default_section: a [DEFAULT] section is a section like any other (and so
+    # unknown), instead of being merged silently into every other section.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
     try:
         with open(config_path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -255,16 +259,20 @@ def load_config(
         raw[name] = value
         origin[name] = f"environment variable {key}"
 
+    # Overrides (command-line options) pass the same converters as the file,
+    # written back as the text a config file would hold.
+    for name, value in overrides.items():
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name}")
+        raw[name] = " ".join(value) if isinstance(value, (tuple, list)) else str(value)
+        origin[name] = f"--{name.replace('_', '-')}"
+
     values: dict[str, Any] = {}
     for name, (_, convert, _) in _BY_NAME.items():
         try:
             values[name] = convert(raw[name])
         except ValueError as exc:
             raise ConfigError(f"bad value for {name} ({origin[name]}): {exc}") from None
-    for name, value in overrides.items():
-        if name not in _BY_NAME:
-            raise ConfigError(f"unknown setting {name}")
-        values[name] = value
 
     database = values["database"]
     if not database:

@@ -80,7 +80,7 @@ class DatabaseUnusable(Exception):
 
 
 # Primary result codes, https://sqlite.org/rescode.html
-_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 5, 6, 8
+_SQLITE_ERROR, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 1, 5, 6, 8
 _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL = 10, 11, 13
 _SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
 
@@ -225,31 +225,17 @@ class Repository:
                     raise self._refuse(
                         "it is damaged (PRAGMA quick_check failed)", "restore it from a backup"
                     )
+            # Check before switching to WAL: refusing a file must not change it.
+            self._check_schema(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise self._refuse(f"it cannot use WAL mode (got {mode})", "check the filesystem")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tables = {
-                    row[0]
-                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                }
-                if tables and not {"kv", "meta"} <= tables:
-                    raise self._refuse(
-                        "it holds tables that kvapp did not create", "choose another database path"
-                    )
-                if not tables:
+                # Again under the write lock: another process may have created it meanwhile.
+                if not self._check_schema(conn):
                     for statement in SCHEMA:
                         conn.execute(statement)
-                version = conn.execute(
-                    "SELECT value FROM meta WHERE name = 'schema_version'"
-                ).fetchone()
-                if version is None or version[0] != SCHEMA_VERSION:
-                    raise self._refuse(
-                        f"its schema version is {version and version[0]},"
-                        f" this kvapp knows {SCHEMA_VERSION}",
-                        "use a matching kvapp version",
-                    )
                 for statement in INDEXES:
                     conn.execute(statement)
                 conn.execute("COMMIT")
@@ -289,6 +275,35 @@ class Repository:
             if name.exists() and not os.access(name, os.W_OK):
                 problem = "it is read-only" if name == path else f"{name} is read-only"
                 raise self._refuse(problem, "make it writable for the user running kvapp")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> bool:
+        """Return False if there are no tables yet; raise DatabaseUnusable unless they are ours."""
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if not tables:
+            return False
+        foreign = self._refuse(
+            "it holds tables that kvapp did not create", "choose another database path"
+        )
+        if not {"kv", "meta"} <= tables:
+            raise foreign
+        try:
+            version = conn.execute(
+                "SELECT value FROM meta WHERE name = 'schema_version'"
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            # SQLITE_ERROR here is "no such column": a meta table of another shape.
+            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF != _SQLITE_ERROR:
+                raise
+            raise foreign from None
+        if version is None or version[0] != SCHEMA_VERSION:
+            raise self._refuse(
+                f"its schema version is {version and version[0]},"
+                f" this kvapp knows {SCHEMA_VERSION}",
+                "use a matching kvapp version",
+            )
+        return True
 
     def _check_header(self, path: Path) -> None:
         try:

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pytest
 import webtest
+from hypothesis import settings as hypothesis_settings
 
 from kvapp import create_app
 from kvapp.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# .ci/run sets HYPOTHESIS_PROFILE=ci; hypothesis does not read it by itself.
+# No deadline: every example commits with synchronous=FULL (an fsync), whose
+# time depends on the disk, and tests make no timing assertions.
+hypothesis_settings.register_profile("dev", deadline=None, max_examples=100)
+hypothesis_settings.register_profile("ci", deadline=None, max_examples=300, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 # In CI every test must run: KVAPP_FORBID_SKIPS=1 (set by .ci/run) turns a skip

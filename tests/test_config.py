@@ -1,0 +1,399 @@
+"""config.ini, the environment and the command line -> one validated Settings."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, curl, free_port
+
+from kvapp.config import SETTINGS, ConfigError, Settings, load_config
+
+CONFIG_INI = ROOT / "config.ini"
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without any KVAPP_* variable, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVAPP_")}
+    return {**env, **extra}
+
+
+def one_line(message: str) -> str:
+    assert message and "\n" not in message.rstrip("\n"), message
+    return message
+
+
+# -- defaults and config.ini ---------------------------------------------------
+
+
+def test_config_ini_defaults_load():
+    settings = load_config(CONFIG_INI, environ={})
+    assert settings.database == str(ROOT / "data" / "kvapp.sqlite3")
+    assert (settings.host, settings.port, settings.threads) == ("127.0.0.1", 4000, 4)
+    assert settings.max_key_bytes == 1024
+    assert settings.max_value_bytes == 1024 * 1024
+    assert settings.synchronous == "FULL"
+    assert settings.busy_timeout_ms > 0
+    assert settings.max_body_bytes >= 3 * settings.max_value_bytes  # a %-encoded max value fits
+    assert settings.source == str(CONFIG_INI)
+
+
+def test_config_ini_says_what_the_settings_table_says(tmp_path: Path):
+    """An empty file gives the SETTINGS defaults; config.ini must give the same."""
+    empty = load_config(write_config(tmp_path / "config.ini", ""), environ={})
+    shipped = load_config(CONFIG_INI, environ={})
+    for field in fields(Settings):
+        if field.name in ("database", "source"):
+            continue
+        assert getattr(shipped, field.name) == getattr(empty, field.name), field.name
+    assert Path(empty.database) == tmp_path / "data" / "kvapp.sqlite3"
+
+
+def test_every_setting_appears_commented_in_config_ini():
+    lines = CONFIG_INI.read_text(encoding="utf-8").splitlines()
+    section = None
+    found: dict[tuple[str, str], tuple[str, bool]] = {}
+    for number, line in enumerate(lines):
+        if match := re.fullmatch(r"\[(\w+)\]", line.strip()):
+            section = match.group(1)
+        elif match := re.fullmatch(r"(\w+)\s*=\s*(.*)", line.strip()):
+            commented = number > 0 and lines[number - 1].lstrip().startswith(("#", ";"))
+            found[(section, match.group(1))] = (match.group(2).strip(), commented)
+    declared = {(section, name): default for section, name, _, default, _ in SETTINGS}
+    assert set(found) == set(declared)
+    for key, default in declared.items():
+        value, commented = found[key]
+        assert commented, f"[{key[0]}] {key[1]} has no comment above it"
+        assert value == default, f"[{key[0]}] {key[1]}: config.ini says {value}, SETTINGS {default}"
+
+
+def test_settings_table_and_settings_class_agree():
+    assert {name for _, name, *_ in SETTINGS} == {
+        f.name for f in fields(Settings) if f.name != "source"
+    }
+    for _, _, convert, default, help_text in SETTINGS:
+        convert(default)  # every default passes its own converter
+        assert help_text
+
+
+# -- precedence: file < environment < command line ------------------------------
+
+
+def test_relative_database_is_relative_to_the_config_file(tmp_path: Path, monkeypatch):
+    config = write_config(tmp_path / "etc" / "kv.ini", "[storage]\ndatabase = db/store.sqlite3\n")
+    monkeypatch.chdir(tmp_path)  # not the config file's folder
+    settings = load_config(config, environ={})
+    assert settings.database == str(tmp_path / "etc" / "db" / "store.sqlite3")
+
+
+def test_absolute_database_path_is_kept(tmp_path: Path):
+    target = tmp_path / "elsewhere" / "x.sqlite3"
+    config = write_config(tmp_path / "kv.ini", f"[storage]\ndatabase = {target}\n")
+    assert load_config(config, environ={}).database == str(target)
+
+
+def test_kvapp_database_overrides_the_file(tmp_path: Path):
+    config = write_config(tmp_path / "kv.ini", "[storage]\ndatabase = from-file.sqlite3\n")
+    target = tmp_path / "from-env.sqlite3"
+    settings = load_config(config, environ={"KVAPP_DATABASE": str(target)})
+    assert settings.database == str(target)
+
+
+def test_kvapp_config_names_another_file(tmp_path: Path):
+    config = write_config(tmp_path / "other.ini", "[server]\nport = 4321\nthreads = 7\n")
+    settings = load_config(environ={"KVAPP_CONFIG": str(config)})
+    assert (settings.port, settings.threads) == (4321, 7)
+    assert settings.source == str(config)
+    assert settings.database == str(tmp_path / "data" / "kvapp.sqlite3")
+
+
+def test_environment_beats_file_and_options_beat_both(tmp_path: Path):
+    config = write_config(tmp_path / "kv.ini", "[server]\nport = 1111\nthreads = 2\n")
+    env = {"KVAPP_PORT": "2222", "KVAPP_THREADS": "3"}
+    assert load_config(config, environ=env).port == 2222
+    settings = load_config(config, environ=env, port=3333)
+    assert (settings.port, settings.threads) == (3333, 3)
+
+
+def test_every_setting_can_come_from_the_environment(tmp_path: Path):
+    config = write_config(tmp_path / "kv.ini", "")
+    for _, name, convert, default, _ in SETTINGS:
+        settings = load_config(config, environ={f"KVAPP_{name.upper()}": default})
+        if name != "database":
+            assert getattr(settings, name) == convert(default)
+
+
+# -- rejected configuration ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[storage]\nfoo = 1\n", "foo"),
+        ("[bogus]\nport = 1\n", "bogus"),
+        ("[server]\ndatabase = x.sqlite3\n", "database"),  # right name, wrong section
+        ("[DEFAULT]\nport = 1\n", "DEFAULT"),
+        ("[limits]\nmax_key_byte = 10\n", "max_key_byte"),
+    ],
+    ids=["unknown-name", "unknown-section", "wrong-section", "default-section", "typo"],
+)
+def test_unknown_setting_in_file_is_refused(tmp_path: Path, text: str, words: str):
+    config = write_config(tmp_path / "kv.ini", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    message = one_line(str(caught.value))
+    assert "unknown setting" in message and words in message and str(config) in message
+
+
+@pytest.mark.parametrize("name", ["KVAPP_FOO", "KVAPP_MAX_KEY", "KVAPP_"])
+def test_unknown_setting_in_environment_is_refused(tmp_path: Path, name: str):
+    config = write_config(tmp_path / "kv.ini", "")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={name: "1"})
+    assert name in one_line(str(caught.value))
+
+
+def test_other_environment_variables_are_ignored(tmp_path: Path):
+    config = write_config(tmp_path / "kv.ini", "")
+    settings = load_config(config, environ={"PORT": "1", "XKVAPP_PORT": "2", "kvapp_port": "3"})
+    assert settings.port == 4000
+
+
+BAD_VALUES = [
+    ("storage", "busy_timeout_ms", "soon"),
+    ("storage", "busy_timeout_ms", "-1"),
+    ("storage", "busy_timeout_ms", "600001"),
+    ("storage", "synchronous", "OFF"),
+    ("storage", "synchronous", ""),
+    ("storage", "startup_check_max_bytes", "1.5"),
+    ("storage", "database", ""),
+    ("limits", "max_key_bytes", "0"),
+    ("limits", "max_key_bytes", "1k"),
+    ("limits", "max_value_bytes", "-5"),
+    ("limits", "max_body_bytes", "lots"),
+    ("server", "port", "65536"),
+    ("server", "port", "http"),
+    ("server", "threads", "0"),
+    ("server", "connection_limit", "0"),
+    ("server", "channel_timeout", "0"),
+    ("server", "max_request_header_size", "10"),
+]
+
+
+@pytest.mark.parametrize(("section", "name", "bad"), BAD_VALUES)
+def test_bad_value_in_file_is_refused(tmp_path: Path, section: str, name: str, bad: str):
+    config = write_config(tmp_path / "kv.ini", f"[{section}]\n{name} = {bad}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert name in one_line(str(caught.value))
+
+
+@pytest.mark.parametrize(("section", "name", "bad"), BAD_VALUES)
+def test_bad_value_in_environment_is_refused(tmp_path: Path, section: str, name: str, bad: str):
+    config = write_config(tmp_path / "kv.ini", "")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={f"KVAPP_{name.upper()}": bad})
+    message = one_line(str(caught.value))
+    assert name in message
+    if bad:  # an empty database is refused after conversion, without its origin
+        assert f"KVAPP_{name.upper()}" in message
+
+
+@pytest.mark.parametrize(("name", "bad"), [("port", 70000), ("threads", 0), ("port", -1)])
+def test_bad_command_line_value_is_refused(tmp_path: Path, name: str, bad: int):
+    config = write_config(tmp_path / "kv.ini", "")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={}, **{name: bad})
+    assert name in one_line(str(caught.value))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["port = 1\n", "[server]\nport = 1\nport = 2\n", "[server\nport = 1\n", "\xff"],
+    ids=["no-section", "duplicate", "broken-header", "not-utf8"],
+)
+def test_unreadable_config_file_is_refused(tmp_path: Path, text: str):
+    config = tmp_path / "kv.ini"
+    config.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert str(config) in one_line(str(caught.value))
+
+
+def test_missing_config_file_is_refused(tmp_path: Path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"KVAPP_CONFIG": str(tmp_path / "nope.ini")})
+    assert str(tmp_path / "nope.ini") in one_line(str(caught.value))
+
+
+# -- startup through the real entry points -------------------------------------
+
+
+def run_entry_point(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+WAITRESS = [str(Path(sys.executable).with_name("waitress-serve")), "--listen=127.0.0.1:0"]
+MODULE = [sys.executable, "-m", "kvapp", "serve", "--port=0"]
+
+
+@pytest.mark.parametrize("entry", [WAITRESS, MODULE], ids=["waitress-serve", "python-m-kvapp"])
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"KVAPP_FOO": "1"}, "KVAPP_FOO"),
+        ({"KVAPP_MAX_KEY_BYTES": "many"}, "max_key_bytes"),
+        ({"KVAPP_CONFIG": "/nonexistent/kvapp.ini"}, "/nonexistent/kvapp.ini"),
+    ],
+    ids=["unknown", "bad-value", "missing-file"],
+)
+def test_bad_configuration_stops_startup_with_one_line(
+    entry: list[str], variables: dict[str, str], words: str, tmp_path: Path
+):
+    command = [*entry, "wsgi:app"] if entry is WAITRESS else entry
+    env = clean_env(KVAPP_DATABASE=str(tmp_path / "kv.sqlite3"), **variables)
+    result = run_entry_point(command, env)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "kv.sqlite3").exists()
+
+
+@pytest.mark.parametrize("option", ["--port=70000", "--threads=0"])
+def test_bad_command_line_option_stops_serve_with_one_line(option: str, tmp_path: Path):
+    env = clean_env(KVAPP_DATABASE=str(tmp_path / "kv.sqlite3"))
+    result = run_entry_point([sys.executable, "-m", "kvapp", "serve", option], env)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert option.split("=")[0].lstrip("-") in result.stderr
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Return the local addresses with a TCP socket listening on port (Linux /proc)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            next(handle)
+            for line in handle:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    if len(address) == 8:
+                        found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+                    else:
+                        found.add(address)
+    return found
+
+
+@pytest.fixture
+def kvapp_serve():
+    """Start `python -m kvapp serve --port P` with an environment; stop it at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvapp", "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return proc, port
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("python -m kvapp serve did not start listening")
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        proc.stderr.close()
+
+
+def test_python_m_kvapp_serve_listens_on_loopback_and_serves(tmp_path: Path, kvapp_serve):
+    config = write_config(tmp_path / "conf" / "kv.ini", "[storage]\ndatabase = new/dir/kv.db\n")
+    database = tmp_path / "conf" / "new" / "dir" / "kv.db"
+    assert not database.parent.exists()
+    proc, port = kvapp_serve(clean_env(KVAPP_CONFIG=str(config)))
+    assert database.is_file()  # the file and its folder are created on first start
+    assert listening_addresses(port) == {"127.0.0.1"}
+    url = f"http://127.0.0.1:{port}"
+    assert curl(f"{url}/set?greeting=hello%20world")[0] == 200
+    status, headers, body = curl(f"{url}/get?key=greeting")
+    assert (status, body) == (200, b"hello world")
+    assert headers["content-type"] == "text/plain; charset=utf-8"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=15)
+    first_line = proc.stderr.readline().decode()
+    assert str(database) in first_line and f"127.0.0.1:{port}" in first_line
+
+
+def test_python_m_kvapp_serve_uses_kvapp_database(tmp_path: Path, kvapp_serve):
+    database = tmp_path / "made" / "here.sqlite3"
+    _, port = kvapp_serve(clean_env(KVAPP_DATABASE=str(database)))
+    assert database.is_file()
+    assert curl(f"http://127.0.0.1:{port}/set?a=1")[0] == 200
+    assert curl(f"http://127.0.0.1:{port}/get?key=a")[2] == b"1"
+
+
+def test_default_config_file_is_the_one_beside_the_package(tmp_path: Path):
+    """wsgi.py's load_config() finds config.ini from any working directory."""
+    code = "from kvapp.config import load_config; s = load_config(); print(s.source, s.database)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(CONFIG_INI), str(ROOT / "data" / "kvapp.sqlite3")]
+
+
+def test_configparser_reads_config_ini_without_error():
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(CONFIG_INI, encoding="utf-8")
+    assert set(parser.sections()) == {section for section, *_ in SETTINGS}
+
+
+def test_python_m_kvapp_serve_refuses_a_body_over_max_body_bytes(tmp_path: Path, kvapp_serve):
+    """serve passes max_body_bytes to waitress, which answers 413 from Content-Length
+    alone, before reading the body or calling kvapp (so with waitress's own headers)."""
+    database = tmp_path / "kv.sqlite3"
+    _, port = kvapp_serve(clean_env(KVAPP_DATABASE=str(database), KVAPP_MAX_BODY_BYTES="100"))
+    url = f"http://127.0.0.1:{port}/set"
+    status, _, _ = curl("--data-binary", "@-", url, data=b"big=" + b"x" * 97)
+    assert status == 413
+    status, _, body = curl("--data-binary", "@-", url, data=b"big=" + b"x" * 96)
+    assert (status, body) == (200, b"stored 1 key\n")
+    status, _, body = curl(f"http://127.0.0.1:{port}/get?key=big")
+    assert body == b"x" * 96

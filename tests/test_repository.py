@@ -1,0 +1,359 @@
+"""The repository on a temporary SQLite file: commits, atomicity, error translation."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from kvapp.repository import (
+    DatabaseUnusable,
+    Repository,
+    StorageBusy,
+    StorageError,
+    StorageFull,
+)
+
+TEXT = "text/plain; charset=utf-8"
+
+
+@pytest.fixture
+def repo(db_path: Path):
+    repository = Repository(str(db_path), busy_timeout_ms=100)
+    yield repository
+    repository.close()
+
+
+def value_of(repository: Repository, key: str) -> bytes | None:
+    item = repository.get(key)
+    return None if item is None else item.value
+
+
+def rows_on_disk(path: Path) -> list[tuple[str, bytes]]:
+    """Return every (key, value) in the file, read by a connection of our own."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT key, value FROM kv ORDER BY key").fetchall()
+    finally:
+        conn.close()
+
+
+def fill(path: Path, count: int = 300) -> None:
+    """Create a kvapp database at path spanning many pages, then close it cleanly."""
+    repository = Repository(str(path))
+    try:
+        for start in range(0, count, 50):
+            repository.set_many(
+                [
+                    (f"key{i:04d}", i.to_bytes(2, "big") * 100, TEXT)
+                    for i in range(start, start + 50)
+                ]
+            )
+    finally:
+        repository.close()
+    assert not Path(f"{path}-wal").exists()  # the last close checkpointed the WAL
+
+
+# -- commits -----------------------------------------------------------------
+
+
+def test_a_new_database_and_its_folder_are_created(tmp_path: Path):
+    path = tmp_path / "new" / "deeper" / "kv.sqlite3"
+    repository = Repository(str(path))
+    try:
+        assert path.is_file()
+        assert repository.get("anything") is None
+    finally:
+        repository.close()
+
+
+def test_reopen_after_commit_sees_the_data(repo: Repository, db_path: Path):
+    repo.set_many([("a", b"1", TEXT), ("b", b"", TEXT)])
+    other = Repository(str(db_path))  # while the first is still open
+    try:
+        assert value_of(other, "a") == b"1"
+        assert value_of(other, "b") == b""
+    finally:
+        other.close()
+    repo.close()
+    again = Repository(str(db_path))
+    try:
+        assert value_of(again, "a") == b"1"
+        assert value_of(again, "b") == b""
+    finally:
+        again.close()
+    assert rows_on_disk(db_path) == [("a", b"1"), ("b", b"")]
+
+
+def test_values_are_stored_as_exact_bytes(repo: Repository):
+    value = bytes(range(256)) * 3
+    repo.set_many([("k", value, TEXT)])
+    item = repo.get("k")
+    assert item is not None
+    assert (item.value, item.content_type) == (value, TEXT)
+
+
+def test_a_later_write_replaces_the_value(repo: Repository):
+    repo.set_many([("k", b"old", TEXT)])
+    repo.set_many([("k", b"new", TEXT)])
+    assert value_of(repo, "k") == b"new"
+
+
+def test_every_write_gets_a_higher_revision(repo: Repository):
+    first = repo.set_many([("a", b"1", TEXT), ("b", b"2", TEXT)])
+    second = repo.set_many([("a", b"3", TEXT)])
+    assert second > first
+    assert repo.get("a").revision == second
+    assert repo.get("b").revision == first
+
+
+def test_keys_compare_exactly(repo: Repository):
+    repo.set_many([("K", b"upper", TEXT), ("k", b"lower", TEXT), ("é", b"nfc", TEXT)])
+    assert value_of(repo, "K") == b"upper"
+    assert value_of(repo, "k") == b"lower"
+    assert value_of(repo, "e\u0301") is None  # no Unicode normalisation
+
+
+# -- atomic multi-pair writes -------------------------------------------------
+
+
+def test_multi_pair_write_stores_all_pairs(repo: Repository, db_path: Path):
+    repo.set_many([(f"k{i}", str(i).encode(), TEXT) for i in range(100)])
+    assert rows_on_disk(db_path) == sorted((f"k{i}", str(i).encode()) for i in range(100))
+
+
+def test_multi_pair_write_that_fails_half_way_stores_nothing(repo: Repository, db_path: Path):
+    repo.set_many([("a", b"old", TEXT)])
+    writer = repo._writer
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages + 2}")
+    # The first two pairs fit in the pages there are; the third needs many more.
+    with pytest.raises(StorageFull):
+        repo.set_many([("a", b"new", TEXT), ("b", b"2", TEXT), ("c", b"x" * 200_000, TEXT)])
+    assert value_of(repo, "a") == b"old"
+    assert value_of(repo, "b") is None
+    assert rows_on_disk(db_path) == [("a", b"old")]
+
+
+# -- error translation --------------------------------------------------------
+
+
+def test_full_database_raises_storage_full_and_recovers(repo: Repository, db_path: Path):
+    repo.set_many([("a", b"1", TEXT)])
+    writer = repo._writer
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    # max_page_count cannot go below the current size: this caps it there.
+    assert writer.execute("PRAGMA max_page_count = 1").fetchone()[0] == pages
+    with pytest.raises(StorageFull) as caught:
+        repo.set_many([("big", b"x" * 100_000, TEXT), ("b", b"2", TEXT)])
+    assert isinstance(caught.value, StorageError)
+    assert "full" in str(caught.value) and "\n" not in str(caught.value)
+    assert value_of(repo, "big") is None
+    assert value_of(repo, "b") is None
+    assert value_of(repo, "a") == b"1"  # reads keep working
+    assert rows_on_disk(db_path) == [("a", b"1")]
+
+    writer.execute("PRAGMA max_page_count = 1073741823")
+    repo.set_many([("big", b"x" * 100_000, TEXT), ("b", b"2", TEXT)])
+    assert value_of(repo, "big") == b"x" * 100_000
+    assert value_of(repo, "b") == b"2"
+
+
+def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo: Repository, db_path: Path):
+    repo.set_many([("a", b"1", TEXT)])
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        other.execute("INSERT INTO meta (name, value) VALUES ('held', 1)")
+        with pytest.raises(StorageBusy) as caught:
+            repo.set_many([("b", b"2", TEXT)])
+        assert "\n" not in str(caught.value)
+        assert value_of(repo, "a") == b"1"  # WAL: readers do not wait for the writer
+        assert value_of(repo, "b") is None
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    repo.set_many([("b", b"2", TEXT)])
+    assert value_of(repo, "b") == b"2"
+
+
+def test_a_busy_write_stores_nothing_of_its_pairs(repo: Repository, db_path: Path):
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StorageBusy):
+            repo.set_many([("a", b"1", TEXT), ("b", b"2", TEXT)])
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert rows_on_disk(db_path) == []
+
+
+# -- damaged and foreign files ------------------------------------------------
+
+
+def damage_garbage(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 64)
+
+
+def damage_zeroed_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:100] = bytes(100)
+    path.write_bytes(bytes(data))
+
+
+def damage_truncated_mid_page(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+
+
+def damage_truncated_whole_pages(path: Path) -> None:
+    data = path.read_bytes()
+    page_size = int.from_bytes(data[16:18], "big")
+    path.write_bytes(data[: (len(data) // page_size // 2) * page_size])
+
+
+def damage_truncated_header(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def _zero_page(path: Path, page: int) -> None:
+    data = bytearray(path.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    start = (page - 1) * page_size
+    data[start : start + page_size] = bytes(page_size)
+    path.write_bytes(bytes(data))
+
+
+def _root_page(path: Path, name: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)
+        ).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def damage_index_page(path: Path) -> None:
+    """Zero the key index's root page: the file opens, PRAGMA quick_check reports it."""
+    _zero_page(path, _root_page(path, "sqlite_autoindex_kv_1"))
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]
+    finally:
+        conn.close()
+
+
+def damage_table_page(path: Path) -> None:
+    """Zero the kv table's root page: SQLite itself calls the image malformed."""
+    _zero_page(path, _root_page(path, "kv"))
+
+
+def foreign_database(path: Path) -> None:
+    path.unlink()
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.execute("INSERT INTO notes (body) VALUES ('mine')")
+    conn.commit()
+    conn.close()
+
+
+def foreign_kv_and_meta(path: Path) -> None:
+    """Tables named like kvapp's, but someone else's."""
+    path.unlink()
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE kv (k, v)")
+    conn.execute("CREATE TABLE meta (m)")
+    conn.commit()
+    conn.close()
+
+
+def other_schema_version(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = 999 WHERE name = 'schema_version'")
+    conn.commit()
+    conn.close()
+
+
+DAMAGE = [
+    damage_garbage,
+    damage_zeroed_header,
+    damage_truncated_mid_page,
+    damage_truncated_whole_pages,
+    damage_truncated_header,
+    damage_index_page,
+    damage_table_page,
+    foreign_database,
+    foreign_kv_and_meta,
+    other_schema_version,
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
+def test_unfit_file_is_refused_with_one_line_naming_it(damage, db_path: Path):
+    fill(db_path)
+    damage(db_path)
+    before = db_path.read_bytes()
+    with pytest.raises(DatabaseUnusable) as caught:
+        Repository(str(db_path)).close()
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message
+    assert str(db_path) in message
+    assert len(message) < 300
+    # Refusing a file must not change it: it may be someone's only copy.
+    assert db_path.read_bytes() == before
+    assert not Path(f"{db_path}-wal").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (damage_garbage, "not an SQLite database"),
+        (damage_zeroed_header, "not an SQLite database"),
+        (damage_truncated_mid_page, "truncated"),
+        (damage_truncated_whole_pages, "truncated"),
+        (damage_truncated_header, "truncated"),
+        (damage_index_page, "damaged"),
+        (foreign_database, "did not create"),
+        (foreign_kv_and_meta, "did not create"),
+        (other_schema_version, "schema version"),
+    ],
+    ids=lambda x: getattr(x, "__name__", x),
+)
+def test_refusal_says_what_is_wrong(damage, words: str, db_path: Path):
+    fill(db_path)
+    damage(db_path)
+    with pytest.raises(DatabaseUnusable, match=words):
+        Repository(str(db_path))
+
+
+def test_quick_check_is_skipped_above_the_size_limit(db_path: Path):
+    """startup_check_max_bytes bounds startup time: a big file is opened unchecked."""
+    fill(db_path)
+    damage_index_page(db_path)
+    repository = Repository(str(db_path), startup_check_max_bytes=1024)
+    repository.close()
+    with pytest.raises(DatabaseUnusable):
+        Repository(str(db_path), startup_check_max_bytes=os.path.getsize(db_path))
+
+
+def test_an_empty_file_becomes_a_database(db_path: Path):
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"")
+    repository = Repository(str(db_path))
+    try:
+        repository.set_many([("a", b"1", TEXT)])
+        assert value_of(repository, "a") == b"1"
+    finally:
+        repository.close()
+
+
+def test_a_folder_in_place_of_the_file_is_refused(db_path: Path):
+    db_path.mkdir(parents=True)
+    (db_path / "x").write_bytes(b"x")
+    with pytest.raises(DatabaseUnusable) as caught:
+        Repository(str(db_path))
+    assert str(db_path) in str(caught.value) and "\n" not in str(caught.value)
