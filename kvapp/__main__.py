@@ -1,4 +1,4 @@
-"""The command line: `python -m kvapp serve [--host H] [--port P] [--threads N]`."""
+"""kvapp: serve the HTTP API; back up, export, import, copy, check and inspect the data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from kvapp import create_app
 from kvapp.config import ConfigError, load_config
 from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
+from kvapp.tools import OneLineParser, add_commands
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvapp", description=__doc__)
+    parser = OneLineParser(prog="python -m kvapp", description=__doc__)
     parser.add_argument("--config", help="config file (default: $KVAPP_CONFIG or config.ini)")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve the HTTP API with waitress")
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, help="listen port (default from config.ini: 4000)")
     run.add_argument("--threads", type=int, help="waitress threads (default from config.ini: 4)")
     run.set_defaults(func=serve)
+    add_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatabaseUnusable) as exc:
+    except (ConfigError, DatabaseUnusable, OSError) as exc:  # OSError: e.g. the port is taken
         print(f"kvapp: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

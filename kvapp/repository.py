@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Write
+from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
 
 SCHEMA_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -498,6 +498,35 @@ class Repository:
                 " (SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
                 (self._now_ms(), limit),
             ).rowcount
+
+    # -- the data tools' interface (kvapp.transfer), shared by every backend -
+
+    def dump(self, after: str | None, limit: int) -> list[Record]:
+        """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
+        where, params = ("key > ? AND ", [after]) if after is not None else ("", [])
+        sql = (
+            "SELECT key, value, content_type, revision, expires_at FROM kv"
+            f" WHERE {where}(expires_at IS NULL OR expires_at > ?) ORDER BY key LIMIT ?"
+        )
+        with translated():
+            rows = self._reader().execute(sql, (*params, self._now_ms(), limit)).fetchall()
+        return [Record(*row) for row in rows]
+
+    def load(self, records: list[Record]) -> None:
+        """Insert or replace records as they are, revisions included, in one transaction.
+
+        The store's revision counter is raised to the highest revision loaded,
+        so a later write never reuses a revision (an ETag) that a loaded key
+        already carries.
+        """
+        if not records:
+            return
+        with self._transaction() as conn:
+            conn.executemany(_UPSERT, records)
+            conn.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE name = 'revision'",
+                (max(record.revision for record in records),),
+            )
 
 
 _UPSERT = (

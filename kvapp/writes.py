@@ -90,3 +90,17 @@ class ConditionFailed(Exception):
     def __init__(self, key: str) -> None:
         super().__init__("the condition on the key's current version does not hold")
         self.key = key
+
+
+class Record(NamedTuple):
+    """One stored key as the data tools move it between stores: dump() gives, load() takes.
+
+    revision is the key's ETag; expires_at is in unix milliseconds, or None
+    for a key that never expires.
+    """
+
+    key: str
+    value: bytes
+    content_type: str
+    revision: int
+    expires_at: int | None

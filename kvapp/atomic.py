@@ -1,0 +1,141 @@
+"""Files that appear whole or not at all: written aside, fsynced, then renamed into place.
+
+rename(2) replaces a name in one step, so whoever opens the destination finds
+the old file or the complete new one, never a half-written one.  The data is
+fsynced before the rename and the folder after it: without that, a power cut
+can leave the new name on a file whose content never reached the disk.
+
+An export is written to an unnamed O_TMPFILE file (Linux, open(2)) that the
+kernel frees if the process dies, even by SIGKILL; it gets a name only when
+it is complete.  SQLite opens files by name, so a backup is written to a
+named temporary file beside the destination, .NAME.tmp-PID, which is removed
+on any error or catchable signal.  A SIGKILL leaves that file behind, never a
+destination; the next run that writes the same destination removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+# SQLite's companions of a database file (https://sqlite.org/tempfiles.html).
+SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the folder's entries (a rename, a new file) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_destination(dest: Path) -> None:
+    """Raise OSError now if dest cannot become a file: no folder, or dest is a folder."""
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(dest.parent))
+    if dest.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(dest))
+
+
+def _temp_name(dest: Path, pid: int) -> Path:
+    return dest.with_name(f".{dest.name}.tmp-{pid}")
+
+
+def remove_stale(dest: Path) -> None:
+    """Remove the temporary files that killed runs writing dest left behind."""
+    for path in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = path.name.rpartition("-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        for suffix in SQLITE_SUFFIXES:
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def aside(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside dest; on normal exit it is fsynced and renamed onto dest.
+
+    On any exception the temporary file and its SQLite companions are removed
+    and dest is untouched.  The caller closes every handle on the path first.
+    """
+    check_destination(dest)
+    remove_stale(dest)
+    temp = _temp_name(dest, os.getpid())
+    try:
+        yield temp
+        wal = Path(f"{temp}-wal")
+        if wal.exists() and wal.stat().st_size:
+            # Renaming a database away from its WAL would lose the WAL's commits.
+            raise RuntimeError(f"{temp} still has a WAL: close its connections first")
+        fsync_file(temp)
+        os.replace(temp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        for suffix in SQLITE_SUFFIXES:
+            Path(f"{temp}{suffix}").unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(dest: Path) -> Iterator[BinaryIO]:
+    """Yield a file open for binary writing; on normal exit its content replaces dest.
+
+    On any exception, dest is untouched and nothing is left behind.
+    """
+    check_destination(dest)
+    remove_stale(dest)
+    try:
+        fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+        named = None
+    except (AttributeError, OSError) as exc:
+        # No O_TMPFILE on this system or filesystem: a named temporary file.
+        if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+        named = _temp_name(dest, os.getpid())
+        fd = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with open(fd, "wb", buffering=1024 * 1024) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+            if named is None:
+                # An O_TMPFILE file gets a name through linkat() of its /proc
+                # entry with AT_SYMLINK_FOLLOW (open(2), O_TMPFILE); os.link
+                # uses linkat only when given a dir fd.  A link cannot replace
+                # a name, so it is linked beside dest and renamed over it.
+                named = _temp_name(dest, os.getpid())
+                named.unlink(missing_ok=True)
+                proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.link(str(handle.fileno()), named, src_dir_fd=proc, follow_symlinks=True)
+                finally:
+                    os.close(proc)
+        os.replace(named, dest)
+        named = None
+        fsync_dir(dest.parent)
+    finally:
+        if named is not None:
+            named.unlink(missing_ok=True)

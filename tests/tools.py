@@ -1,0 +1,146 @@
+"""Helpers for the data tools' tests: run `python -m kvapp`, read a database's rows."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import ROOT, server_environ
+
+Row = tuple[str, bytes, str, int, int | None]
+
+
+def kvapp_command(*args: str, config: Path | None = ROOT / "config.ini") -> list[str]:
+    """Return the command line of `python -m kvapp [--config config] ARGS`."""
+    return [sys.executable, "-m", "kvapp", *(("--config", str(config)) if config else ()), *args]
+
+
+def kvapp(
+    *args: str,
+    input: bytes | None = None,
+    timeout: float = 300,
+    config: Path | None = ROOT / "config.ini",
+) -> subprocess.CompletedProcess:
+    """Run `python -m kvapp ARGS` from the checkout, as a user would; return the finished run."""
+    return subprocess.run(
+        kvapp_command(*args, config=config),
+        cwd=ROOT,
+        env=server_environ(),
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def start_kvapp(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(kvapp_command(*args), cwd=ROOT, env=server_environ(), **popen)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """Return the failed run's stderr, after checking it is one line and no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode != 0, result
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def rows(path: Path) -> list[Row]:
+    """Return every row of the kv table, in key order, straight from the file."""
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)  # rw: leaves no -wal behind
+    try:
+        return conn.execute(
+            "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def meta_revision(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)  # rw: leaves no -wal behind
+    try:
+        return conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.005):
+    """Return condition()'s first true value, polling; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {condition}")
+
+
+def open_files_in(pid: int, folder: Path) -> list[int]:
+    """Return the sizes of the files under folder that process pid has open (deleted ones too)."""
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(f"{folder}/"):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+        except OSError:
+            pass  # closed meanwhile
+    return sizes
+
+
+class Writers:
+    """Threads that PUT new keys to a server until stopped, remembering each acknowledged one.
+
+    acknowledged holds (key, value, monotonic time of the 2xx answer) in order.
+    """
+
+    def __init__(self, port: int, threads: int = 3, prefix: str = "live") -> None:
+        self.port = port
+        self.prefix = prefix
+        self.acknowledged: list[tuple[str, bytes, float]] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)
+        ]
+
+    def __enter__(self) -> Writers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def snapshot(self) -> list[tuple[str, bytes, float]]:
+        with self._lock:
+            return list(self.acknowledged)
+
+    def _run(self, number: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        i = 0
+        try:
+            while not self._stop.is_set() and i < 1_000_000:
+                key = f"{self.prefix}-{number}-{i:07d}"
+                value = f"{key}\x00\xff".encode("latin-1")
+                conn.request("PUT", f"/kv/{key}", body=value)
+                response = conn.getresponse()
+                response.read()
+                if response.status not in (201, 204):
+                    with self._lock:
+                        self.failures.append(f"{key}: {response.status}")
+                    return
+                with self._lock:
+                    self.acknowledged.append((key, value, time.monotonic()))
+                i += 1
+        finally:
+            conn.close()
