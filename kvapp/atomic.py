@@ -83,6 +83,17 @@ def aside(dest: Path) -> Iterator[Path]:
     and dest is untouched.  The caller closes every handle on the path first.
     """
     check_destination(dest)
+    for suffix in ("-wal", "-journal"):
+        # SQLite would apply a WAL or hot journal left by the file that was
+        # there before to the new file, and so damage it.
+        companion = Path(f"{dest}{suffix}")
+        if companion.exists():
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{companion.name} is beside it: the database there may be open, or was not"
+                " closed cleanly; close it, or move it and its -wal and -shm files away",
+                str(dest),
+            )
     remove_stale(dest)
     temp = _temp_name(dest, os.getpid())
     try:

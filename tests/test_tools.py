@@ -133,6 +133,8 @@ def test_failures_exit_1_with_one_line(tmp_path, source_db):
         result = kvapp(*args)
         assert result.returncode == 1, (args, result)
         assert says in one_line_error(result), (args, result.stderr)
+    result = kvapp("stats", config=tmp_path / "missing.ini")
+    assert "missing.ini does not exist" in one_line_error(result)
     # Nothing was created by any of them.
     assert not missing.exists()
     assert folder_files(tmp_path) == ["notes.txt", "source"]
@@ -595,6 +597,41 @@ def test_interrupted_import_leaves_no_database(tmp_path, big_db):
     assert process.returncode == 128 + signal.SIGTERM
     assert err.decode() == "kvapp import: interrupted by SIGTERM\n"
     assert folder_files(out) == []
+
+
+def test_export_to_a_closed_pipe_is_one_line(big_db):
+    process = start_kvapp(
+        "export", "--database", str(big_db), "-", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout.readline().startswith(b'{"format":"kvapp-export"')
+    process.stdout.close()  # as `| head -1` does
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.decode() == "kvapp export: the output pipe was closed before the export ended\n"
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-journal"])
+def test_a_new_database_file_is_never_paired_with_an_old_wal(tmp_path, source_db, suffix):
+    """SQLite would apply a leftover WAL or journal to whatever file then has the name."""
+    backup = tmp_path / "backup.sqlite3"
+    assert kvapp("backup", "--database", str(source_db), str(backup)).returncode == 0
+    before = backup.read_bytes()
+    stale = Path(f"{backup}{suffix}")
+    stale.write_bytes(b"left by a reader that was killed")
+    result = kvapp("backup", "--database", str(source_db), str(backup))
+    assert f"backup.sqlite3{suffix} is beside it" in one_line_error(result)
+    assert backup.read_bytes() == before
+    # A database that was deleted but left its WAL: import and copy refuse too.
+    backup.unlink()
+    export = tmp_path / "e.jsonl"
+    assert kvapp("export", "--database", str(source_db), str(export)).returncode == 0
+    for args in (
+        ("import", "--database", str(backup), str(export)),
+        ("copy", "--from", str(source_db), "--to", str(backup)),
+    ):
+        assert f"{suffix} is beside it" in one_line_error(kvapp(*args))
+        assert not backup.exists()
+    assert stale.read_bytes() == b"left by a reader that was killed"
 
 
 # -- backup of a live server --------------------------------------------------
