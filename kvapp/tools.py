@@ -104,7 +104,7 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
 def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
     url = _database(args, settings)
     started = time.monotonic()
-    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
         size = os.fstat(source.fileno()).st_size if source.seekable() else None
         with stores.destination(url, settings, args.merge) as target:
@@ -161,7 +161,9 @@ def check(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -
     problems = sqlitefile.check(path)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"kvapp check: {path}: {problems[0]}{more}", file=sys.stderr)
+        # integrity_check's rows may span lines ("*** in database main ***\n...").
+        first = " ".join(problems[0].split())
+        print(f"kvapp check: {path}: {first}{more}", file=sys.stderr)
         return 1
     _say(f"ok: {path} passed PRAGMA integrity_check and kvapp's schema checks")
     return 0
