@@ -111,14 +111,17 @@ def aside(dest: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def replacing(dest: Path) -> Iterator[BinaryIO]:
+def replacing(dest: Path, unnamed: bool = True) -> Iterator[BinaryIO]:
     """Yield a file open for binary writing; on normal exit its content replaces dest.
 
     On any exception, dest is untouched and nothing is left behind.
+    unnamed=False (for tests) takes the way of systems without O_TMPFILE.
     """
     check_destination(dest)
     remove_stale(dest)
     try:
+        if not unnamed:
+            raise OSError(errno.EOPNOTSUPP, "O_TMPFILE not wanted")
         fd = os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
         named = None
     except (AttributeError, OSError) as exc:

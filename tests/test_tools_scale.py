@@ -6,6 +6,7 @@ times of each step are printed, see `pytest -s`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import tempfile
@@ -121,6 +122,12 @@ def test_a_million_keys_end_to_end(server_factory, db_path, tmp_path):
         conn.close()
     assert [key for key, value, _ in before if stored.get(key) != value] == []
     assert count(backup) == MILLION + len(stored)
+    started = time.monotonic()
+    result = kvapp("stats", "--json", "--database", str(backup))
+    times["stats (backup)"] = time.monotonic() - started
+    figures = json.loads(result.stdout)
+    assert figures["keys"] == MILLION + len(stored)
+    assert figures["expiring_keys"] == MILLION // 5
 
     # Export, import and copy of the backup: every record identical, memory flat.
     export, restored, copied = (tmp_path / name for name in ("e.jsonl", "i.sqlite3", "c.sqlite3"))
