@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from kvapp import exportfile
+from kvapp.progress import NoBar
 from kvapp.stores import Target
 from kvapp.writes import Delete, Record, Write
 
@@ -42,11 +43,6 @@ class Tally:
     last_key: str | None = None
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
 def records(store: Any, page: int = PAGE) -> Iterator[Record]:
     """Yield every live record of store in UTF-8 byte order of keys, page by page."""
     after = None
@@ -60,7 +56,7 @@ def records(store: Any, page: int = PAGE) -> Iterator[Record]:
 
 def export(store: Any, out: IO[bytes], bar: Any = None) -> int:
     """Write store's records to out in the export format; return how many."""
-    bar = _NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
+    bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
     out.write(exportfile.header())
     count = 0
     for record in records(store):
@@ -80,7 +76,7 @@ def load(source: Iterable[Record], target: Target, tally: Tally, bar: Any = None
     keeps: nothing from a fresh file (it is discarded) or an empty store
     (what was loaded is deleted again), else the records loaded so far.
     """
-    bar = _NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
+    bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
     iterator = iter(source)
     try:
         while batch := list(itertools.islice(iterator, PAGE)):
@@ -108,7 +104,7 @@ def erase_through(store: Any, last_key: str) -> None:
 
 def lines(source: IO[bytes], bar: Any = None, copy: IO[bytes] | None = None) -> Iterator[bytes]:
     """Yield source's lines, counting their bytes on bar and writing them to copy if given."""
-    bar = _NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
+    bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
     for line in source:
         if copy is not None:
             copy.write(line)
