@@ -9,6 +9,7 @@ file, and KVAPP_CONFIG names another config file.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,40 @@ def asstr(text: str) -> str:
 
 def aslevel(text: str) -> str:
     return aschoice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(text)
+
+
+def asproxy(text: str) -> str:
+    """Return the proxy's IP address as waitress sees it in REMOTE_ADDR, or '' for none."""
+    text = text.strip()
+    if not text:
+        return ""
+    if text == "*":
+        # waitress would then believe X-Forwarded-For from every client.
+        raise ValueError("name the proxy's address; * would trust every client")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected the proxy's IP address, got {text!r}") from None
+
+
+# The headers waitress can take from a trusted proxy (adjustments.KNOWN_PROXY_HEADERS).
+PROXY_HEADERS = frozenset(
+    ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
+    + ("x-forwarded-by", "forwarded")
+)
+
+
+def asproxyheaders(text: str) -> tuple[str, ...]:
+    """Return the lower-cased header names; raise ValueError for an unknown or empty list."""
+    headers = tuple(dict.fromkeys(text.lower().split()))
+    if not headers:
+        raise ValueError("name at least one header; leave trusted_proxy empty to trust none")
+    unknown = [header for header in headers if header not in PROXY_HEADERS]
+    if unknown:
+        raise ValueError(f"unknown {unknown[0]!r}; known: {' '.join(sorted(PROXY_HEADERS))}")
+    if "forwarded" in headers and len(headers) > 1:
+        raise ValueError("forwarded and the x-forwarded-* headers cannot be trusted together")
+    return headers
 
 
 _KIB = 1024
@@ -158,6 +193,27 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "largest request line plus headers (431 beyond)",
     ),
     (
+        "proxy",
+        "trusted_proxy",
+        asproxy,
+        "",
+        "IP address of the reverse proxy whose forwarded headers waitress believes; empty: none",
+    ),
+    (
+        "proxy",
+        "trusted_proxy_headers",
+        asproxyheaders,
+        "x-forwarded-for x-forwarded-proto",
+        "headers taken from trusted_proxy: the client address and the scheme it used",
+    ),
+    (
+        "proxy",
+        "trusted_proxy_count",
+        asint(1, 16),
+        "1",
+        "proxies in a row in front of kvapp; X-Forwarded-For entries beyond them are ignored",
+    ),
+    (
         "security",
         "allowed_hosts",
         parse_allowed_hosts,
@@ -194,6 +250,9 @@ class Settings:
     connection_limit: int
     channel_timeout: int
     max_request_header_size: int
+    trusted_proxy: str
+    trusted_proxy_headers: tuple[str, ...]
+    trusted_proxy_count: int
     allowed_hosts: tuple[str, ...]
     auth_token: str = field(repr=False)  # a secret: never in a log or traceback
     log_level: str
@@ -202,7 +261,7 @@ class Settings:
 
     def waitress_options(self) -> dict[str, Any]:
         """Return the keyword arguments for waitress.serve()."""
-        return {
+        options: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "threads": self.threads,
@@ -213,7 +272,20 @@ class Settings:
             # (parser.py: content_length >= max_body); ours is the largest allowed.
             "max_request_body_size": self.max_body_bytes + 1,
             "ident": "kvapp",
+            # Forwarded headers (X-Forwarded-For...) are dropped from every request
+            # but trusted_proxy's.  waitress 3 does so by default; kvapp relies on
+            # it, so it is stated here rather than left to a default.
+            "clear_untrusted_proxy_headers": True,
         }
+        if self.trusted_proxy:
+            # Requests from trusted_proxy get REMOTE_ADDR from X-Forwarded-For
+            # (the first of its last trusted_proxy_count entries) and
+            # wsgi.url_scheme from X-Forwarded-Proto: the access log and the
+            # guard see the client, not the proxy.
+            options["trusted_proxy"] = self.trusted_proxy
+            options["trusted_proxy_headers"] = set(self.trusted_proxy_headers)
+            options["trusted_proxy_count"] = self.trusted_proxy_count
+        return options
 
 
 def load_config(

@@ -169,7 +169,8 @@ class Guard:
                 raise Forbidden(
                     "a write from another site is refused (Sec-Fetch-Site is not same-origin)"
                 )
-            if origin is not None and not same_origin(origin, host, port):
+            scheme = environ.get("wsgi.url_scheme", "http")
+            if origin is not None and not same_origin(origin, host, port, scheme):
                 raise Forbidden(
                     "a write from another origin is refused (Origin does not name this server)"
                 )
@@ -207,16 +208,22 @@ class Guard:
             raise Unauthorized("the bearer token is not valid", _CHALLENGE_INVALID)
 
 
-def same_origin(origin: str, host: str, port: str) -> bool:
+def same_origin(origin: str, host: str, port: str, scheme: str = "http") -> bool:
     """Return whether an Origin header names host, and port too when the Host gave one.
 
     A proxy may drop the port from Host (nginx `proxy_set_header Host $host`), so
     ports are compared only when Host names one.  'null' and anything that is not
-    one http(s) origin are not this server.
+    one http(s) origin are not this server.  scheme is how the request came in
+    (wsgi.url_scheme): 'https' only behind a trusted proxy that says so in
+    X-Forwarded-Proto.  Then an http origin is refused: a page that anyone on the
+    network path can forge.  An https origin of a plain-http request is accepted,
+    because a TLS proxy that is not trusted_proxy looks like plain http too.
     """
-    scheme, sep, authority = origin.partition("://")
-    default_port = _DEFAULT_PORTS.get(scheme)
+    origin_scheme, sep, authority = origin.partition("://")
+    default_port = _DEFAULT_PORTS.get(origin_scheme)
     if not sep or default_port is None:
+        return False
+    if scheme == "https" and origin_scheme != "https":
         return False
     parsed = split_host(authority)
     if parsed is None or parsed[0] != host:

@@ -192,6 +192,14 @@ BAD_VALUES = [
     ("server", "connection_limit", "0"),
     ("server", "channel_timeout", "0"),
     ("server", "max_request_header_size", "10"),
+    ("proxy", "trusted_proxy", "*"),
+    ("proxy", "trusted_proxy", "localhost"),
+    ("proxy", "trusted_proxy", "127.0.0.1:80"),
+    ("proxy", "trusted_proxy", "10.0.0.0/8"),
+    ("proxy", "trusted_proxy_headers", ""),
+    ("proxy", "trusted_proxy_headers", "x-real-ip"),
+    ("proxy", "trusted_proxy_headers", "forwarded x-forwarded-for"),
+    ("proxy", "trusted_proxy_count", "0"),
 ]
 
 

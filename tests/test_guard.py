@@ -321,6 +321,31 @@ def test_origin_on_writes(make_client, host, origin, status):
     assert stored(client, "k") == (b"v" if status == 200 else None)
 
 
+@pytest.mark.parametrize(
+    ("host", "origin", "status"),
+    [
+        # wsgi.url_scheme is https only behind a trusted proxy (X-Forwarded-Proto).
+        ("kv.example.com", "https://kv.example.com", 200),
+        ("kv.example.com", "https://kv.example.com:8443", 200),  # nginx dropped the port
+        ("kv.example.com:8443", "https://kv.example.com:8443", 200),
+        ("kv.example.com", "http://kv.example.com", 403),  # a page anyone en route can forge
+        ("kv.example.com:8443", "http://kv.example.com:8443", 403),
+        ("kv.example.com", "https://evil.example", 403),
+    ],
+)
+def test_origin_over_https_must_be_https(make_client, host, origin, status):
+    client = make_client(allowed_hosts="kv.example.com")
+    response = client.post(
+        "/set",
+        {"k": "v"},
+        headers={"Host": host, "Origin": origin},
+        extra_environ={"wsgi.url_scheme": "https"},
+        expect_errors=True,
+    )
+    assert response.status_int == status
+    assert stored(client, "k") == (b"v" if status == 200 else None)
+
+
 def test_origin_is_checked_even_when_sec_fetch_site_says_same_origin(make_client):
     client = make_client()
     headers = {"Sec-Fetch-Site": "same-origin", "Origin": "https://evil.example"}
