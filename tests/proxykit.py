@@ -87,18 +87,24 @@ TLS_LINE = re.compile(r"^(\s*)#tls ", re.M)
 
 
 def render_site(
-    upstream: str, listen: str, names: str, tls: tuple[str, Path, Path] | None = None
+    upstream: str,
+    listen: str,
+    names: str,
+    webroot: Path,
+    tls: tuple[str, Path, Path] | None = None,
 ) -> str:
     """Return deploy/nginx.conf with every EDIT value replaced.
 
-    tls is (listen, certificate, key): the #tls lines are switched on, as the
-    file tells a user to do with sed.  Everything else is the shipped text.
+    webroot is certbot's folder for http-01 challenges.  tls is (listen,
+    certificate, key): the #tls lines are switched on, as the file tells a user
+    to do with sed.  Everything else is the shipped text.
     """
     text = SITE.read_text(encoding="utf-8")
     edits = {
         "server 127.0.0.1:4000;": f"server {upstream};",
         "listen 80;": f"listen {listen};",
         "server_name kv.example.com;": f"server_name {names};",
+        "root /var/www/html;": f"root {webroot};",
     }
     if tls is not None:
         tls_listen, certificate, key = tls

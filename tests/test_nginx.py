@@ -84,7 +84,8 @@ def stack_factory(tmp_path: Path, db_path: Path):
         if tls:
             tls_port = free_port()
             tls_settings = (f"127.0.0.1:{tls_port}", *certificate(tmp_path))
-        site = render_site(f"127.0.0.1:{kvapp.port}", f"127.0.0.1:{port}", NAMES, tls_settings)
+        upstream, listen = f"127.0.0.1:{kvapp.port}", f"127.0.0.1:{port}"
+        site = render_site(upstream, listen, NAMES, webroot(tmp_path), tls_settings)
         nginx = Nginx(tmp_path / f"nginx-{n}", site)
         stack = Stack(kvapp, nginx, port, tls_port)
         started.append(stack)
@@ -101,6 +102,17 @@ def stack_factory(tmp_path: Path, db_path: Path):
 def server(stack_factory) -> Stack:
     """What the imported API tests talk to: nginx, with kvapp behind it."""
     return stack_factory()
+
+
+ACME_TOKEN = "Xy3-token"
+
+
+def webroot(folder: Path) -> Path:
+    """Return a certbot --webroot folder holding one http-01 challenge file."""
+    challenges = folder / "webroot" / ".well-known" / "acme-challenge"
+    challenges.mkdir(parents=True, exist_ok=True)
+    (challenges / ACME_TOKEN).write_text(f"{ACME_TOKEN}.key-authorization")
+    return folder / "webroot"
 
 
 def certificate(folder: Path) -> tuple[Path, Path]:
@@ -124,7 +136,7 @@ def test_the_shipped_file_is_valid_as_it_is(tmp_path: Path):
 
 def test_every_edit_line_is_replaced_and_nothing_else(tmp_path: Path):
     shipped = SITE.read_text(encoding="utf-8").splitlines()
-    rendered = render_site("127.0.0.1:1", "127.0.0.1:2", NAMES).splitlines()
+    rendered = render_site("127.0.0.1:1", "127.0.0.1:2", NAMES, tmp_path).splitlines()
     changed = [old for old, new in zip(shipped, rendered, strict=True) if old != new]
     assert changed and all("# EDIT" in line for line in changed)
 
@@ -359,6 +371,10 @@ def test_tls_variant_redirects_http_and_checks_https_origins(stack_factory, tmp_
     status, headers, _ = curl("-H", f"Host: {NAME}", f"{stack.url}/set?k=v")
     assert status == 308
     assert headers["location"] == f"https://{NAME}/set?k=v"
+    # Let's Encrypt's challenge stays on plain http; nothing else does.
+    challenge = f"{stack.url}/.well-known/acme-challenge/{ACME_TOKEN}"
+    status, _, body = curl("-H", f"Host: {NAME}", challenge)
+    assert (status, body) == (200, f"{ACME_TOKEN}.key-authorization".encode())
     assert stack.kvapp.access_lines() == []  # plain http never reaches kvapp
 
     status, headers, body = curl(*tls, f"{https}/set?k=v")
