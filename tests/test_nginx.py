@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 from conftest import curl, free_port
-from proxykit import NGINX, NGINX_WORKERS, OPENSSL, SITE, Kvapp, Nginx, connections_to, render_site
+from proxykit import (
+    NGINX,
+    NGINX_WORKERS,
+    OPENSSL,
+    SITE,
+    Kvapp,
+    Nginx,
+    connections_to,
+    render_site,
+    self_signed,
+)
 
 # The API tests, run again through nginx (pytest collects what a module imports).
 from test_api_server import (  # noqa: F401
@@ -69,7 +79,7 @@ class Stack:
 @pytest.fixture
 def stack_factory(tmp_path: Path, db_path: Path):
     """Return a function starting kvapp and nginx in front of it; both stop at teardown."""
-    started: list[Stack] = []
+    started: list[Kvapp | Nginx] = []  # stopped in reverse order
 
     def start(env: dict[str, str] | None = None, tls: bool = False) -> Stack:
         n = len(started)
@@ -78,7 +88,9 @@ def stack_factory(tmp_path: Path, db_path: Path):
             "KVAPP_ALLOWED_HOSTS": ALLOWED_HOSTS,
             **(env or {}),
         }
-        kvapp = Kvapp(db_path, tmp_path / f"kvapp-{n}.log", env).start()
+        kvapp = Kvapp(db_path, tmp_path / f"kvapp-{n}.log", env)
+        started.append(kvapp)
+        kvapp.start()
         port, tls_port = free_port(), 0
         tls_settings = None
         if tls:
@@ -87,15 +99,13 @@ def stack_factory(tmp_path: Path, db_path: Path):
         upstream, listen = f"127.0.0.1:{kvapp.port}", f"127.0.0.1:{port}"
         site = render_site(upstream, listen, NAMES, webroot(tmp_path), tls_settings)
         nginx = Nginx(tmp_path / f"nginx-{n}", site)
-        stack = Stack(kvapp, nginx, port, tls_port)
-        started.append(stack)
+        started.append(nginx)
         nginx.start(port)
-        return stack
+        return Stack(kvapp, nginx, port, tls_port)
 
     yield start
-    for stack in started:
-        stack.nginx.stop()
-        stack.kvapp.stop()
+    for process in reversed(started):
+        process.stop()
 
 
 @pytest.fixture
@@ -118,8 +128,6 @@ def webroot(folder: Path) -> Path:
 def certificate(folder: Path) -> tuple[Path, Path]:
     if OPENSSL is None:
         pytest.skip("openssl is not installed (apt-get install openssl)")
-    from proxykit import self_signed
-
     return self_signed(folder, NAME)
 
 
