@@ -232,6 +232,10 @@ def test_kvapp_logs_the_client_nginx_saw(stack_factory, trusted_proxy, logged):
     lines = stack.kvapp.access_lines()
     assert len(lines) == 1 and lines[0].startswith(f'{logged} "GET /set?k=***" 200 '), lines
     assert "203.0.113.9" not in stack.output()
+    # nginx writes its access-log line once the answer is sent: wait for it.
+    deadline = time.monotonic() + 10
+    while not stack.nginx.access_lines() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stack.nginx.access_lines()[0].startswith(f"{CLIENT} ")
 
 
