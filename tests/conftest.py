@@ -23,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # .ci/run sets HYPOTHESIS_PROFILE=ci; hypothesis does not read it by itself.
 # No deadline: every example commits with synchronous=FULL (an fsync), whose
 # time depends on the disk, and tests make no timing assertions.
+# ci is derandomized: a CI run is reproducible and writes no example database;
+# dev (the default) is random and replays failures from .hypothesis/ (gitignored).
 hypothesis_settings.register_profile("dev", deadline=None, max_examples=100)
-hypothesis_settings.register_profile("ci", deadline=None, max_examples=300, print_blob=True)
+hypothesis_settings.register_profile(
+    "ci", deadline=None, max_examples=300, print_blob=True, derandomize=True, database=None
+)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
