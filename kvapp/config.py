@@ -260,17 +260,29 @@ class Settings:
     source: str = field(default="defaults", compare=False)
 
     def waitress_options(self) -> dict[str, Any]:
-        """Return the keyword arguments for waitress.serve()."""
+        """Return the keyword arguments for waitress.serve().
+
+        waitress 3.0 compares its limits so that each setting here means what
+        config.ini says (see the waitress source named in each comment).
+        """
         options: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "threads": self.threads,
-            "connection_limit": self.connection_limit,
+            # server.py readable(): the listening socket and the wake-up pipe
+            # count toward waitress's limit, so it admits two clients fewer.
+            "connection_limit": self.connection_limit + 2,
             "channel_timeout": self.channel_timeout,
-            "max_request_header_size": self.max_request_header_size,
-            # waitress refuses a body of max_request_body_size bytes or more
-            # (parser.py: content_length >= max_body); ours is the largest allowed.
+            # server.py maintenance() looks for idle channels only every
+            # cleanup_interval (default 30 s); at half the timeout an idle
+            # connection lives at most 1.5 x channel_timeout.
+            "cleanup_interval": max(1, self.channel_timeout // 2),
+            # parser.py received(): 431 when the header block is >= the limit,
+            # 413 when Content-Length (or a chunked body so far) is >= it.
+            "max_request_header_size": self.max_request_header_size + 1,
             "max_request_body_size": self.max_body_bytes + 1,
+            # poll() has no FD_SETSIZE (1024) ceiling on connection_limit; select() has.
+            "asyncore_use_poll": True,
             "ident": "kvapp",
             # Forwarded headers (X-Forwarded-For...) are dropped from every request
             # but trusted_proxy's.  waitress 3 does so by default; kvapp relies on
