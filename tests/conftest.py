@@ -91,7 +91,11 @@ def server_environ() -> dict[str, str]:
 
 
 class Server:
-    """A real `waitress-serve wsgi:app` subprocess on a free port."""
+    """A real server subprocess on a free port.
+
+    command "waitress" runs `waitress-serve wsgi:app`; "kvapp" runs the project's
+    own run command, `python -m kvapp serve`, which takes its limits from Settings.
+    """
 
     def __init__(
         self,
@@ -100,7 +104,10 @@ class Server:
         args: tuple[str, ...] = (),
         log_path: Path | None = None,
         prefix: tuple[str, ...] = (),
+        command: str = "waitress",
     ) -> None:
+        assert command in ("waitress", "kvapp"), command
+        self.command = command
         self.db_path = db_path
         # The server's stdout and stderr go to a file, not a pipe: with one access-log
         # line per request, a pipe nobody reads fills up (64 KiB) and blocks the server.
@@ -111,7 +118,7 @@ class Server:
         self.log_path = log_path
         self.env = {**server_environ(), "KVAPP_DATABASE": str(db_path), **(env or {})}
         self.args = args
-        self.prefix = prefix  # a command that runs waitress-serve, e.g. setpriv ... --
+        self.prefix = prefix  # a command that runs the server, e.g. setpriv ... --
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -121,17 +128,14 @@ class Server:
 
     def start(self, timeout: float = 15.0) -> Server:
         self.port = free_port()
-        waitress = Path(sys.executable).with_name("waitress-serve")
+        if self.command == "kvapp":
+            argv = [sys.executable, "-m", "kvapp", "serve", "--port", str(self.port), *self.args]
+        else:
+            waitress = Path(sys.executable).with_name("waitress-serve")
+            argv = [str(waitress), "--listen", f"127.0.0.1:{self.port}", *self.args, "wsgi:app"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    *self.prefix,
-                    str(waitress),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    *self.args,
-                    "wsgi:app",
-                ],
+                [*self.prefix, *argv],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -186,9 +190,10 @@ def server_factory(db_path: Path, tmp_path: Path):
         args: tuple[str, ...] = (),
         path: Path | None = None,
         prefix: tuple[str, ...] = (),
+        command: str = "waitress",
     ) -> Server:
         log_path = tmp_path / f"server-{len(servers)}.log"
-        server = Server(path or db_path, env, args, log_path, prefix).start()
+        server = Server(path or db_path, env, args, log_path, prefix, command).start()
         servers.append(server)
         return server
 
