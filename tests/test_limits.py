@@ -8,6 +8,7 @@ command hands kvapp's settings to waitress.  Every row of the README's
 
 from __future__ import annotations
 
+import resource
 import socket
 import time
 import uuid
@@ -280,3 +281,33 @@ def test_waitress_serve_without_flags_buffers_a_chunked_body_that_kvapp_then_ref
     # kvapp's wording: the app saw the request, so waitress had read all of it.
     assert b"the request body is %d bytes" % (4 * MAX_BODY + len(key) + 1) in answer, answer
     assert not stored(server, key)
+
+
+@pytest.fixture
+def many_descriptors():
+    """Raise RLIMIT_NOFILE for this process and the servers it starts; restore it after."""
+    need = 2048
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+        except (ValueError, OSError):
+            pytest.skip(f"RLIMIT_NOFILE is {soft}/{hard} and cannot be raised to {need}")
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_over_1024_connections_do_not_crash_the_server(many_descriptors, server_factory):
+    """select() refuses descriptors above 1023 and waitress's loop dies with it; kvapp
+    asks waitress for poll()."""
+    server = server_factory(env={"KVAPP_CONNECTION_LIMIT": "1200"}, command="kvapp")
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        answer = exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
+        assert status_of(answer) == 200, answer
+        assert server.proc.poll() is None
+    finally:
+        for sock in idle:
+            sock.close()
