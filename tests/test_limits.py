@@ -71,7 +71,9 @@ def status_of(answer: bytes) -> int:
 
 
 def stored(server: Server, key: str) -> bool:
-    answer = exchange(server.port, f"GET /get?key={key} HTTP/1.0\r\n\r\n".encode())
+    answer = exchange(
+        server.port, f"GET /get?key={key} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode()
+    )
     assert status_of(answer) in (200, 404), answer
     return status_of(answer) == 200
 
@@ -183,7 +185,7 @@ def test_waitress_refuses_and_nothing_is_stored(limited, request_bytes, status, 
 
 def test_the_header_limit_counts_every_byte_up_to_the_blank_line(limited):
     def request(size: int) -> bytes:
-        start = b"GET / HTTP/1.1\r\nConnection: close\r\nX-Pad: "
+        start = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: "
         return start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
 
     assert len(request(MAX_HEADER)) == MAX_HEADER
@@ -215,7 +217,7 @@ def test_a_small_chunked_body_is_stored(limited):
         limited.port, post(key, b"Connection: close\r\nTransfer-Encoding: chunked\r\n", body)
     )
     assert status_of(answer) == 200, answer
-    got = exchange(limited.port, f"GET /get?key={key} HTTP/1.0\r\n\r\n".encode())
+    got = exchange(limited.port, f"GET /get?key={key} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
     assert got.endswith(b"\r\n\r\nchunked value")
 
 
@@ -247,7 +249,7 @@ def test_a_content_length_of_5000_digits_is_dropped_and_the_server_stays_up(limi
     answer = exchange(limited.port, post(key, b"Content-Length: " + b"9" * 5000 + b"\r\n"))
     assert answer == b"" or 400 <= status_of(answer) < 500, answer
     assert not stored(limited, key)
-    assert status_of(exchange(limited.port, b"GET / HTTP/1.0\r\n\r\n")) == 200
+    assert status_of(exchange(limited.port, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")) == 200
 
 
 @pytest.mark.parametrize(
@@ -305,7 +307,7 @@ def test_over_1024_connections_do_not_crash_the_server(many_descriptors, server_
     try:
         for _ in range(1100):
             idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
-        answer = exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
+        answer = exchange(server.port, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
         assert status_of(answer) == 200, answer
         assert server.proc.poll() is None
     finally:
