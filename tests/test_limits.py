@@ -34,8 +34,9 @@ FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("limits")
     server = Server(
-        tmp_path_factory.mktemp("limits") / "kv.sqlite3", env=LIMITS, command="kvapp"
+        folder / "kv.sqlite3", env=LIMITS, log_path=folder / "server.log", command="kvapp"
     ).start()
     yield server
     server.kill()
