@@ -176,14 +176,14 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "connection_limit",
         asint(1, 100_000),
         "100",
-        "open connections waitress accepts at once",
+        "client connections waitress holds at once; more wait in the listen queue",
     ),
     (
         "server",
         "channel_timeout",
         asint(1, 3600),
         "30",
-        "seconds an idle or trickling connection may live",
+        "seconds a silent connection stays open (one that trickles bytes is never closed)",
     ),
     (
         "server",
