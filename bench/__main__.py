@@ -104,22 +104,6 @@ def check_tools(args: argparse.Namespace) -> str | None:
     return None
 
 
-def load_keys(database: Path, count: int, first: int = 1) -> float:
-    """Fill database with keys key-<first> ... key-<count>; return the seconds it took."""
-    from kvapp.repository import Repository
-
-    started = time.monotonic()
-    repository = Repository(str(database), startup_check_max_bytes=0)
-    try:
-        repository.load_bulk(
-            (f"key-{i:09d}", wrk.VALUE.encode(), "text/plain; charset=utf-8")
-            for i in range(first, count + 1)
-        )
-    finally:
-        repository.close()
-    return time.monotonic() - started
-
-
 def cell(
     running: Running, scenario: str, connections: int, args: argparse.Namespace, tag: str
 ) -> dict:
@@ -163,7 +147,7 @@ def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
                 database = None
                 if spec.app == "kvapp":
                     database = tmp / f"{server}-{workers}-{spec.synchronous}.sqlite3"
-                    load_keys(database, args.keys)
+                    servers.load_keys(database, args.keys)
                 running = Running(spec, database, log)
                 try:
                     if args.warmup:

@@ -1,4 +1,4 @@
-"""The servers under test, started as subprocesses on free ports, measured from /proc."""
+"""The servers under test, on free ports and temporary databases, measured from /proc."""
 
 from __future__ import annotations
 
@@ -15,6 +15,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("waitress", "granian")
+VALUE = "v" * 32  # the value of every loaded key and of every SET
+
+
+def load_keys(database: Path, count: int, first: int = 1) -> float:
+    """Fill database with keys key-<first> ... key-<count>; return the seconds it took."""
+    from kvapp.repository import Repository
+
+    started = time.monotonic()
+    repository = Repository(str(database), startup_check_max_bytes=0)
+    try:
+        repository.load_bulk(
+            (f"key-{i:09d}", VALUE.encode(), "text/plain; charset=utf-8")
+            for i in range(first, count + 1)
+        )
+    finally:
+        repository.close()
+    return time.monotonic() - started
 
 
 def granian_path() -> Path:

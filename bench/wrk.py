@@ -9,8 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.servers import VALUE
+
 INSTALL_HINT = "wrk is not installed: apt-get install wrk (Debian/Ubuntu), brew install wrk"
-VALUE = "v" * 32  # every SET stores 32 bytes
 
 # Every script ends with this: wrk calls done() once, with all threads' figures.
 # Latencies are in microseconds; errors.status counts answers >= 400.
