@@ -16,6 +16,7 @@ with the server, and other load skews everything: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import sys
@@ -135,33 +136,72 @@ def progress(row: dict) -> None:
 
 
 def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Measure every cell; return the rows, ceilings first, with their ratios.
+
+    The hello-world server and one kvapp server per synchronous setting run
+    side by side for each server and worker count.  For each connection count
+    the ceiling is measured right before and right after kvapp's cells and
+    averaged, so that load from elsewhere on the machine skews both alike.
+    """
     rows: list[dict] = []
     granian_args = tuple(shlex.split(args.granian_args))
     log = tmp / "servers.log"
-    for server in args.servers:
-        for workers in args.workers:
-            extra = granian_args if server == "granian" else ()
-            specs = [Spec(server, "hello", workers, None, extra)]
-            specs += [Spec(server, "kvapp", workers, sync, extra) for sync in args.sync]
-            for spec in specs:
+    for server, workers in itertools.product(args.servers, args.workers):
+        extra = granian_args if server == "granian" else ()
+        running: list[Running] = []
+        try:
+            for spec in [Spec(server, "hello", workers, None, extra)] + [
+                Spec(server, "kvapp", workers, sync, extra) for sync in args.sync
+            ]:
                 database = None
                 if spec.app == "kvapp":
                     database = tmp / f"{server}-{workers}-{spec.synchronous}.sqlite3"
                     servers.load_keys(database, args.keys)
-                running = Running(spec, database, log)
-                try:
-                    if args.warmup:
-                        wrk.run(running.url, "get-hit", 16, args.warmup, keys=args.keys)
-                    scenarios = ("get-hit",) if spec.app == "hello" else args.scenarios
-                    for scenario in scenarios:
-                        for connections in args.connections:
-                            row = cell(running, scenario, connections, args, str(len(rows)))
-                            rows.append(row)
-                            progress(row)
-                finally:
-                    running.stop()
+                running.append(Running(spec, database, log))
+            hello, apps = running[0], running[1:]
+            for target in running if args.warmup else ():
+                wrk.run(target.url, "get-hit", 16, args.warmup, keys=args.keys)
+            for connections in args.connections:
+                before = cell(hello, "get-hit", connections, args, "")
+                measured = [
+                    cell(app, scenario, connections, args, str(len(rows) + i))
+                    for i, (app, scenario) in enumerate(itertools.product(apps, args.scenarios))
+                ]
+                after = cell(hello, "get-hit", connections, args, "")
+                rows.append(average(before, after))
+                progress(rows[-1])
+                for row in measured:
+                    rows.append(row)
+                    progress(row)
+        finally:
+            for target in running:
+                target.stop()
+    rows.sort(key=order)
     report.add_ratios(rows)
     return rows
+
+
+def average(before: dict, after: dict) -> dict:
+    """Return the ceiling row of two runs: mean figures, both req/s kept."""
+    row = dict(before)
+    for name in ("rps", "p50_ms", "p99_ms"):
+        row[name] = round((before[name] + after[name]) / 2, 3)
+    row["errors"] = before["errors"] + after["errors"]
+    row["requests"] = before["requests"] + after["requests"]
+    row["rps_before"], row["rps_after"] = before["rps"], after["rps"]
+    return row
+
+
+def order(row: dict) -> tuple:
+    """Sort key: server, workers, ceiling then FULL then NORMAL, scenario, connections."""
+    scenarios = ("ceiling", *SCENARIOS)
+    return (
+        servers.SERVERS.index(row["server"]),
+        row["workers"],
+        row["synchronous"] or "",
+        scenarios.index(row["scenario"]),
+        row["connections"],
+    )
 
 
 def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv: list[str]):
@@ -182,8 +222,10 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
         f"Each cell: wrk for {args.duration} s, 2 threads (1 at 1 connection), keep-alive,"
         f" loopback; {args.keys} keys loaded; SET stores {len(wrk.VALUE)} bytes."
         " ×ceil: the figure divided by the hello-world ceiling's on the same server, workers"
-        " and connections (for latencies above 1 is slower). errors: socket errors, timeouts"
-        " and answers of an unexpected status (get-miss expects 404).",
+        " and connections (for latencies above 1 is slower); the ceiling is the mean of a run"
+        " right before and one right after kvapp's cells at that connection count."
+        " errors: socket errors, timeouts and answers of an unexpected status"
+        " (get-miss expects 404).",
         f"granian options: `{args.granian_args or '(defaults)'}`; waitress: config.ini"
         " (4 threads per worker).",
         "",

@@ -56,12 +56,16 @@ def serve(
 
     options are waitress.serve() keywords including host and port.  The app is
     built once here first, so that an unusable database stops the command
-    with one message before any worker starts.
+    with one message before any worker starts; so does a port in use (status 1).
     """
     log = log or _stderr
     options = dict(options)
-    host = options.pop("host")
-    sock = listen(host, options.pop("port"), options.get("backlog", 1024))
+    host, port = options.pop("host"), options.pop("port")
+    try:
+        sock = listen(host, port, options.get("backlog", 1024))
+    except OSError as exc:
+        log(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+        return 1
     try:
         app = make_app()
         port = sock.getsockname()[1]

@@ -191,6 +191,21 @@ def test_supervisor_gives_up_when_workers_keep_dying():
     assert "workers died within" in stderr
 
 
+def test_a_port_in_use_is_one_line_and_status_1(server_factory):
+    server = server_factory(args=("--workers", "2"), kind=KvappServer)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvapp", "serve", "--port", str(server.port), "--workers", "2"],
+        cwd=ROOT,
+        env={**server.env, "KVAPP_DATABASE": str(server.db_path.with_name("other.sqlite3"))},
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines() == [
+        f"kvapp: cannot listen on 127.0.0.1:{server.port}: Address already in use"
+    ]
+
+
 def test_workers_setting_is_checked(make_settings):
     from kvapp.config import load_config
 
