@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,22 +85,24 @@ class Client:
         return response.status, response.read()
 
 
-def one_client_per_worker(port: int, workers: list[int], tries: int = 300) -> dict[int, Client]:
-    """Open fresh connections until every worker holds one; return one per worker."""
+@contextmanager
+def one_client_per_worker(port: int, workers: list[int], tries: int = 300):
+    """Open fresh connections until every worker holds one; yield {worker pid: Client}."""
     clients: dict[int, Client] = {}
-    spare = []
-    for _ in range(tries):
-        client = Client(port, workers)
-        if client.worker in clients:
-            spare.append(client)  # kept open, so the next connect may land elsewhere
-        else:
-            clients[client.worker] = client
-        if len(clients) == len(workers):
-            break
-    for client in spare:
-        client.conn.close()
-    assert sorted(clients) == workers, f"connections reached only {sorted(clients)}"
-    return clients
+    opened = []
+    try:
+        for _ in range(tries):
+            # Spare connections stay open, so that the next connect may land elsewhere.
+            client = Client(port, workers)
+            opened.append(client)
+            clients.setdefault(client.worker, client)
+            if len(clients) == len(workers):
+                break
+        assert sorted(clients) == workers, f"connections reached only {sorted(clients)}"
+        yield clients
+    finally:
+        for client in opened:
+            client.conn.close()
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
@@ -106,8 +111,12 @@ def test_write_on_one_worker_is_read_back_through_every_other(server_factory, sy
         env={"KVAPP_SYNCHRONOUS": synchronous}, args=("--workers", "3"), kind=KvappServer
     )
     workers = workers_of(server, 3)
-    clients = one_client_per_worker(server.port, workers)
-    order = list(clients.values())
+    with one_client_per_worker(server.port, workers) as clients:
+        read_back_rounds(list(clients.values()))
+    assert server.stop() == 0
+
+
+def read_back_rounds(order: list[Client]) -> None:
     for round_ in range(150):
         writer = order[round_ % len(order)]
         value = f"v{round_}-{writer.worker}"
@@ -118,9 +127,6 @@ def test_write_on_one_worker_is_read_back_through_every_other(server_factory, sy
         for reader in order:
             assert reader.request(f"/get?key=k{round_}") == (200, value.encode()), reader.worker
             assert reader.request("/get?key=hot") == (200, value.encode()), reader.worker
-    for client in order:
-        client.conn.close()
-    assert server.stop() == 0
 
 
 def test_sigterm_to_the_parent_stops_every_worker(server_factory):
@@ -223,3 +229,94 @@ def test_workers_setting_is_checked(make_settings):
     )
     assert result.returncode == 1
     assert b"bad value for workers (--workers): must be between 1 and 64" in result.stderr
+
+
+def test_cas_race_across_workers_has_exactly_one_winner(server_factory):
+    server = server_factory(args=("--workers", "3"), kind=KvappServer)
+    with one_client_per_worker(server.port, workers_of(server, 3)) as readers:
+        cas_rounds(server, readers)
+    assert server.stop() == 0
+
+
+def cas_rounds(server: KvappServer, readers: dict[int, Client]) -> None:
+    racers = 24
+    for round_ in range(5):
+        path = f"/kv/race-{round_}"
+        status, headers, _ = put(server.port, path, b"start")
+        assert status == 201
+        etag = headers["etag"]
+        barrier = threading.Barrier(racers)
+        results: list[tuple[int, int, str | None]] = []
+
+        def race(index, path=path, etag=etag, barrier=barrier, results=results) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            try:
+                conn.connect()  # fresh connections: the kernel spreads them over the workers
+                barrier.wait(timeout=30)
+                conn.request("PUT", path, body=f"w{index}".encode(), headers={"If-Match": etag})
+                response = conn.getresponse()
+                response.read()
+                results.append((index, response.status, response.getheader("ETag")))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(status for _, status, _ in results) == [204] + [412] * (racers - 1)
+        winner, _, winner_tag = next(result for result in results if result[1] == 204)
+        for reader in readers.values():
+            reader.conn.request("GET", path)
+            response = reader.conn.getresponse()
+            assert (response.status, response.read()) == (200, f"w{winner}".encode())
+            assert response.getheader("ETag") == winner_tag
+
+
+def put(port: int, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("PUT", path, body=body)
+        response = conn.getresponse()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+def get_requests_total(text: str) -> float:
+    pattern = r'^kvapp_requests_total\{route="/get",method="GET",code="200"\} (\S+)$'
+    match = re.search(pattern, text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+def test_metrics_count_the_traffic_of_every_worker(server_factory):
+    server = server_factory(args=("--workers", "3"), kind=KvappServer)
+    assert curl(f"{server.url}/set?m=1")[0] == 200
+    with one_client_per_worker(server.port, workers_of(server, 3)) as clients:
+        seen, expected = scrape_after_traffic(clients)
+    assert len(seen) == 3 and seen == dict.fromkeys(seen, float(expected))
+    assert server.stop() == 0
+
+
+def scrape_after_traffic(clients: dict[int, Client]) -> tuple[dict[int, float], int]:
+    """Send 10, 15 and 20 GETs through the workers; return each one's scraped total."""
+    per_worker = {pid: 10 + 5 * i for i, pid in enumerate(sorted(clients))}  # 10, 15, 20
+    for pid, count in per_worker.items():
+        for _ in range(count):
+            assert clients[pid].request("/get?key=m") == (200, b"1")
+    # Each worker adds its counts to the shared file once a second; a scrape on
+    # any worker sums them.  Scrape through every worker until all have flushed.
+    expected = sum(per_worker.values())
+    deadline = time.monotonic() + 15
+    seen: dict[int, float] = {}
+    while time.monotonic() < deadline:
+        for pid, client in clients.items():
+            status, body = client.request("/metrics")
+            assert status == 200
+            seen[pid] = get_requests_total(body.decode())
+        if all(total == expected for total in seen.values()):
+            break
+        time.sleep(0.2)
+    return seen, expected
