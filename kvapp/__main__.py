@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvapp import create_app
+from kvapp import create_app, workers
 from kvapp.config import ConfigError, load_config
 from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
@@ -15,24 +15,22 @@ from kvapp.tools import OneLineParser, add_commands
 def serve(args: argparse.Namespace) -> int:
     overrides = {
         name: value
-        for name, value in (("host", args.host), ("port", args.port), ("threads", args.threads))
+        for name, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("threads", args.threads),
+            ("workers", args.workers),
+        )
         if value is not None
     }
     settings = load_config(args.config, **overrides)
     setup_logging(settings)
-    app = create_app(settings)
-    import waitress
-
-    print(
-        f"kvapp: serving {settings.database} on http://{settings.host}:{settings.port}",
-        file=sys.stderr,
-        flush=True,
+    return workers.serve(
+        lambda: create_app(settings),
+        settings.waitress_options(),
+        settings.workers,
+        banner=f"serving {settings.database}",
     )
-    try:
-        waitress.serve(app, **settings.waitress_options())
-    finally:
-        app.close()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", help="listen address (default from config.ini: 127.0.0.1)")
     run.add_argument("--port", type=int, help="listen port (default from config.ini: 4000)")
     run.add_argument("--threads", type=int, help="waitress threads (default from config.ini: 4)")
+    run.add_argument("--workers", type=int, help="worker processes (default from config.ini: 1)")
     run.set_defaults(func=serve)
     add_commands(commands)
     args = parser.parse_args(argv)

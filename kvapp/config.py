@@ -173,6 +173,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
     ("server", "threads", asint(1, 256), "4", "waitress worker threads"),
     (
         "server",
+        "workers",
+        asint(1, 64),
+        "1",
+        "processes of the run command serving one socket and one database",
+    ),
+    (
+        "server",
         "connection_limit",
         asint(1, 100_000),
         "100",
@@ -247,6 +254,7 @@ class Settings:
     host: str
     port: int
     threads: int
+    workers: int
     connection_limit: int
     channel_timeout: int
     max_request_header_size: int

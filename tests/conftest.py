@@ -91,11 +91,7 @@ def server_environ() -> dict[str, str]:
 
 
 class Server:
-    """A real server subprocess on a free port.
-
-    command "waitress" runs `waitress-serve wsgi:app`; "kvapp" runs the project's
-    own run command, `python -m kvapp serve`, which takes its limits from Settings.
-    """
+    """A real `waitress-serve wsgi:app` subprocess on a free port (subclasses run others)."""
 
     def __init__(
         self,
@@ -104,10 +100,7 @@ class Server:
         args: tuple[str, ...] = (),
         log_path: Path | None = None,
         prefix: tuple[str, ...] = (),
-        command: str = "waitress",
     ) -> None:
-        assert command in ("waitress", "kvapp"), command
-        self.command = command
         self.db_path = db_path
         # The server's stdout and stderr go to a file, not a pipe: with one access-log
         # line per request, a pipe nobody reads fills up (64 KiB) and blocks the server.
@@ -126,16 +119,16 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def argv(self) -> list[str]:
+        """Return the command line that serves on self.port."""
+        waitress = Path(sys.executable).with_name("waitress-serve")
+        return [str(waitress), "--listen", f"127.0.0.1:{self.port}", *self.args, "wsgi:app"]
+
     def start(self, timeout: float = 15.0) -> Server:
         self.port = free_port()
-        if self.command == "kvapp":
-            argv = [sys.executable, "-m", "kvapp", "serve", "--port", str(self.port), *self.args]
-        else:
-            waitress = Path(sys.executable).with_name("waitress-serve")
-            argv = [str(waitress), "--listen", f"127.0.0.1:{self.port}", *self.args, "wsgi:app"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, *argv],
+                [*self.prefix, *self.argv()],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -180,9 +173,53 @@ class Server:
                     stream.close()
 
 
+class KvappServer(Server):
+    """`python -m kvapp serve`: the run command, with its worker processes."""
+
+    def argv(self) -> list[str]:
+        listen = ["--host", "127.0.0.1", "--port", str(self.port)]
+        return [sys.executable, "-m", "kvapp", "serve", *listen, *self.args]
+
+    def kill(self) -> None:
+        """SIGKILL the supervisor and its workers."""
+        workers = child_pids(self.proc.pid) if self.proc is not None else []
+        super().kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class GranianServer(KvappServer):
+    """`granian --interface wsgi wsgi:app`, the optional fast server."""
+
+    def argv(self) -> list[str]:
+        granian = Path(sys.executable).with_name("granian")
+        listen = ["--host", "127.0.0.1", "--port", str(self.port)]
+        return [str(granian), "--interface", "wsgi", *listen, *self.args, "wsgi:app"]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the ids of the live (not zombie) child processes of pid, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            children.append(int(entry.name))
+    return sorted(children)
+
+
 @pytest.fixture
 def server_factory(db_path: Path, tmp_path: Path):
-    """Return a function that starts Servers; all are killed at teardown."""
+    """Return a function that starts Servers (or a subclass); all are killed at teardown."""
     servers: list[Server] = []
 
     def start(
@@ -190,10 +227,10 @@ def server_factory(db_path: Path, tmp_path: Path):
         args: tuple[str, ...] = (),
         path: Path | None = None,
         prefix: tuple[str, ...] = (),
-        command: str = "waitress",
+        kind: type[Server] = Server,
     ) -> Server:
         log_path = tmp_path / f"server-{len(servers)}.log"
-        server = Server(path or db_path, env, args, log_path, prefix, command).start()
+        server = kind(path or db_path, env, args, log_path, prefix).start()
         servers.append(server)
         return server
 

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from conftest import Server
+from conftest import KvappServer, Server
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,7 @@ FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     folder = tmp_path_factory.mktemp("limits")
-    server = Server(
-        folder / "kv.sqlite3", env=LIMITS, log_path=folder / "server.log", command="kvapp"
-    ).start()
+    server = KvappServer(folder / "kv.sqlite3", env=LIMITS, log_path=folder / "server.log").start()
     yield server
     server.kill()
 
@@ -303,7 +301,7 @@ def many_descriptors():
 def test_over_1024_connections_do_not_crash_the_server(many_descriptors, server_factory):
     """select() refuses descriptors above 1023 and waitress's loop dies with it; kvapp
     asks waitress for poll()."""
-    server = server_factory(env={"KVAPP_CONNECTION_LIMIT": "1200"}, command="kvapp")
+    server = server_factory(env={"KVAPP_CONNECTION_LIMIT": "1200"}, kind=KvappServer)
     idle = []
     try:
         for _ in range(1100):

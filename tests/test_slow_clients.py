@@ -20,6 +20,7 @@ import socket
 import time
 
 import pytest
+from conftest import KvappServer
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ SLACK = 2.0
 def small_server(server_factory):
     return server_factory(
         env={"KVAPP_CONNECTION_LIMIT": str(LIMIT), "KVAPP_CHANNEL_TIMEOUT": str(CHANNEL_TIMEOUT)},
-        command="kvapp",
+        kind=KvappServer,
     )
 
 

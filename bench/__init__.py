@@ -1,0 +1,1 @@
+"""The kvapp benchmark: `python -m bench` (see bench/__main__.py and README.md)."""

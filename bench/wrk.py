@@ -1,0 +1,174 @@
+"""The load: wrk with one Lua script per scenario, its figures read back as JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.servers import VALUE
+
+INSTALL_HINT = "wrk is not installed: apt-get install wrk (Debian/Ubuntu), brew install wrk"
+
+# Every script ends with this: wrk calls done() once, with all threads' figures.
+# Latencies are in microseconds; errors.status counts answers >= 400.
+_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "connect_errors": %d, "read_errors": %d,'
+    .. ' "write_errors": %d, "timeouts": %d, "status_errors": %d,'
+    .. ' "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+# wrk runs each thread in its own Lua state; setup() numbers them so that
+# generated keys differ between threads, and the run tag between runs.
+_THREADS = r"""
+local next_id = 0
+setup = function(thread)
+  next_id = next_id + 1
+  thread:set("id", next_id)
+end
+"""
+
+# Requests for `keys` existing keys (key-000000001 ...) in a shuffled table,
+# built once per thread so that request() only indexes it.
+_KEY_TABLE = r"""
+local reqs = {}
+init = function(args)
+  local keys = tonumber(args[1])
+  math.randomseed(id * 7919)
+  for i = 1, keys do reqs[i] = wrk.format("GET", string.format(PATTERN, i)) end
+  for i = keys, 2, -1 do
+    local j = math.random(i)
+    reqs[i], reqs[j] = reqs[j], reqs[i]
+  end
+end
+local n = 0
+request = function()
+  n = n % #reqs + 1
+  return reqs[n]
+end
+"""
+
+SCRIPTS: dict[str, str] = {
+    # The ceiling runs the same script as get-hit, so the client does the same work.
+    "get-hit": _THREADS + _KEY_TABLE.replace("PATTERN", '"/get?key=key-%09d"'),
+    "get-miss": _THREADS + _KEY_TABLE.replace("PATTERN", '"/get?key=missing-%09d"'),
+    "set-unique": _THREADS
+    + r"""
+local tag, n = "", 0
+init = function(args) tag = args[2] end
+request = function()
+  n = n + 1
+  return wrk.format("GET", string.format("/set?u%s-%d-%d=VALUE", tag, id, n))
+end
+""",
+    "set-hot": "wrk.path = '/set?hot=VALUE'\n",
+    "mix": _THREADS
+    + r"""
+local keys = 1
+init = function(args)
+  keys = tonumber(args[1])
+  math.randomseed(id * 104729)
+end
+request = function()
+  local k = math.random(keys)
+  if math.random(10) == 1 then
+    return wrk.format("GET", string.format("/set?key-%09d=VALUE", k))
+  end
+  return wrk.format("GET", string.format("/get?key=key-%09d", k))
+end
+""",
+    # The scale part: any of `keys` keys at random, read or overwritten.
+    "get-random": _THREADS
+    + r"""
+local keys = 1
+init = function(args)
+  keys = tonumber(args[1])
+  math.randomseed(id * 15485863)
+end
+request = function()
+  return wrk.format("GET", string.format("/get?key=key-%09d", math.random(keys)))
+end
+""",
+    "set-random": _THREADS
+    + r"""
+local keys = 1
+init = function(args)
+  keys = tonumber(args[1])
+  math.randomseed(id * 32452843)
+end
+request = function()
+  return wrk.format("GET", string.format("/set?key-%09d=VALUE", math.random(keys)))
+end
+""",
+}
+
+# Answers that each scenario must get: for get-miss every one is a 404.
+ALL_404 = {"get-miss"}
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # socket errors, timeouts, and answers of an unexpected status
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def find_wrk() -> str | None:
+    return shutil.which("wrk")
+
+
+def run(
+    url: str,
+    scenario: str,
+    connections: int,
+    duration: int,
+    keys: int = 1000,
+    tag: str = "0",
+    wrk: str = "wrk",
+) -> Result:
+    """Run wrk against url for duration seconds (wrk takes whole seconds); return its figures."""
+    script = SCRIPTS[scenario].replace("VALUE", VALUE) + _DONE
+    threads = min(2, connections)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    try:
+        command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s"]
+        command += ["--timeout", "10s", "-s", handle.name, url, "--", str(keys), tag]
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=duration + 60, check=False
+        )
+    finally:
+        Path(handle.name).unlink()
+    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if completed.returncode != 0 or line is None:
+        raise RuntimeError(
+            f"wrk failed ({completed.returncode}): {completed.stderr.strip() or completed.stdout}"
+        )
+    figures = json.loads(line[len("BENCH ") :])
+    status = figures["status_errors"]
+    unexpected = figures["requests"] - status if scenario in ALL_404 else status
+    errors = unexpected + sum(
+        figures[name] for name in ("connect_errors", "read_errors", "write_errors", "timeouts")
+    )
+    return Result(
+        requests=figures["requests"],
+        seconds=figures["duration_us"] / 1e6,
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        errors=errors,
+    )
