@@ -47,7 +47,7 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
 
 
 class Kvapp:
-    """`python -m kvapp serve` on a free port of 127.0.0.1, its output in a file."""
+    """`python -m kvapp serve --workers 2` on a free port of 127.0.0.1, its output in a file."""
 
     def __init__(self, db_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.db_path = db_path
@@ -62,7 +62,9 @@ class Kvapp:
 
     def start(self) -> Kvapp:
         self.port = free_port()
+        # Two workers, as deployed: nginx's keep-alive connections spread over both.
         command = [sys.executable, "-m", "kvapp", "serve", "--port", str(self.port)]
+        command += ["--workers", "2"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log)
         wait_listening(self.port, self.proc, "kvapp", self.log_path)

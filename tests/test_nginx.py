@@ -29,10 +29,10 @@ from proxykit import (
 )
 
 # The API tests, run again through nginx (pytest collects what a module imports).
+# /metrics across workers lags by up to a flush interval; tests/test_workers.py covers it.
 from test_api_server import (  # noqa: F401
     test_chunked_put_and_head,
     test_keys_with_slashes_plus_and_utf8_through_curl,
-    test_metrics_scraped_before_and_after_traffic,
 )
 from test_e2e import (  # noqa: F401
     test_chunked_post_body,
