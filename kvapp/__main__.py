@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from kvapp import create_app
-from kvapp.config import ConfigError, load_config
+from kvapp.config import ConfigError, load_config, redact
 from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
 from kvapp.tools import OneLineParser, add_commands
@@ -24,7 +24,7 @@ def serve(args: argparse.Namespace) -> int:
     import waitress
 
     print(
-        f"kvapp: serving {settings.database} on http://{settings.host}:{settings.port}",
+        f"kvapp: serving {redact(settings.database)} on http://{settings.host}:{settings.port}",
         file=sys.stderr,
         flush=True,
     )
