@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,24 @@ def database(backend: str, db_path: Path, request) -> str:
     cluster = request.getfixturevalue("pg_cluster")
     url = cluster.create_database()
     yield url
-    cluster.drop_database(url)
+    cluster.release_database(url)
+
+
+def stored(database: str | Path, sql: str) -> list[tuple]:
+    """Return the rows of sql read through a connection of our own: what is committed.
+
+    sql must read the same on both backends (no parameters); bytea comes back as bytes.
+    """
+    if is_database_url(str(database)):
+        import psycopg
+
+        with psycopg.connect(str(database), autocommit=True) as conn:
+            return [tuple(row) for row in conn.execute(sql).fetchall()]
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
 
 
 @pytest.fixture

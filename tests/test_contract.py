@@ -3,18 +3,20 @@
 Each request is built from its raw WSGI parts (method, PATH_INFO, QUERY_STRING
 as PEP 3333 latin-1 text, body bytes), so nothing is re-encoded on the way in.
 After every refused request the database file is compared with a snapshot
-taken before it: nothing of a refused request may be stored.
+taken before it: nothing of a refused request may be stored.  Every test runs
+on both backends, SQLite and PostgreSQL, but the storage faults made with
+SQLite's own tools (PostgreSQL's are in test_postgres.py).
 """
 
 from __future__ import annotations
 
 import sqlite3
 from io import BytesIO
-from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import pytest
 import webtest
+from conftest import stored
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,6 +27,8 @@ MIB = 1024 * 1024
 MAX_KEY = 1024  # config.ini defaults, pinned by test_config
 MAX_VALUE = MIB
 MAX_BODY = 4 * MIB
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 def call(
@@ -89,20 +93,17 @@ def get_value(client: webtest.TestApp, key_query: str) -> bytes | None:
 
 
 @pytest.fixture
-def snapshot(db_path: Path):
-    """Return a function giving every row of the database file, read independently."""
+def snapshot(database: str):
+    """Return a function giving every row of the database, read independently."""
 
     def rows() -> tuple[list, list]:
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        try:
-            return (
-                conn.execute(
-                    "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key"
-                ).fetchall(),
-                conn.execute("SELECT * FROM meta ORDER BY name").fetchall(),
-            )
-        finally:
-            conn.close()
+        return (
+            stored(
+                database,
+                "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key",
+            ),
+            stored(database, "SELECT name, value FROM meta ORDER BY name"),
+        )
 
     return rows
 
@@ -622,6 +623,7 @@ def test_other_paths_are_404(seeded, snapshot, method: str, path: str):
 # -- storage errors at the boundary ------------------------------------------------------------
 
 
+@pytest.mark.backends("sqlite")
 def test_full_database_is_507_and_stores_nothing(app, client, snapshot):
     call(client, "GET", "/set", "a=old")
     before = snapshot()
@@ -638,6 +640,7 @@ def test_full_database_is_507_and_stores_nothing(app, client, snapshot):
     assert get_value(client, "a") == b"new"
 
 
+@pytest.mark.backends("sqlite")
 def test_locked_database_is_503_with_retry_after(make_settings, db_path, snapshot):
     from kvapp import create_app
 
