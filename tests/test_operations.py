@@ -13,12 +13,12 @@ import webtest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvapp import open_repository
 from kvapp.app import App
 from kvapp.etags import parse_tags
 from kvapp.http import prefers_json
 from kvapp.metrics import Metrics
 from kvapp.metrics_store import MetricsStore
-from kvapp import open_repository
 from kvapp.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
