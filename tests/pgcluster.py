@@ -49,7 +49,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _unprivileged() -> tuple[int, int] | None:
+def server_owner() -> tuple[int, int] | None:
     """Return (uid, gid) to run the server as, creating the user if need be; None: as we are."""
     if os.geteuid() != 0:
         return None
@@ -70,7 +70,7 @@ class Cluster:
 
     def __init__(self, bindir: Path, settings: dict[str, str] | None = None) -> None:
         self.bindir = bindir
-        self.owner = _unprivileged()
+        self.owner = server_owner()
         self.folder = Path(tempfile.mkdtemp(prefix="kvapp-pg-"))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
