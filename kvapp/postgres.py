@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -268,24 +268,35 @@ class PostgresRepository:
         return self._run(lambda conn: conn.execute(sql, params, binary=binary).fetchall())
 
     @contextmanager
-    def _transaction(self, conn: psycopg.Connection) -> Iterator[Callable[[], None]]:
+    def _transaction(
+        self, conn: psycopg.Connection, pipelined: bool = False
+    ) -> Iterator[Callable[[], None]]:
         """BEGIN, yield the function that commits, ROLLBACK on any error or without a commit.
+
+        pipelined: statements go out without waiting for each other's answers
+        (libpq pipeline mode); a fetch waits for what was sent so far, and
+        commit() waits for the rest before it sends COMMIT on its own.
 
         When the connection breaks before COMMIT is sent, the server rolls
         back what it had: nothing was stored, and _run may run the
         transaction again.  When it breaks once COMMIT was sent, the outcome
-        is unknown, and StorageUnavailable says so.
+        is unknown, and StorageUnavailable says so.  That is why COMMIT is
+        not pipelined with the changes: the unknown stays one round trip wide.
         """
         committing = False
+        pipeline: psycopg.Pipeline | None = None
 
         def commit() -> None:
             nonlocal committing
+            if pipeline is not None:
+                pipeline.sync()  # every change answered: any error is raised here
             committing = True
             conn.execute("COMMIT")
 
         try:
-            conn.execute("BEGIN")
-            yield commit
+            with conn.pipeline() if pipelined else nullcontext() as pipeline:
+                conn.execute("BEGIN")
+                yield commit
         except psycopg.Error as exc:
             if committing and conn.broken:
                 raise StorageUnavailable(COMMIT_UNKNOWN) from exc
@@ -458,9 +469,9 @@ class PostgresRepository:
 
         Each applied Write gets the next revision.  A Write whose condition
         fails is skipped alone; a StorageError fails the whole batch, and then
-        nothing of it is stored.  The round trips do not grow with the batch:
-        one read of every key's current version, one pipelined upsert of the
-        final values, one delete, one update of the revision, COMMIT.
+        nothing of it is stored.  Two round trips, whatever the batch holds:
+        BEGIN, the revision lock and every key's current version; then the
+        upserts of the final values, the deletes, the new revision and COMMIT.
         """
         for write in writes:
             if len(write.changes) != len({change.key for change in write.changes}):
@@ -468,12 +479,14 @@ class PostgresRepository:
         keys = list({change.key for write in writes for change in write.changes})
 
         def batch(conn: psycopg.Connection) -> list[Outcome | ConditionFailed]:
-            with self._transaction(conn) as commit:
+            with self._transaction(conn, pipelined=True) as commit:
                 now = self._now_ms()
-                start = conn.execute(_LOCK_REVISION).fetchone()[0]
-                found = conn.execute(
+                lock = conn.execute(_LOCK_REVISION)
+                current = conn.execute(
                     "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
-                ).fetchall()
+                )
+                start = lock.fetchone()[0]  # the first round trip
+                found = current.fetchall()
                 plan = _Plan({key: (revision, expires) for key, revision, expires in found}, now)
                 results = plan.run(writes, start)
                 if plan.puts:
