@@ -50,7 +50,7 @@ from kvapp.repository import (
     StorageUnavailable,
     successor,
 )
-from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Write
+from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
 
 T = TypeVar("T")
 
@@ -524,6 +524,42 @@ class PostgresRepository:
             return count
 
         return self._run(purge)
+
+    # -- the data tools' interface (kvapp.transfer), shared by every backend -
+
+    def dump(self, after: str | None, limit: int) -> list[Record]:
+        """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
+        where, params = ("key > %s AND ", [after]) if after is not None else ("", [])
+        rows = self._read(
+            "SELECT key, value, content_type, revision, expires_at FROM kv"
+            f" WHERE {where}(expires_at IS NULL OR expires_at > %s) ORDER BY key LIMIT %s",
+            (*params, self._now_ms(), limit),
+            binary=True,
+        )
+        return [Record(key, bytes(value), *rest) for key, value, *rest in rows]
+
+    def load(self, records: list[Record]) -> None:
+        """Insert or replace records as they are, revisions included, in one transaction.
+
+        The store's revision counter is raised to the highest revision loaded,
+        so a later write never reuses a revision (an ETag) that a loaded key
+        already carries.
+        """
+        if not records:
+            return
+
+        def load(conn: psycopg.Connection) -> None:
+            with self._transaction(conn, pipelined=True) as commit:
+                conn.execute(_LOCK_REVISION)
+                with conn.cursor() as cursor:
+                    cursor.executemany(_UPSERT, records)
+                conn.execute(
+                    "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'revision'",
+                    (max(record.revision for record in records),),
+                )
+                commit()
+
+        self._run(load)
 
 
 class _Plan:

@@ -733,3 +733,25 @@ def test_server_crashes_under_concurrent_writes_lose_nothing_acknowledged(
             f" {len(refused)} refused with 503"
             f" ({len(refused & set(by_request))} of them committed as the server died)"
         )
+
+
+# -- dump and load: what the data tools move between backends ---------------------------
+
+
+def test_dump_and_load_keep_every_record_as_it_is(repo):
+    from kvapp.writes import Record
+
+    now_ms = int(time.time() * 1000)
+    records = [
+        Record("a", b"\x00\xff", "application/octet-stream", 7, None),
+        Record("b/é", b"", TEXT, 3, now_ms + 3_600_000),
+        Record("\U0010ffff", b"top", TEXT, 12, None),
+        Record("expired", b"x", TEXT, 5, now_ms - 1),
+    ]
+    repo.load(records)
+    live = sorted(records[:3], key=lambda record: record.key.encode())
+    assert repo.dump(None, 10) == live
+    assert repo.dump(None, 1) + repo.dump(live[0].key, 10) == live
+    assert repo.set_many([("new", b"1", TEXT)]) == 13  # above every loaded revision
+    repo.load([Record("a", b"replaced", TEXT, 2, None)])
+    assert repo.get("a") == (b"replaced", TEXT, 2)
