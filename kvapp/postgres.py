@@ -162,7 +162,16 @@ class PostgresRepository:
             given = psycopg.conninfo.conninfo_to_dict(self.url)
         except psycopg.ProgrammingError as exc:
             raise self._refuse(f"the URL is malformed ({exc})", "check the setting") from None
-        kwargs: dict[str, Any] = {"autocommit": True, "fallback_application_name": "kvapp"}
+        # Keys are text in UTF-8 both ways, whatever the URL or PGCLIENTENCODING says.
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "client_encoding": "UTF8",
+            "fallback_application_name": "kvapp",
+            # No server-side prepared statements: psycopg can lose track of
+            # them when a pipeline aborts (a 40001 mid-batch), and poolers
+            # in transaction mode (PgBouncer) cannot carry them.
+            "prepare_threshold": None,
+        }
         if "connect_timeout" not in given:
             # libpq waits forever for an unreachable host by default.
             kwargs["connect_timeout"] = max(2, round(self.busy_timeout_ms / 1000))
@@ -181,8 +190,10 @@ class PostgresRepository:
         conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
         # A kvapp process that stops mid-transaction (SIGSTOP, a frozen host)
         # must not hold the one write lock for ever: the server ends it.
+        # A safety net only: a server without this setting still serves.
         idle = max(10_000, 4 * int(self.busy_timeout_ms))
-        conn.execute(f"SET idle_in_transaction_session_timeout = {idle}")
+        with suppress(errors.UndefinedObject, errors.FeatureNotSupported):
+            conn.execute(f"SET idle_in_transaction_session_timeout = {idle}")
 
     def _pool(self) -> ConnectionPool:
         """Return this process's pool, opened on first use.
