@@ -755,3 +755,35 @@ def test_dump_and_load_keep_every_record_as_it_is(repo):
     assert repo.set_many([("new", b"1", TEXT)]) == 13  # above every loaded revision
     repo.load([Record("a", b"replaced", TEXT, 2, None)])
     assert repo.get("a") == (b"replaced", TEXT, 2)
+
+
+@pytest.mark.slow
+def test_kvapp_copy_moves_every_record_from_sqlite_to_postgresql_and_back(database, tmp_path):
+    from bulk import fill
+    from tools import kvapp, one_line_error, rows
+
+    from kvapp.writes import Record
+
+    later = int(time.time() * 1000) + 7_200_000
+    records = [
+        Record("binary", bytes(range(256)), "application/octet-stream", 3, None),
+        Record("empty", b"", TEXT, 4, later),
+        Record("line\u2028separator", "a\u2028b\nc\r\n".encode(), TEXT, 5, None),
+        Record("ключ/日本/😀", "значение 😀".encode(), TEXT, 12, later + 2),
+        Record("\U0010ffff", b"top", TEXT, 6, None),
+    ]
+    source = tmp_path / "source.sqlite3"
+    fill(source, iter(records))
+    result = kvapp("copy", "--from", str(source), "--to", database)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(f"copied 5 records from {source} to {database}")
+    every_row = "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key"
+    assert stored(database, every_row) == rows(source)
+    assert stored(database, "SELECT value FROM meta WHERE name = 'revision'") == [(12,)]
+    result = kvapp("copy", "--from", str(source), "--to", database)
+    assert "already holds keys; give --merge" in one_line_error(result)
+
+    back = tmp_path / "back" / "kv.sqlite3"
+    result = kvapp("copy", "--from", database, "--to", str(back))
+    assert result.returncode == 0, result.stderr
+    assert rows(back) == rows(source)
