@@ -30,7 +30,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from typing import Any, TypeVar
 
@@ -79,12 +79,26 @@ KV_COLUMNS = {"key", "value", "content_type", "revision", "expires_at"}
 SERIALIZATION_RETRIES = 5
 
 _LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
+# Every row of a batch in one statement: one array per column, unnest() makes
+# them rows again.  The keys must be distinct (ON CONFLICT cannot update a row
+# twice in one statement); callers keep the last value of each key.
 _UPSERT = (
-    "INSERT INTO kv (key, value, content_type, revision, expires_at) VALUES (%s, %s, %s, %s, %s)"
+    "INSERT INTO kv (key, value, content_type, revision, expires_at)"
+    " SELECT * FROM unnest(%b::text[], %b::bytea[], %b::text[], %b::bigint[], %b::bigint[])"
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
     " content_type = excluded.content_type, revision = excluded.revision,"
     " expires_at = excluded.expires_at"
 )
+
+
+def _columns(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """Return the five columns of kv rows, as the arrays _UPSERT takes."""
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
 
 # SQLSTATEs, https://www.postgresql.org/docs/current/errcodes-appendix.html
 _DISK_FULL = "53100"
@@ -501,8 +515,7 @@ class PostgresRepository:
                 plan = _Plan({key: (revision, expires) for key, revision, expires in found}, now)
                 results = plan.run(writes, start)
                 if plan.puts:
-                    with conn.cursor() as cursor:
-                        cursor.executemany(_UPSERT, list(plan.puts.values()))
+                    conn.execute(_UPSERT, _columns(plan.puts.values()))
                 if plan.deletes:
                     conn.execute("DELETE FROM kv WHERE key = ANY(%s)", (list(plan.deletes),))
                 if plan.revision != start:
@@ -562,8 +575,8 @@ class PostgresRepository:
         def load(conn: psycopg.Connection) -> None:
             with self._transaction(conn, pipelined=True) as commit:
                 conn.execute(_LOCK_REVISION)
-                with conn.cursor() as cursor:
-                    cursor.executemany(_UPSERT, records)
+                last = {record.key: record for record in records}  # as if one by one
+                conn.execute(_UPSERT, _columns(last.values()))
                 conn.execute(
                     "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'revision'",
                     (max(record.revision for record in records),),

@@ -95,3 +95,8 @@ def test_a_failed_load_stores_nothing_of_its_batch(repo, database):
     assert repo.dump(None, 10) == []
     repo.load([])
     assert repo.dump(None, 10) == []
+
+
+def test_a_key_loaded_twice_in_one_batch_keeps_the_last(repo):
+    repo.load([Record("k", b"1", TEXT, 1, None), Record("k", b"2", TEXT, 2, None)])
+    assert repo.dump(None, 10) == [Record("k", b"2", TEXT, 2, None)]
