@@ -136,7 +136,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "busy_timeout_ms",
         asint(0, 600_000),
         "5000",
-        "how long a write waits for a lock held elsewhere (or for a PostgreSQL connection): 503",
+        "how long a write waits for a lock held by another process (or kvapp host) before 503",
     ),
     (
         "storage",

@@ -78,6 +78,12 @@ KV_COLUMNS = {"key", "value", "content_type", "revision", "expires_at"}
 # A transaction that lost a race under SERIALIZABLE runs again this many times.
 SERIALIZATION_RETRIES = 5
 
+# Seconds a request waits for a pooled connection before 503.  The pool holds
+# one per waitress thread and more, so a wait means the server cannot be
+# reached: while it is down, requests answer 503 this fast instead of
+# holding every thread for the busy timeout.
+CONNECTION_WAIT = 1.0
+
 _LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
 # Every row of a batch in one statement: one array per column, unnest() makes
 # them rows again.  The keys must be distinct (ON CONFLICT cannot update a row
@@ -226,7 +232,7 @@ class PostgresRepository:
                         min_size=2,
                         max_size=self.pool_size,
                         configure=self._configure,
-                        timeout=max(1.0, self.busy_timeout_ms / 1000),
+                        timeout=CONNECTION_WAIT,
                         # Give up a reconnection after a few seconds: the next
                         # request that needs a connection starts a new one at
                         # once instead of waiting out a long backoff.
