@@ -4,6 +4,8 @@ Chosen when the database setting is a postgresql:// URL.  It keeps the
 contract of kvapp.repository (the same methods, Items, Outcomes and
 StorageErrors) in SQL that CockroachDB and YugabyteDB accept too: two plain
 tables, INSERT ... ON CONFLICT, BYTEA values, no extension, no procedure.
+(The tests run it against PostgreSQL 15; the other two are kept in mind, not
+tested.)
 
 Durability: every session sets synchronous_commit = on, so COMMIT returns only
 once the commit record is flushed to the server's WAL, and to its synchronous
