@@ -110,7 +110,7 @@ def test_metrics_file_for_a_url_is_in_the_temp_folder_whatever_the_password(tmp_
     one = metrics_path("postgresql://kv:one@db/kv")
     assert one == metrics_path("postgresql://kv:two@db/kv")
     assert one != metrics_path("postgresql://kv@db/other")
-    assert Path(one).parent == Path(os.environ.get("TMPDIR", "/tmp"))
+    assert Path(one).parent == Path(tempfile.gettempdir())
     assert metrics_path("postgresql://kv@db/kv", str(tmp_path / "m")) == str(tmp_path / "m")
 
 
