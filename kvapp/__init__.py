@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
-from kvapp.config import Settings
+import time
+from collections.abc import Callable
+
+from kvapp.config import Settings, is_database_url
+
+
+def open_repository(settings: Settings, clock: Callable[[], float] = time.time):
+    """Return the repository settings.database names: PostgreSQL for a URL, else an SQLite file.
+
+    Raises DatabaseUnusable if the database is unfit.
+    """
+    if is_database_url(settings.database):
+        from kvapp.postgres import PostgresRepository
+
+        return PostgresRepository(
+            settings.database,
+            busy_timeout_ms=settings.busy_timeout_ms,
+            synchronous=settings.synchronous,
+            # One connection per waitress thread, plus the sweeper and one spare.
+            pool_size=settings.threads + 2,
+            clock=clock,
+        )
+    from kvapp.repository import Repository
+
+    return Repository(
+        settings.database,
+        busy_timeout_ms=settings.busy_timeout_ms,
+        synchronous=settings.synchronous,
+        startup_check_max_bytes=settings.startup_check_max_bytes,
+        clock=clock,
+    )
 
 
 def create_app(settings: Settings):  # -> kvapp.app.App
     """Return the WSGI app for settings; raise DatabaseUnusable if the database is unfit."""
     from kvapp.app import App
-    from kvapp.repository import Repository
 
-    repository = Repository(
-        settings.database,
-        busy_timeout_ms=settings.busy_timeout_ms,
-        synchronous=settings.synchronous,
-        startup_check_max_bytes=settings.startup_check_max_bytes,
-    )
-    return App(settings, repository)
+    return App(settings, open_repository(settings))
 
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "open_repository"]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from kvapp import create_app, workers
-from kvapp.config import ConfigError, load_config
+from kvapp.config import ConfigError, load_config, redact
 from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
 from kvapp.tools import OneLineParser, add_commands
@@ -29,7 +29,7 @@ def serve(args: argparse.Namespace) -> int:
         lambda: create_app(settings),
         settings.waitress_options(),
         settings.workers,
-        banner=f"serving {settings.database}",
+        banner=f"serving {redact(settings.database)}",
     )
 
 

@@ -57,7 +57,9 @@ class App:
         self.repository = repository
         self.guard = Guard(settings.allowed_hosts, settings.auth_token)
         self.access_log = settings.access_log
-        store = MetricsStore(metrics_path(settings.database), settings.busy_timeout_ms)
+        store = MetricsStore(
+            metrics_path(settings.database, settings.metrics_path), settings.busy_timeout_ms
+        )
         self.metrics = Metrics(store)
         repository.on_commit = self.metrics.observe_commit
         self.sweeper = Sweeper(repository, settings.sweep_interval_seconds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,23 @@ from kvapp.guard import parse_allowed_hosts, parse_token
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.ini"
+
+
+def is_database_url(database: str) -> bool:
+    """Return True if database names a PostgreSQL server rather than an SQLite file."""
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def redact(database: str) -> str:
+    """Return database fit for a log line: a URL's password replaced by ***."""
+    if "://" not in database:
+        return database
+    parts = urllib.parse.urlsplit(database)
+    if parts.password is None:
+        return database
+    user = urllib.parse.quote(urllib.parse.unquote(parts.username or ""), safe="")
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class ConfigError(Exception):
@@ -111,21 +129,22 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "database",
         asstr,
         "data/kvapp.sqlite3",
-        "SQLite file; a relative path is relative to the config file's folder",
+        "SQLite file (relative to the config file's folder), or a postgresql:// URL",
     ),
     (
         "storage",
         "busy_timeout_ms",
         asint(0, 600_000),
         "5000",
-        "how long a write waits for a lock held by another process before 503",
+        "how long a write waits for a lock held by another process (or kvapp host) before 503",
     ),
     (
         "storage",
         "synchronous",
         aschoice("FULL", "NORMAL"),
         "FULL",
-        "FULL: every acknowledged write is on disk; NORMAL: may lose the last writes on power loss",
+        "FULL: every acknowledged write is on disk; NORMAL: may lose the last writes on power loss"
+        " (PostgreSQL: synchronous_commit on / off)",
     ),
     (
         "storage",
@@ -140,6 +159,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         asint(0, 86_400),
         "60",
         "how often expired keys' rows are removed in the background; 0: never",
+    ),
+    (
+        "storage",
+        "metrics_path",
+        asstr,
+        "",
+        "file the worker processes add their metrics to; empty: see kvapp.metrics_store",
     ),
     (
         "limits",
@@ -248,6 +274,7 @@ class Settings:
     synchronous: str
     startup_check_max_bytes: int
     sweep_interval_seconds: int
+    metrics_path: str
     max_key_bytes: int
     max_value_bytes: int
     max_body_bytes: int
@@ -369,5 +396,12 @@ def load_config(
     database = values["database"]
     if not database:
         raise ConfigError("database must not be empty")
-    values["database"] = str((config_path.parent / database).resolve())
+    if not is_database_url(database):
+        if "://" in database:
+            raise ConfigError(
+                f"database {redact(database)}: only postgresql:// URLs and file paths are supported"
+            )
+        values["database"] = str((config_path.parent / database).resolve())
+    if values["metrics_path"]:
+        values["metrics_path"] = str((config_path.parent / values["metrics_path"]).resolve())
     return Settings(source=str(config_path), **values)

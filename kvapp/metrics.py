@@ -43,7 +43,10 @@ _HELP = {
     REQUESTS: ("counter", "HTTP requests answered, by route, method and status code."),
     DURATION: ("histogram", "Seconds from the request reaching kvapp to its answer, by route."),
     "kvapp_keys": ("gauge", "Live keys in the store (expired keys not counted)."),
-    "kvapp_database_bytes": ("gauge", "Bytes of the SQLite database file and its WAL."),
+    "kvapp_database_bytes": (
+        "gauge",
+        "Bytes of the SQLite database file and its WAL, or of PostgreSQL's kv table.",
+    ),
     COMMITS: ("counter", "Write transactions committed."),
     BATCH: ("histogram", "Writes (requests) per committed transaction."),
 }

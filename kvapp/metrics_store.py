@@ -10,11 +10,14 @@ the file (https://sqlite.org/wal.html#performance_considerations).
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from kvapp.config import is_database_url, redact
 from kvapp.repository import translated
 
 Row = tuple[str, str, str, float]
@@ -27,8 +30,20 @@ _SCHEMA = (
 )
 
 
-def metrics_path(database: str) -> str:
-    """Return the metrics file that belongs to a database file: kv.sqlite3 -> kv-metrics.sqlite3."""
+def metrics_path(database: str, configured: str = "") -> str:
+    """Return the metrics file of this host's processes serving database.
+
+    The metrics_path setting if given; beside an SQLite file, kv.sqlite3 ->
+    kv-metrics.sqlite3; for a PostgreSQL URL, a file in the system temp folder
+    named after a hash of the URL, so every worker on this host that serves
+    that database adds to one file, and each host has its own (Prometheus
+    scrapes each host as its own instance).
+    """
+    if configured:
+        return configured
+    if is_database_url(database):
+        digest = hashlib.sha256(redact(database).encode("utf-8")).hexdigest()[:16]
+        return str(Path(tempfile.gettempdir()) / f"kvapp-{digest}-metrics.sqlite3")
     path = Path(database)
     return str(path.with_name(f"{path.stem}-metrics.sqlite3"))
 

@@ -61,13 +61,16 @@ def serve(
     log = log or _stderr
     options = dict(options)
     host, port = options.pop("host"), options.pop("port")
+    # The app first, the socket second: once the port accepts connections the
+    # database exists and has been checked, so "listening" means "ready".
+    app = make_app()
     try:
         sock = listen(host, port, options.get("backlog", 1024))
     except OSError as exc:
+        _close(app)
         log(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
         return 1
     try:
-        app = make_app()
         port = sock.getsockname()[1]
         log(f"{banner} on http://{host}:{port} with {workers} worker{'s' * (workers > 1)}")
         if workers == 1:

@@ -1,10 +1,17 @@
-"""Shared fixtures: settings on a temporary database, the app in process, real servers."""
+"""Shared fixtures: settings on a temporary database, the app in process, real servers.
+
+Storage backends: a test that depends on the `database` fixture runs on an
+SQLite file; a module or test marked `@pytest.mark.backends("sqlite",
+"postgres")` runs once on each, the PostgreSQL runs on a fresh database of a
+throwaway cluster that the session starts (tests/pgcluster.py).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -14,11 +21,13 @@ from pathlib import Path
 import pytest
 import webtest
 from hypothesis import settings as hypothesis_settings
+from pgcluster import Cluster, find_bindir
 
 from kvapp import create_app
-from kvapp.config import load_config
+from kvapp.config import is_database_url, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("sqlite", "postgres")
 
 # .ci/run sets HYPOTHESIS_PROFILE=ci; hypothesis does not read it by itself.
 # No deadline: every example commits with synchronous=FULL (an fsync), whose
@@ -43,17 +52,78 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped, but KVAPP_FORBID_SKIPS is set: {report.longrepr}"
 
 
+def pytest_generate_tests(metafunc):
+    """Run a test that uses `backend` once per backend its backends marker names."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", marker.args or BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """The storage backend of this test: sqlite unless a backends marker says otherwise."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL server for the whole session, started on first use; removed at the end."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql)")
+    cluster = Cluster(bindir)
+    try:
+        cluster.init().start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "kv.sqlite3"
 
 
 @pytest.fixture
-def make_settings(db_path: Path):
-    """Return a function building Settings on db_path, with overrides."""
+def database(backend: str, db_path: Path, request) -> str:
+    """The database setting of this test: db_path, or the URL of a fresh PostgreSQL database."""
+    if backend == "sqlite":
+        yield str(db_path)
+        return
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.create_database()
+    yield url
+    cluster.release_database(url)
+
+
+def stored(database: str | Path, sql: str) -> list[tuple]:
+    """Return the rows of sql read through a connection of our own: what is committed.
+
+    sql must read the same on both backends (no parameters); bytea comes back as bytes.
+    """
+    if is_database_url(str(database)):
+        import psycopg
+
+        with psycopg.connect(str(database), autocommit=True) as conn:
+            return [tuple(row) for row in conn.execute(sql).fetchall()]
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def make_settings(database: str, tmp_path: Path):
+    """Return a function building Settings on this test's database, with overrides.
+
+    With PostgreSQL the metrics file goes in tmp_path, so no two tests share one.
+    """
 
     def make(**overrides):
-        return load_config(ROOT / "config.ini", environ={}, database=str(db_path), **overrides)
+        if is_database_url(database):
+            overrides.setdefault("metrics_path", str(tmp_path / "metrics.sqlite3"))
+        return load_config(ROOT / "config.ini", environ={}, database=database, **overrides)
 
     return make
 
@@ -95,7 +165,7 @@ class Server:
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | str,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
         log_path: Path | None = None,
@@ -218,19 +288,26 @@ def child_pids(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def server_factory(db_path: Path, tmp_path: Path):
-    """Return a function that starts Servers (or a subclass); all are killed at teardown."""
+def server_factory(database: str, tmp_path: Path):
+    """Return a function that starts Servers (or a subclass) on this test's database.
+
+    All are killed at teardown.  With PostgreSQL their metrics file goes in
+    tmp_path, so no two tests share one.
+    """
     servers: list[Server] = []
 
     def start(
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
-        path: Path | None = None,
+        path: Path | str | None = None,
         prefix: tuple[str, ...] = (),
         kind: type[Server] = Server,
     ) -> Server:
         log_path = tmp_path / f"server-{len(servers)}.log"
-        server = kind(path or db_path, env, args, log_path, prefix).start()
+        db = path or database
+        if is_database_url(str(db)):
+            env = {"KVAPP_METRICS_PATH": str(tmp_path / "metrics.sqlite3"), **(env or {})}
+        server = kind(db, env, args, log_path, prefix).start()
         servers.append(server)
         return server
 

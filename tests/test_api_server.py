@@ -1,18 +1,20 @@
-"""The /kv/ API through real waitress processes: CAS races, TTL expiry, raw URIs, metrics."""
+"""The /kv/ API through real waitress processes: CAS races, TTL expiry, raw URIs, metrics.
+
+Every test runs on both backends; with PostgreSQL the racing servers share one database.
+"""
 
 from __future__ import annotations
 
 import http.client
 import re
 import socket
-import sqlite3
 import threading
 import time
 
 import pytest
-from conftest import curl
+from conftest import curl, stored
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite", "postgres")]
 
 
 def request(server, method, path, body=None, headers=None):
@@ -117,7 +119,7 @@ def test_conditional_delete_race_has_exactly_one_winner(two_servers):
         assert request(two_servers[1], "GET", path)[0] == 404
 
 
-def test_ttl_expires_through_the_server_and_the_sweeper_removes_the_row(server_factory, db_path):
+def test_ttl_expires_through_the_server_and_the_sweeper_removes_the_row(server_factory, database):
     server = server_factory(env={"KVAPP_SWEEP_INTERVAL_SECONDS": "1"})
     stored_at = time.time()
     status, headers, _ = request(server, "PUT", "/kv/short?ttl=2", b"soon gone")
@@ -133,17 +135,13 @@ def test_ttl_expires_through_the_server_and_the_sweeper_removes_the_row(server_f
     assert request(server, "GET", "/kv/short")[0] == 404
     assert request(server, "GET", "/get?key=short")[0] == 404
     assert request(server, "GET", "/kv/")[2] == b"long\n"
-    conn = sqlite3.connect(db_path)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            keys = [row[0] for row in conn.execute("SELECT key FROM kv")]
-            if keys == ["long"]:
-                break
-            time.sleep(0.1)
-        assert keys == ["long"]
-    finally:
-        conn.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        keys = [row[0] for row in stored(database, "SELECT key FROM kv")]
+        if keys == ["long"]:
+            break
+        time.sleep(0.1)
+    assert keys == ["long"]
 
 
 def raw(server, data: bytes) -> bytes:

@@ -1,22 +1,30 @@
-"""Repository.dump and Repository.load, the data tools' interface to every backend."""
+"""Repository.dump and Repository.load, the data tools' interface to every backend.
+
+Every test runs on SQLite and on PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from pathlib import Path
 
+import psycopg
 import pytest
+from conftest import stored
 
-from kvapp.repository import Repository, StorageError
+from kvapp import open_repository
+from kvapp.config import is_database_url
+from kvapp.repository import StorageError
 from kvapp.writes import Put, Record, Write
 
 TEXT = "text/plain; charset=utf-8"
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 @pytest.fixture
-def repo(db_path: Path):
-    repository = Repository(str(db_path))
+def repo(make_settings):
+    repository = open_repository(make_settings())
     yield repository
     repository.close()
 
@@ -46,15 +54,13 @@ def test_dump_gives_every_field_as_stored(repo):
     assert abs(record.expires_at - expires) < 5_000
 
 
-def test_load_replaces_and_keeps_revisions_in_one_transaction(repo, db_path):
+def test_load_replaces_and_keeps_revisions_in_one_transaction(repo, database):
     repo.apply(Write.of(Put("a", b"old", TEXT)))
     records = [Record("a", b"new", "x/y", 40, None), Record("b", b"2", TEXT, 7, now_ms() + 1000)]
     repo.load(records)
     assert repo.dump(None, 10) == records
     # Committed: another connection sees it, and the revision counter moved past 40.
-    conn = sqlite3.connect(db_path)
-    assert conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone() == (40,)
-    conn.close()
+    assert stored(database, "SELECT value FROM meta WHERE name = 'revision'") == [(40,)]
     # The next write gets a revision no loaded key has.
     assert repo.apply(Write.of(Put("c", b"3", TEXT))).revision == 41
     # A load with lower revisions never lowers the counter.
@@ -62,16 +68,35 @@ def test_load_replaces_and_keeps_revisions_in_one_transaction(repo, db_path):
     assert repo.apply(Write.of(Put("e", b"5", TEXT))).revision == 42
 
 
-def test_a_failed_load_stores_nothing_of_its_batch(repo, db_path):
-    conn = sqlite3.connect(db_path)
+def fail_inserts_of_b(database: str) -> None:
+    """Make the database refuse to store the key b, as a full disk would, half-way."""
+    if is_database_url(database):
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.key = 'b' THEN RAISE EXCEPTION 'injected failure'; END IF;"
+                " RETURN NEW; END $$;"
+                " CREATE TRIGGER fail BEFORE INSERT ON kv FOR EACH ROW EXECUTE FUNCTION fail()"
+            )
+        return
+    conn = sqlite3.connect(database)
     conn.execute(
         "CREATE TRIGGER fail BEFORE INSERT ON kv WHEN NEW.key = 'b'"
         " BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
     )
     conn.commit()
     conn.close()
+
+
+def test_a_failed_load_stores_nothing_of_its_batch(repo, database):
+    fail_inserts_of_b(database)
     with pytest.raises(StorageError, match="injected failure"):
         repo.load([Record("a", b"1", TEXT, 1, None), Record("b", b"2", TEXT, 2, None)])
     assert repo.dump(None, 10) == []
     repo.load([])
     assert repo.dump(None, 10) == []
+
+
+def test_a_key_loaded_twice_in_one_batch_keeps_the_last(repo):
+    repo.load([Record("k", b"1", TEXT, 1, None), Record("k", b"2", TEXT, 2, None)])
+    assert repo.dump(None, 10) == [Record("k", b"2", TEXT, 2, None)]

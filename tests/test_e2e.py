@@ -1,4 +1,7 @@
-"""End to end: real `waitress-serve wsgi:app` subprocesses, driven by curl and raw sockets."""
+"""End to end: real `waitress-serve wsgi:app` subprocesses, driven by curl and raw sockets.
+
+Every test that serves runs on both backends: an SQLite file and PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl
+from conftest import ROOT, curl, stored
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite", "postgres")]
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -32,13 +35,9 @@ def one_line(body: bytes) -> str:
     return body.decode("utf-8")
 
 
-def rows_on_disk(path: Path) -> list[tuple[str, bytes]]:
-    """Return every (key, value) in the file, read with the sqlite3 module alone."""
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT key, value FROM kv ORDER BY key").fetchall()
-    finally:
-        conn.close()
+def rows_on_disk(database: str | Path) -> list[tuple[str, bytes]]:
+    """Return every (key, value) in the database, read through a connection of our own."""
+    return stored(database, "SELECT key, value FROM kv ORDER BY key")
 
 
 # -- the contract through waitress ----------------------------------------------------
@@ -153,22 +152,22 @@ def test_data_survives_sigterm_and_restart(server_factory):
     assert curl(f"{second.url}/get?key=b")[2] == b"\n"
 
 
-def test_acknowledged_set_survives_kill_9(server_factory, db_path: Path):
+def test_acknowledged_set_survives_kill_9(server_factory, database: str):
     first = server_factory()
     status, _, body = curl(f"{first.url}/set?durable=yes&also=%C3%A9")
     assert (status, body) == (200, b"stored 2 keys\n")
     first.kill()  # SIGKILL at once: nothing gets to flush or close
     assert first.proc.returncode == -9
-    # The pair is in the file (and its WAL), for any SQLite reader.
-    assert rows_on_disk(db_path) == [("also", "é".encode()), ("durable", b"yes")]
+    # The pair is in the file (and its WAL) for any SQLite reader, or committed in PostgreSQL.
+    assert rows_on_disk(database) == [("also", "é".encode()), ("durable", b"yes")]
     second = server_factory()
     assert curl(f"{second.url}/get?key=durable")[2] == b"yes"
     assert curl(f"{second.url}/get?key=also")[2] == "é".encode()
 
 
-def test_pair_is_on_disk_while_the_server_runs(server, db_path: Path):
+def test_pair_is_on_disk_while_the_server_runs(server, database: str):
     assert curl(f"{server.url}/set?k=v%00w")[0] == 200
-    assert rows_on_disk(db_path) == [("k", b"v\x00w")]
+    assert rows_on_disk(database) == [("k", b"v\x00w")]
 
 
 # -- concurrency ---------------------------------------------------------------------
@@ -177,7 +176,7 @@ THREADS = 16
 REQUESTS = 8
 
 
-def test_concurrent_writers_through_the_real_server(server, db_path: Path):
+def test_concurrent_writers_through_the_real_server(server, database: str):
     barrier = threading.Barrier(THREADS, timeout=60)
     failures: list[str] = []
 
@@ -216,11 +215,7 @@ def test_concurrent_writers_through_the_real_server(server, db_path: Path):
     finally:
         conn.close()
 
-    disk = sqlite3.connect(db_path)
-    try:
-        rows = disk.execute("SELECT key, revision FROM kv").fetchall()
-    finally:
-        disk.close()
+    rows = stored(database, "SELECT key, revision FROM kv")
     assert len(rows) == 2 * THREADS * REQUESTS
     revisions: dict[int, set[str]] = {}
     for key, revision in rows:

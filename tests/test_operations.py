@@ -13,6 +13,7 @@ import webtest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvapp import open_repository
 from kvapp.app import App
 from kvapp.etags import parse_tags
 from kvapp.http import prefers_json
@@ -21,6 +22,8 @@ from kvapp.metrics_store import MetricsStore
 from kvapp.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests about the contract of /healthz and /metrics run on PostgreSQL too.
+BOTH = pytest.mark.backends("sqlite", "postgres")
 
 # -- content negotiation of errors ---------------------------------------------
 
@@ -120,6 +123,7 @@ def test_412_413_and_503_are_problem_json_too(make_settings, db_path):
 # -- /healthz -------------------------------------------------------------------------
 
 
+@BOTH
 def test_healthz_ok(client):
     response = client.get("/healthz")
     assert (response.status_int, response.text) == (200, "ok\n")
@@ -200,6 +204,7 @@ def requests_total(samples, route, method, code) -> float:
     )
 
 
+@BOTH
 def test_metrics_count_requests_by_route_method_and_code(client):
     before = scrape(client)
     for i in range(3):
@@ -250,9 +255,10 @@ def test_metrics_histograms_are_cumulative_and_consistent(client):
     assert samples['kvapp_request_duration_seconds_sum{route="/healthz"}'] > 0
 
 
+@BOTH
 def test_metrics_keys_gauge_ignores_expired_keys(settings):
     now = [1000.0]
-    app = App(settings, Repository(settings.database, clock=lambda: now[0]))
+    app = App(settings, open_repository(settings, clock=lambda: now[0]))
     client = webtest.TestApp(app)
     try:
         client.put("/kv/a?ttl=5", b"v")
@@ -264,12 +270,13 @@ def test_metrics_keys_gauge_ignores_expired_keys(settings):
         app.close()
 
 
+@BOTH
 def test_metrics_are_summed_over_processes_sharing_the_file(make_settings, db_path):
     # Two Apps on one database stand for two worker processes: each counts in
     # its own memory and the shared metrics file sums them at scrape time.
     settings = make_settings()
-    first = App(settings, Repository(settings.database))
-    second = App(settings, Repository(settings.database))
+    first = App(settings, open_repository(settings))
+    second = App(settings, open_repository(settings))
     try:
         one, two = webtest.TestApp(first), webtest.TestApp(second)
         for _ in range(3):
@@ -284,12 +291,13 @@ def test_metrics_are_summed_over_processes_sharing_the_file(make_settings, db_pa
         second.close()
 
 
+@BOTH
 def test_metrics_survive_a_restart(make_settings):
     settings = make_settings()
-    app = App(settings, Repository(settings.database))
+    app = App(settings, open_repository(settings))
     webtest.TestApp(app).get("/healthz")
     app.close()  # saves what is left
-    app = App(settings, Repository(settings.database))
+    app = App(settings, open_repository(settings))
     try:
         samples = scrape(webtest.TestApp(app))
         assert requests_total(samples, "/healthz", "GET", 200) == 1

@@ -1,4 +1,8 @@
-"""The repository on a temporary SQLite file: commits, atomicity, error translation."""
+"""The repository on a temporary SQLite file: commits, atomicity, error translation.
+
+The tests marked BOTH are about the contract and run on PostgreSQL too;
+PostgreSQL's own error translation is in test_postgres.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import stored
 
+from kvapp import open_repository
 from kvapp.repository import (
     DatabaseUnusable,
     Repository,
@@ -17,11 +23,12 @@ from kvapp.repository import (
 )
 
 TEXT = "text/plain; charset=utf-8"
+BOTH = pytest.mark.backends("sqlite", "postgres")
 
 
 @pytest.fixture
-def repo(db_path: Path):
-    repository = Repository(str(db_path), busy_timeout_ms=100)
+def repo(make_settings):
+    repository = open_repository(make_settings(busy_timeout_ms=100))
     yield repository
     repository.close()
 
@@ -69,24 +76,26 @@ def test_a_new_database_and_its_folder_are_created(tmp_path: Path):
         repository.close()
 
 
-def test_reopen_after_commit_sees_the_data(repo: Repository, db_path: Path):
+@BOTH
+def test_reopen_after_commit_sees_the_data(repo: Repository, make_settings, database: str):
     repo.set_many([("a", b"1", TEXT), ("b", b"", TEXT)])
-    other = Repository(str(db_path))  # while the first is still open
+    other = open_repository(make_settings())  # while the first is still open
     try:
         assert value_of(other, "a") == b"1"
         assert value_of(other, "b") == b""
     finally:
         other.close()
     repo.close()
-    again = Repository(str(db_path))
+    again = open_repository(make_settings())
     try:
         assert value_of(again, "a") == b"1"
         assert value_of(again, "b") == b""
     finally:
         again.close()
-    assert rows_on_disk(db_path) == [("a", b"1"), ("b", b"")]
+    assert stored(database, "SELECT key, value FROM kv ORDER BY key") == [("a", b"1"), ("b", b"")]
 
 
+@BOTH
 def test_values_are_stored_as_exact_bytes(repo: Repository):
     value = bytes(range(256)) * 3
     repo.set_many([("k", value, TEXT)])
@@ -95,12 +104,14 @@ def test_values_are_stored_as_exact_bytes(repo: Repository):
     assert (item.value, item.content_type) == (value, TEXT)
 
 
+@BOTH
 def test_a_later_write_replaces_the_value(repo: Repository):
     repo.set_many([("k", b"old", TEXT)])
     repo.set_many([("k", b"new", TEXT)])
     assert value_of(repo, "k") == b"new"
 
 
+@BOTH
 def test_every_write_gets_a_higher_revision(repo: Repository):
     first = repo.set_many([("a", b"1", TEXT), ("b", b"2", TEXT)])
     second = repo.set_many([("a", b"3", TEXT)])
@@ -109,6 +120,7 @@ def test_every_write_gets_a_higher_revision(repo: Repository):
     assert repo.get("b").revision == first
 
 
+@BOTH
 def test_keys_compare_exactly(repo: Repository):
     repo.set_many([("K", b"upper", TEXT), ("k", b"lower", TEXT), ("é", b"nfc", TEXT)])
     assert value_of(repo, "K") == b"upper"
@@ -119,9 +131,11 @@ def test_keys_compare_exactly(repo: Repository):
 # -- atomic multi-pair writes -------------------------------------------------
 
 
-def test_multi_pair_write_stores_all_pairs(repo: Repository, db_path: Path):
+@BOTH
+def test_multi_pair_write_stores_all_pairs(repo: Repository, database: str):
     repo.set_many([(f"k{i}", str(i).encode(), TEXT) for i in range(100)])
-    assert rows_on_disk(db_path) == sorted((f"k{i}", str(i).encode()) for i in range(100))
+    rows = stored(database, "SELECT key, value FROM kv ORDER BY key")
+    assert rows == sorted((f"k{i}", str(i).encode()) for i in range(100))
 
 
 def test_multi_pair_write_that_fails_half_way_stores_nothing(repo: Repository, db_path: Path):

@@ -1,4 +1,7 @@
+import pytest
 from conftest import curl
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 def test_set_then_get_through_waitress(server):

@@ -164,3 +164,36 @@ def test_a_million_keys_end_to_end(server_factory, db_path, tmp_path):
         "peak RSS, 1k keys -> 1M keys: "
         + ", ".join(f"{name} {a // 1024} -> {b // 1024} MB" for name, (a, b) in peaks.items())
     )
+
+
+@pytest.mark.backends("postgres")
+def test_a_million_keys_copied_to_postgresql_and_back(database, pg_cluster, tmp_path):
+    from conftest import stored
+
+    times: dict[str, float] = {}
+    source, back = tmp_path / "source.sqlite3", tmp_path / "back.sqlite3"
+    expires_at = int(time.time() * 1000) + 24 * 3_600_000
+    assert fill(source, sample(MILLION, expires_at=expires_at)) == MILLION
+    small = tmp_path / "small.sqlite3"
+    fill(small, sample(SMALL))
+    # The baseline of memory: the same copy of a thousand keys.
+    small_url = pg_cluster.create_database()
+    try:
+        status, err, small_peak, _ = measured("copy", "--from", str(small), "--to", small_url)
+        assert status == 0, err
+    finally:
+        pg_cluster.release_database(small_url)
+    status, err, peak, times["copy SQLite -> PostgreSQL"] = measured(
+        "copy", "--from", str(source), "--to", database
+    )
+    assert status == 0, err
+    assert peak < small_peak + MEMORY_MARGIN_KB, (small_peak, peak)
+    assert stored(database, "SELECT count(*), max(revision) FROM kv") == [(MILLION, MILLION)]
+    status, err, peak, times["copy PostgreSQL -> SQLite"] = measured(
+        "copy", "--from", database, "--to", str(back)
+    )
+    assert status == 0, err
+    assert peak < small_peak + MEMORY_MARGIN_KB, (small_peak, peak)
+    assert differences(source, back) == 0
+    assert count(back) == MILLION
+    print(f"\n{MILLION} keys: " + ", ".join(f"{name} {s:.1f} s" for name, s in times.items()))

@@ -202,7 +202,7 @@ def test_a_port_in_use_is_one_line_and_status_1(server_factory):
     result = subprocess.run(
         [sys.executable, "-m", "kvapp", "serve", "--port", str(server.port), "--workers", "2"],
         cwd=ROOT,
-        env={**server.env, "KVAPP_DATABASE": str(server.db_path.with_name("other.sqlite3"))},
+        env={**server.env, "KVAPP_DATABASE": str(Path(server.db_path).with_name("other.sqlite3"))},
         capture_output=True,
         timeout=60,
     )

@@ -1,11 +1,17 @@
-"""The repository's writes as values: batches, conditions, revisions, TTL rows, listing."""
+"""The repository's writes as values: batches, conditions, revisions, TTL rows, listing.
+
+Each contract test runs on both backends; the query-plan tests are SQLite's
+(test_postgres.py has PostgreSQL's).
+"""
 
 from __future__ import annotations
 
 import sqlite3
 
 import pytest
+from conftest import stored
 
+from kvapp import open_repository
 from kvapp.repository import INDEXES, SCHEMA, Repository, successor
 from kvapp.sweeper import Sweeper
 from kvapp.writes import ANY, Condition, ConditionFailed, Delete, Put, Write
@@ -24,9 +30,12 @@ def clock():
     return Clock()
 
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+
 @pytest.fixture
-def repo(db_path, clock):
-    repository = Repository(str(db_path), clock=clock)
+def repo(make_settings, clock):
+    repository = open_repository(make_settings(), clock=clock)
     yield repository
     repository.close()
 
@@ -101,17 +110,15 @@ def test_condition_holds(condition, revision, holds):
     assert condition.holds(revision) is holds
 
 
-def test_commit_is_on_disk_with_revision_and_expiry(repo, db_path, clock):
+def test_commit_is_on_disk_with_revision_and_expiry(repo, database, clock):
     repo.apply(put("t", ttl=30))
-    conn = sqlite3.connect(db_path)
-    row = conn.execute("SELECT revision, expires_at FROM kv WHERE key = 't'").fetchone()
-    meta = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-    conn.close()
-    assert row == (1, int(clock.now * 1000) + 30_000)
-    assert meta == (1,)
+    row = stored(database, "SELECT revision, expires_at FROM kv WHERE key = 't'")
+    meta = stored(database, "SELECT value FROM meta WHERE name = 'revision'")
+    assert row == [(1, int(clock.now * 1000) + 30_000)]
+    assert meta == [(1,)]
 
 
-def test_purge_removes_only_expired_rows_in_batches(repo, db_path, clock):
+def test_purge_removes_only_expired_rows_in_batches(repo, database, clock):
     for i in range(7):
         repo.apply(put(f"t{i}", ttl=1))
     repo.apply(put("keep", ttl=100))
@@ -119,25 +126,21 @@ def test_purge_removes_only_expired_rows_in_batches(repo, db_path, clock):
     clock.now += 1
     assert repo.purge_expired(limit=3) == 3
     assert Sweeper(repo, interval=0).sweep() == 4
-    conn = sqlite3.connect(db_path)
-    assert sorted(r[0] for r in conn.execute("SELECT key FROM kv")) == ["forever", "keep"]
-    conn.close()
+    assert stored(database, "SELECT key FROM kv ORDER BY key") == [("forever",), ("keep",)]
 
 
-def test_sweeper_thread_runs_and_stops(repo, db_path, clock):
+def test_sweeper_thread_runs_and_stops(repo, database, clock):
     repo.apply(put("t", ttl=1))
     clock.now += 1
     sweeper = Sweeper(repo, interval=0.01)
     sweeper.start()
-    conn = sqlite3.connect(db_path)
     try:
         for _ in range(500):
-            if conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 0:
+            if stored(database, "SELECT count(*) FROM kv") == [(0,)]:
                 break
             sweeper._stop.wait(0.01)
-        assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 0
+        assert stored(database, "SELECT count(*) FROM kv") == [(0,)]
     finally:
-        conn.close()
         sweeper.stop()
     assert sweeper._thread is None
 
@@ -150,6 +153,7 @@ def plan(db_path, sql, params) -> str:
         conn.close()
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize(
     ("prefix", "after"), [("", None), ("a", None), ("a", "ab"), ("", "x"), ("\U0010ffff", None)]
 )
@@ -170,6 +174,7 @@ def test_listing_is_an_index_range_scan(repo, db_path, prefix, after, monkeypatc
     assert "SCAN" not in query_plan
 
 
+@pytest.mark.backends("sqlite")
 def test_purge_and_expired_count_use_the_expiry_index(repo, db_path):
     purge = plan(
         db_path,

@@ -1,0 +1,651 @@
+"""The key-value store in PostgreSQL: every line of its SQL, its connections and its errors.
+
+Chosen when the database setting is a postgresql:// URL.  It keeps the
+contract of kvapp.repository (the same methods, Items, Outcomes and
+StorageErrors) in SQL that CockroachDB and YugabyteDB accept too: two plain
+tables, INSERT ... ON CONFLICT, BYTEA values, no extension, no procedure.
+(The tests run it against PostgreSQL 15; the other two are kept in mind, not
+tested.)
+
+Durability: every session sets synchronous_commit = on, so COMMIT returns only
+once the commit record is flushed to the server's WAL, and to its synchronous
+standbys if it has any (https://www.postgresql.org/docs/current/runtime-config-wal.html
+#GUC-SYNCHRONOUS-COMMIT).  synchronous = NORMAL turns it off: a server crash
+may then lose the last writes, never half of one.
+
+One writer at a time: every write transaction first locks the revision row of
+meta (SELECT ... FOR UPDATE), the counterpart of SQLite's BEGIN IMMEDIATE.
+Writers queue on that lock in order; the revision counter grows by one per
+applied Write (ETags exactly as with SQLite); and since READ COMMITTED takes
+a new snapshot for each statement, the reads that check a Write's conditions
+see every commit made before the lock was granted, so among concurrent
+conditional writers exactly one wins.  Under SERIALIZABLE or REPEATABLE READ
+(CockroachDB's default) a transaction that lost the race gets SQLSTATE 40001
+instead, and the whole batch runs again.  Group commit makes the one lock
+cheap: one transaction carries the writes of many requests.  Readers never
+wait for writers (MVCC).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.conninfo
+from psycopg import errors
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from kvapp.config import redact
+from kvapp.repository import (
+    DatabaseUnusable,
+    Item,
+    StorageBusy,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+    successor,
+)
+from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+# COLLATE "C" compares keys byte by byte, and the bytes are UTF-8 (the
+# database's encoding is checked at start): listings come in UTF-8 byte order,
+# as SQLite's BINARY collation gives them, whatever the database's locale.
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS kv (
+        key          TEXT COLLATE "C" PRIMARY KEY,
+        value        BYTEA NOT NULL,
+        content_type TEXT NOT NULL,
+        revision     BIGINT NOT NULL,  -- meta.revision of the last write
+        expires_at   BIGINT            -- unix milliseconds, NULL: never
+    )""",
+    # Only rows with a TTL: the sweeper finds expired rows without a full scan.
+    "CREATE INDEX IF NOT EXISTS kv_expires_at ON kv (expires_at) WHERE expires_at IS NOT NULL",
+    "INSERT INTO meta (name, value) VALUES ('schema_version', %s), ('revision', 0)"
+    " ON CONFLICT (name) DO NOTHING",
+)
+KV_COLUMNS = {"key", "value", "content_type", "revision", "expires_at"}
+
+# A transaction that lost a race under SERIALIZABLE runs again this many times.
+SERIALIZATION_RETRIES = 5
+
+# Seconds a request waits for a pooled connection before 503.  The pool holds
+# one per waitress thread and more, so a wait means the server cannot be
+# reached: while it is down, requests answer 503 this fast instead of
+# holding every thread for the busy timeout.
+CONNECTION_WAIT = 1.0
+
+_LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
+# Every row of a batch in one statement: one array per column, unnest() makes
+# them rows again.  The keys must be distinct (ON CONFLICT cannot update a row
+# twice in one statement); callers keep the last value of each key.
+_UPSERT = (
+    "INSERT INTO kv (key, value, content_type, revision, expires_at)"
+    " SELECT * FROM unnest(%b::text[], %b::bytea[], %b::text[], %b::bigint[], %b::bigint[])"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+    " content_type = excluded.content_type, revision = excluded.revision,"
+    " expires_at = excluded.expires_at"
+)
+
+
+def _columns(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """Return the five columns of kv rows, as the arrays _UPSERT takes."""
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+# SQLSTATEs, https://www.postgresql.org/docs/current/errcodes-appendix.html
+_DISK_FULL = "53100"
+_BUSY = {"55P03", "57014"}  # lock_not_available (lock_timeout), query_canceled
+_CONFLICT = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_READ_ONLY = "25006"
+_GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
+# Mistakes in kvapp's own SQL: let them reach the catch-all (500, traceback logged).
+_BUGS = {"42601", "42804", "42883", "42P18"}
+
+UNREACHABLE = "the database server cannot be reached: nothing was stored; retry"
+COMMIT_UNKNOWN = (
+    "the connection to the database server was lost while committing:"
+    " the write may or may not be stored; retry"
+)
+
+
+def storage_error(exc: psycopg.Error) -> StorageError:
+    """Return the StorageError that stands for an error the server or libpq reported."""
+    state = exc.sqlstate or ""
+    if state == _DISK_FULL:
+        return StorageFull("the disk is full: nothing was stored; free space and retry")
+    if state in _BUSY:
+        return StorageBusy("the database is locked by another process: nothing was stored; retry")
+    if state in _CONFLICT:
+        return StorageBusy("the database is busy with conflicting writes: nothing stored; retry")
+    if state == _READ_ONLY:
+        return StorageUnavailable("the database is read-only: nothing was stored")
+    if state.startswith("53"):
+        return StorageUnavailable(
+            "the database server is out of resources (connections or memory):"
+            " nothing was stored; retry"
+        )
+    if (
+        state.startswith("08")
+        or state in _GONE
+        or (not state and isinstance(exc, psycopg.OperationalError))
+    ):
+        return StorageUnavailable(UNREACHABLE)
+    first = str(exc).splitlines()[0] if str(exc) else state
+    return StorageUnavailable(f"the database failed: {first}")
+
+
+class PostgresRepository:
+    """The key-value store in one PostgreSQL database, through a pool of connections."""
+
+    def __init__(
+        self,
+        url: str,
+        busy_timeout_ms: int = 5000,
+        synchronous: str = "FULL",
+        pool_size: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.path = redact(url)  # what messages and logs name
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
+        self.pool_size = max(pool_size, 2)
+        self._clock = clock
+        # Called after every commit of apply_batch with the number of Writes it held.
+        self.on_commit: Callable[[int], None] = lambda size: None
+        self._kwargs = self._connection_kwargs()
+        self._pool_lock = threading.Lock()
+        self._pools: list[ConnectionPool] = []
+        self._pool_pid = 0
+        self._relation_size = True
+        self._open()
+
+    # -- connections -------------------------------------------------------
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """Return what every connection adds to the URL's own parameters."""
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(self.url)
+        except psycopg.ProgrammingError as exc:
+            raise self._refuse(f"the URL is malformed ({exc})", "check the setting") from None
+        # Keys are text in UTF-8 both ways, whatever the URL or PGCLIENTENCODING says.
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "client_encoding": "UTF8",
+            "fallback_application_name": "kvapp",
+            # No server-side prepared statements: psycopg can lose track of
+            # them when a pipeline aborts (a 40001 mid-batch), and poolers
+            # in transaction mode (PgBouncer) cannot carry them.
+            "prepare_threshold": None,
+        }
+        if "connect_timeout" not in given:
+            # libpq waits forever for an unreachable host by default.
+            kwargs["connect_timeout"] = max(2, round(self.busy_timeout_ms / 1000))
+        return kwargs
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Set what kvapp relies on in a new session, whatever the server's defaults."""
+        if self.synchronous == "FULL":
+            current = conn.execute("SHOW synchronous_commit").fetchone()[0]
+            # remote_apply waits for more than on does: keep it.
+            if current != "remote_apply":
+                conn.execute("SET synchronous_commit = on")
+        else:
+            conn.execute("SET synchronous_commit = off")
+        # A write waits this long for the revision lock, then StorageBusy (503).
+        conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
+        # A kvapp process that stops mid-transaction (SIGSTOP, a frozen host)
+        # must not hold the one write lock for ever: the server ends it.
+        # A safety net only: a server without this setting still serves.
+        idle = max(10_000, 4 * int(self.busy_timeout_ms))
+        with suppress(errors.UndefinedObject, errors.FeatureNotSupported):
+            conn.execute(f"SET idle_in_transaction_session_timeout = {idle}")
+
+    def _pool(self) -> ConnectionPool:
+        """Return this process's pool, opened on first use.
+
+        A forked worker must not use its parent's sockets, nor close them (that
+        would end the parent's sessions): it opens its own pool and leaves the
+        inherited one alone.
+        """
+        pid = os.getpid()
+        if self._pool_pid != pid:
+            with self._pool_lock:
+                if self._pool_pid != pid:
+                    pool = ConnectionPool(
+                        self.url,
+                        kwargs=self._kwargs,
+                        min_size=2,
+                        max_size=self.pool_size,
+                        configure=self._configure,
+                        timeout=CONNECTION_WAIT,
+                        # Give up a reconnection after a few seconds: the next
+                        # request that needs a connection starts a new one at
+                        # once instead of waiting out a long backoff.
+                        reconnect_timeout=5.0,
+                        name="kvapp",
+                        open=False,
+                    )
+                    pool.open(wait=False)
+                    self._pools.append(pool)
+                    self._pool_pid = pid
+        return self._pools[-1]
+
+    def close(self) -> None:
+        """Close every connection this repository opened in this process."""
+        with self._pool_lock:
+            if self._pool_pid == os.getpid() and self._pools:
+                self._pools.pop().close()
+            self._pool_pid = 0
+
+    def _run(self, body: Callable[[psycopg.Connection], T]) -> T:
+        """Return body(conn) run on a pooled connection; raise StorageError for any failure.
+
+        When a pooled connection turns out dead before anything could be
+        committed (the server restarted since it was pooled), the pool checks
+        its idle connections and body runs once more on a new one.  When a
+        transaction loses a race under SERIALIZABLE (40001), body runs again,
+        up to SERIALIZATION_RETRIES times.
+        """
+        reconnected = False
+        conflicts = 0
+        while True:
+            pool = self._pool()
+            try:
+                conn = pool.getconn()
+            except PoolTimeout:
+                raise StorageUnavailable(UNREACHABLE) from None
+            try:
+                return body(conn)
+            except psycopg.Error as exc:
+                if conn.broken and not reconnected:
+                    # _transaction turned a break during COMMIT into a
+                    # StorageError, so nothing of this one was committed.
+                    reconnected = True
+                elif exc.sqlstate in _CONFLICT and conflicts < SERIALIZATION_RETRIES:
+                    conflicts += 1
+                    time.sleep(random.uniform(0, 0.002 * 2**conflicts))
+                    continue
+                elif isinstance(exc, psycopg.InterfaceError) or (
+                    isinstance(exc, psycopg.ProgrammingError)
+                    and (exc.sqlstate is None or exc.sqlstate in _BUGS)
+                ):
+                    raise
+                else:
+                    raise storage_error(exc) from exc
+            finally:
+                # A broken connection is dropped, and replaced, by the pool.
+                pool.putconn(conn)
+            with suppress(Exception):
+                pool.check()
+
+    def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple]:
+        """Return the rows of one query run outside any transaction."""
+
+        return self._run(lambda conn: conn.execute(sql, params, binary=binary).fetchall())
+
+    @contextmanager
+    def _transaction(
+        self, conn: psycopg.Connection, pipelined: bool = False
+    ) -> Iterator[Callable[[], None]]:
+        """BEGIN, yield the function that commits, ROLLBACK on any error or without a commit.
+
+        pipelined: statements go out without waiting for each other's answers
+        (libpq pipeline mode); a fetch waits for what was sent so far, and
+        commit() waits for the rest before it sends COMMIT on its own.
+
+        When the connection breaks before COMMIT is sent, the server rolls
+        back what it had: nothing was stored, and _run may run the
+        transaction again.  When it breaks once COMMIT was sent, the outcome
+        is unknown, and StorageUnavailable says so.  That is why COMMIT is
+        not pipelined with the changes: the unknown stays one round trip wide.
+        """
+        committing = False
+        pipeline: psycopg.Pipeline | None = None
+
+        def commit() -> None:
+            nonlocal committing
+            if pipeline is not None:
+                pipeline.sync()  # every change answered: any error is raised here
+            committing = True
+            conn.execute("COMMIT")
+
+        try:
+            with conn.pipeline() if pipelined else nullcontext() as pipeline:
+                conn.execute("BEGIN")
+                yield commit
+        except psycopg.Error as exc:
+            if committing and conn.broken:
+                raise StorageUnavailable(COMMIT_UNKNOWN) from exc
+            raise
+        finally:
+            if conn.info.transaction_status != TransactionStatus.IDLE and not conn.broken:
+                with suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+
+    # -- startup -----------------------------------------------------------
+
+    def _refuse(self, problem: str, advice: str) -> DatabaseUnusable:
+        return DatabaseUnusable(f"cannot use database {redact(self.url)}: {problem}; {advice}")
+
+    def _open(self) -> None:
+        """Check the server and create or check the schema; raise DatabaseUnusable if unfit."""
+        try:
+            conn = psycopg.connect(self.url, **self._kwargs)
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise self._refuse(
+                f"cannot connect ({first.removeprefix('FATAL:  ')})",
+                "check that the server runs and that the URL, user and password are right",
+            ) from None
+        try:
+            self._configure(conn)
+            encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+            if encoding.upper().replace("-", "") != "UTF8":
+                raise self._refuse(
+                    f"its encoding is {encoding}", "create the database with ENCODING 'UTF8'"
+                )
+            if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":
+                raise self._refuse(
+                    "it is read-only (a standby, or default_transaction_read_only)",
+                    "point kvapp at the primary",
+                )
+            for attempt in range(3):
+                try:
+                    self._create_schema(conn)
+                    break
+                except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
+                    # Another kvapp created the tables at the same moment.
+                    if attempt == 2:
+                        raise
+        except psycopg.Error as exc:
+            first = str(exc).splitlines()[0] if str(exc) else exc.sqlstate
+            raise self._refuse(f"it failed ({first})", "check the server and its log") from None
+        finally:
+            conn.close()
+
+    def _create_schema(self, conn: psycopg.Connection) -> None:
+        with self._transaction(conn) as commit:
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema() AND table_name IN ('kv', 'meta')"
+                )
+            }
+            if tables == {"kv"} or tables == {"meta"}:
+                raise self._refuse(
+                    f"it holds a table {tables.pop()} that kvapp did not create",
+                    "choose another database",
+                )
+            if tables:
+                columns = {
+                    row[0]: row[1]
+                    for row in conn.execute(
+                        "SELECT column_name, collation_name FROM information_schema.columns"
+                        " WHERE table_schema = current_schema() AND table_name = 'kv'"
+                    )
+                }
+                if set(columns) != KV_COLUMNS or columns["key"] != "C":
+                    raise self._refuse(
+                        "it holds a table kv that kvapp did not create", "choose another database"
+                    )
+            for statement in SCHEMA:
+                if "%s" in statement:
+                    conn.execute(statement, (SCHEMA_VERSION,))
+                elif not tables or "INDEX" in statement:
+                    conn.execute(statement)
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if row is None or row[0] != SCHEMA_VERSION:
+                raise self._refuse(
+                    f"its schema version is {row and row[0]}, this kvapp knows {SCHEMA_VERSION}",
+                    "use a matching kvapp version",
+                )
+            commit()
+
+    # -- reads -------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def get(self, key: str) -> Item | None:
+        """Return the live item stored under key, or None."""
+        rows = self._read(
+            "SELECT value, content_type, revision FROM kv"
+            " WHERE key = %s AND (expires_at IS NULL OR expires_at > %s)",
+            (key, self._now_ms()),
+            binary=True,
+        )
+        return Item(bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """Return up to limit live keys that start with prefix and sort above after.
+
+        Keys come in UTF-8 byte order (COLLATE "C"), from one range scan of
+        the primary key's index: key >= prefix AND key < successor(prefix).
+        """
+        if after is not None and after >= prefix:
+            where, params = "key > %s", [after]
+        else:
+            where, params = "key >= %s", [prefix]
+        upper = successor(prefix)
+        if upper is not None:
+            where += " AND key < %s"
+            params.append(upper)
+        sql = (
+            f"SELECT key FROM kv WHERE {where} AND (expires_at IS NULL OR expires_at > %s)"
+            " ORDER BY key LIMIT %s"
+        )
+        return [row[0] for row in self._read(sql, (*params, self._now_ms(), limit))]
+
+    def stats(self) -> tuple[int, int]:
+        """Return (number of live keys, bytes of the kv table with its indexes and TOAST)."""
+        now = self._now_ms()
+        keys = self._read(
+            "SELECT count(*) FROM kv WHERE expires_at IS NULL OR expires_at > %s", (now,)
+        )[0][0]
+        size = 0
+        if self._relation_size:
+            try:
+                size = self._read("SELECT pg_total_relation_size('kv')", ())[0][0]
+            except errors.UndefinedFunction:
+                # CockroachDB has no pg_total_relation_size: report 0 from then on.
+                self._relation_size = False
+        return keys, int(size)
+
+    def check_health(self) -> None:
+        """Return if the database answers a read and would accept a write; else raise StorageError.
+
+        The write probe updates the revision row to itself and rolls back, so
+        it also waits for (and at most busy_timeout_ms on) the write lock.
+        """
+
+        def probe(conn: psycopg.Connection) -> None:
+            conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+            with self._transaction(conn):
+                conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
+
+        self._run(probe)
+
+    # -- writes ------------------------------------------------------------
+
+    def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
+        """Store (key, value, content_type) items in one transaction; return its revision."""
+        write = Write(tuple(Put(key, value, content_type) for key, value, content_type in items))
+        return self.apply(write).revision
+
+    def apply(self, write: Write) -> Outcome:
+        """Apply one Write in its own transaction; return its Outcome or raise ConditionFailed."""
+        result = self.apply_batch([write])[0]
+        if isinstance(result, ConditionFailed):
+            raise result
+        return result
+
+    def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
+        """Apply writes in one transaction and one commit; return each one's result, in order.
+
+        Each applied Write gets the next revision.  A Write whose condition
+        fails is skipped alone; a StorageError fails the whole batch, and then
+        nothing of it is stored.  Two round trips, whatever the batch holds:
+        BEGIN, the revision lock and every key's current version; then the
+        upserts of the final values, the deletes, the new revision and COMMIT.
+        """
+        for write in writes:
+            if len(write.changes) != len({change.key for change in write.changes}):
+                raise ValueError("a Write changes each key at most once")
+        keys = list({change.key for write in writes for change in write.changes})
+
+        def batch(conn: psycopg.Connection) -> list[Outcome | ConditionFailed]:
+            with self._transaction(conn, pipelined=True) as commit:
+                now = self._now_ms()
+                lock = conn.execute(_LOCK_REVISION)
+                current = conn.execute(
+                    "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
+                )
+                start = lock.fetchone()[0]  # the first round trip
+                found = current.fetchall()
+                plan = _Plan({key: (revision, expires) for key, revision, expires in found}, now)
+                results = plan.run(writes, start)
+                if plan.puts:
+                    conn.execute(_UPSERT, _columns(plan.puts.values()))
+                if plan.deletes:
+                    conn.execute("DELETE FROM kv WHERE key = ANY(%s)", (list(plan.deletes),))
+                if plan.revision != start:
+                    conn.execute(
+                        "UPDATE meta SET value = %s WHERE name = 'revision'", (plan.revision,)
+                    )
+                commit()
+            return results
+
+        results = self._run(batch)
+        self.on_commit(len(writes))
+        return results
+
+    def purge_expired(self, limit: int = 500) -> int:
+        """Delete up to limit expired rows in one short transaction; return how many."""
+
+        def purge(conn: psycopg.Connection) -> int:
+            with self._transaction(conn) as commit:
+                conn.execute(_LOCK_REVISION)
+                now = self._now_ms()
+                # The outer expires_at test guards against a row rewritten
+                # since the subquery chose it (READ COMMITTED rechecks only
+                # the outer WHERE on the new row version).
+                count = conn.execute(
+                    "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= %s"
+                    " ORDER BY expires_at LIMIT %s) AND expires_at <= %s",
+                    (now, limit, now),
+                ).rowcount
+                commit()
+            return count
+
+        return self._run(purge)
+
+    # -- the data tools' interface (kvapp.transfer), shared by every backend -
+
+    def dump(self, after: str | None, limit: int) -> list[Record]:
+        """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
+        where, params = ("key > %s AND ", [after]) if after is not None else ("", [])
+        rows = self._read(
+            "SELECT key, value, content_type, revision, expires_at FROM kv"
+            f" WHERE {where}(expires_at IS NULL OR expires_at > %s) ORDER BY key LIMIT %s",
+            (*params, self._now_ms(), limit),
+            binary=True,
+        )
+        return [Record(key, bytes(value), *rest) for key, value, *rest in rows]
+
+    def load(self, records: list[Record]) -> None:
+        """Insert or replace records as they are, revisions included, in one transaction.
+
+        The store's revision counter is raised to the highest revision loaded,
+        so a later write never reuses a revision (an ETag) that a loaded key
+        already carries.
+        """
+        if not records:
+            return
+
+        def load(conn: psycopg.Connection) -> None:
+            with self._transaction(conn, pipelined=True) as commit:
+                conn.execute(_LOCK_REVISION)
+                last = {record.key: record for record in records}  # as if one by one
+                conn.execute(_UPSERT, _columns(last.values()))
+                conn.execute(
+                    "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'revision'",
+                    (max(record.revision for record in records),),
+                )
+                commit()
+
+        self._run(load)
+
+
+class _Plan:
+    """A batch's Writes applied to the versions read at its start, in memory.
+
+    The same rules as kvapp.repository._apply, so both backends give the same
+    Outcomes; what is left to send is the final value of each key.
+    """
+
+    def __init__(self, rows: dict[str, tuple[int, int | None]], now: int) -> None:
+        self.rows: dict[str, tuple[int, int | None] | None] = dict(rows)
+        self.now = now
+        self.puts: dict[str, tuple[str, bytes, str, int, int | None]] = {}
+        self.deletes: set[str] = set()
+        self.revision = 0
+
+    def run(self, writes: Sequence[Write], start: int) -> list[Outcome | ConditionFailed]:
+        results: list[Outcome | ConditionFailed] = []
+        self.revision = start
+        for write in writes:
+            try:
+                outcome = self.apply(write, self.revision + 1)
+            except ConditionFailed as exc:
+                results.append(exc)
+                continue
+            self.revision = outcome.revision
+            results.append(outcome)
+        return results
+
+    def apply(self, write: Write, revision: int) -> Outcome:
+        rows = [self.rows.get(change.key) for change in write.changes]
+        live = [row[0] if row and (row[1] is None or row[1] > self.now) else None for row in rows]
+        for change, current in zip(write.changes, live, strict=True):
+            # RFC 9110 section 13.2.1: a Delete of an absent key is a 404 whatever its condition.
+            if change.condition is None or (current is None and isinstance(change, Delete)):
+                continue
+            if not change.condition.holds(current):
+                raise ConditionFailed(change.key)
+        changed = False
+        for change, row in zip(write.changes, rows, strict=True):
+            if isinstance(change, Put):
+                expires_at = None if change.ttl is None else self.now + change.ttl * 1000
+                self.rows[change.key] = (revision, expires_at)
+                self.puts[change.key] = (
+                    change.key, change.value, change.content_type, revision, expires_at
+                )  # fmt: skip
+                self.deletes.discard(change.key)
+                changed = True
+            elif isinstance(change, Delete) and row is not None:
+                # An expired row is deleted too, but reported as absent.
+                self.rows[change.key] = None
+                self.puts.pop(change.key, None)
+                self.deletes.add(change.key)
+                changed = True
+        return Outcome(
+            revision if changed else revision - 1, tuple(current is not None for current in live)
+        )

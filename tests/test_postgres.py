@@ -1,0 +1,789 @@
+"""PostgreSQL's own side of the repository: URL, schema, byte order, sessions, errors, faults.
+
+The contract itself (writes, conditions, TTL, listing, the HTTP API) is pinned
+by the tests that run on both backends; these pin what only PostgreSQL has:
+its session settings, its SQLSTATEs, a server that goes away and comes back,
+and a connection lost in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import psycopg
+import pytest
+import webtest
+from conftest import ROOT, server_environ, stored
+from faultkit import Client, needs_root, require_tool
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pgcluster import Cluster, find_bindir, server_owner
+
+from kvapp import create_app, open_repository
+from kvapp.config import ConfigError, load_config, redact
+from kvapp.metrics_store import metrics_path
+from kvapp.postgres import COMMIT_UNKNOWN, UNREACHABLE, PostgresRepository
+from kvapp.repository import DatabaseUnusable, Repository, StorageBusy, StorageUnavailable
+from kvapp.writes import Condition, ConditionFailed, Put, Write
+
+pytestmark = pytest.mark.backends("postgres")
+
+TEXT = "text/plain; charset=utf-8"
+FULL_BODY = b"the disk is full: nothing was stored; free space and retry\n"
+
+
+def dbname(url: str) -> str:
+    return url.rpartition("/")[2]
+
+
+@pytest.fixture
+def repo(make_settings):
+    repository = open_repository(make_settings(busy_timeout_ms=200))
+    yield repository
+    repository.close()
+
+
+@pytest.fixture
+def admin(pg_cluster, database):
+    """A superuser connection to this test's database."""
+    with pg_cluster.admin(dbname(database)) as conn:
+        yield conn
+
+
+def session_setting(repository: PostgresRepository, name: str) -> str:
+    return repository._run(lambda conn: conn.execute(f"SHOW {name}").fetchone()[0])
+
+
+# -- choosing the backend ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_url_passes_through_the_config_and_selects_postgresql(scheme, database, tmp_path):
+    url = database.replace("postgresql://", f"{scheme}://")
+    settings = load_config(
+        ROOT / "config.ini",
+        environ={"KVAPP_DATABASE": url, "KVAPP_METRICS_PATH": str(tmp_path / "m.sqlite3")},
+    )
+    assert settings.database == url
+    app = create_app(settings)
+    try:
+        assert isinstance(app.repository, PostgresRepository)
+        webtest.TestApp(app).put("/kv/k", b"v", status=201)
+    finally:
+        app.close()
+    assert stored(database, "SELECT key, value FROM kv") == [("k", b"v")]
+
+
+@pytest.mark.backends("sqlite")
+def test_a_path_keeps_sqlite(settings):
+    app = create_app(settings)
+    try:
+        assert type(app.repository) is Repository
+    finally:
+        app.close()
+
+
+def test_other_url_schemes_are_refused():
+    with pytest.raises(ConfigError, match="only postgresql:// URLs and file paths"):
+        load_config(ROOT / "config.ini", environ={"KVAPP_DATABASE": "mysql://u:pw@h/db"})
+
+
+def test_redact_hides_only_the_password():
+    assert redact("postgresql://kv:s3cret@db:5432/kv?sslmode=require") == (
+        "postgresql://kv:***@db:5432/kv?sslmode=require"
+    )
+    assert redact("postgresql://kv@db/kv") == "postgresql://kv@db/kv"
+    assert redact("/srv/kv.sqlite3") == "/srv/kv.sqlite3"
+
+
+def test_metrics_file_for_a_url_is_in_the_temp_folder_whatever_the_password(tmp_path):
+    one = metrics_path("postgresql://kv:one@db/kv")
+    assert one == metrics_path("postgresql://kv:two@db/kv")
+    assert one != metrics_path("postgresql://kv@db/other")
+    assert Path(one).parent == Path(tempfile.gettempdir())
+    assert metrics_path("postgresql://kv@db/kv", str(tmp_path / "m")) == str(tmp_path / "m")
+
+
+# -- the schema ---------------------------------------------------------------------------
+
+
+def test_first_start_creates_the_schema_with_a_version(repo, database):
+    assert stored(database, "SELECT name, value FROM meta ORDER BY name") == [
+        ("revision", 0),
+        ("schema_version", 1),
+    ]
+    columns = stored(
+        database,
+        "SELECT column_name, data_type, collation_name FROM information_schema.columns"
+        " WHERE table_name = 'kv' ORDER BY ordinal_position",
+    )
+    assert columns == [
+        ("key", "text", "C"),
+        ("value", "bytea", None),
+        ("content_type", "text", None),
+        ("revision", "bigint", None),
+        ("expires_at", "bigint", None),
+    ]
+    indexes = stored(database, "SELECT indexname FROM pg_indexes WHERE tablename = 'kv'")
+    assert sorted(indexes) == [("kv_expires_at",), ("kv_pkey",)]
+
+
+def test_a_second_start_keeps_data_and_revision(make_settings, database):
+    first = open_repository(make_settings())
+    first.set_many([("a", b"1", TEXT)])
+    first.close()
+    second = open_repository(make_settings())
+    try:
+        assert second.get("a").value == b"1"
+        assert second.set_many([("b", b"2", TEXT)]) == 2
+    finally:
+        second.close()
+    assert stored(database, "SELECT count(*) FROM meta") == [(2,)]
+
+
+def test_another_schema_version_is_refused_with_one_line(repo, admin, database):
+    admin.execute("UPDATE meta SET value = 2 WHERE name = 'schema_version'")
+    # trust authentication ignores the password, which must not be shown
+    url = database.replace("kvapp@", "kvapp:s3cret@")
+    with pytest.raises(DatabaseUnusable) as caught:
+        PostgresRepository(url)
+    message = str(caught.value)
+    assert message == (
+        f"cannot use database {url.replace('s3cret', '***')}: its schema version is 2,"
+        " this kvapp knows 1; use a matching kvapp version"
+    )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE kv (key TEXT PRIMARY KEY, body TEXT)",
+        "CREATE TABLE meta (name TEXT)",
+        # a kv table of the right shape but ordered by the locale, not by bytes
+        'CREATE TABLE kv (key TEXT COLLATE "POSIX" PRIMARY KEY, value BYTEA, content_type TEXT,'
+        " revision BIGINT, expires_at BIGINT); CREATE TABLE meta (name TEXT, value BIGINT)",
+    ],
+)
+def test_tables_kvapp_did_not_create_are_refused(admin, database, sql):
+    admin.execute(sql)
+    with pytest.raises(DatabaseUnusable, match="that kvapp did not create; choose another"):
+        PostgresRepository(database)
+
+
+def test_a_database_not_in_utf8_is_refused(pg_cluster):
+    with pg_cluster.admin() as conn:
+        conn.execute("DROP DATABASE IF EXISTS latin1")
+        conn.execute(
+            "CREATE DATABASE latin1 ENCODING 'LATIN1' TEMPLATE template0"
+            " LC_COLLATE 'C' LC_CTYPE 'C'"
+        )
+    with pytest.raises(DatabaseUnusable, match="its encoding is LATIN1; create the database"):
+        PostgresRepository(pg_cluster.url("latin1"))
+
+
+def test_a_read_only_database_is_refused_at_start(admin, database):
+    admin.execute(f"ALTER DATABASE {dbname(database)} SET default_transaction_read_only = on")
+    with pytest.raises(DatabaseUnusable, match="it is read-only .*; point kvapp at the primary"):
+        PostgresRepository(database)
+
+
+def test_an_unreachable_server_is_refused_with_one_line():
+    from conftest import free_port
+
+    url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
+    with pytest.raises(DatabaseUnusable) as caught:
+        PostgresRepository(url, busy_timeout_ms=1000)
+    message = str(caught.value)
+    assert message.startswith(f"cannot use database {redact(url)}: cannot connect (")
+    assert message.endswith(
+        "check that the server runs and that the URL, user and password are right"
+    )
+    assert "\n" not in message and "s3cret" not in message
+
+
+@pytest.mark.slow
+def test_waitress_serve_refuses_an_unreachable_server_with_one_line(tmp_path):
+    from conftest import free_port
+
+    url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
+    env = {**server_environ(), "KVAPP_DATABASE": url}
+    waitress = str(Path(sys.executable).with_name("waitress-serve"))
+    result = subprocess.run(
+        [waitress, "--port=0", "wsgi:app"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"kvapp: cannot use database {redact(url)}: cannot connect")
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+
+# -- byte order of keys ----------------------------------------------------------------------
+
+ORDERED = ["", "A", "Z", "a", "a/b", "ab", "z", "\x7f", "é", "ê", "\u07ff", "\u0800", "\ud7ff",
+           "\ue000", "\uffff", "\U00010000", "\U0010ffff"]  # fmt: skip
+
+
+def test_keys_list_in_utf8_byte_order_whatever_the_locale(pg_cluster):
+    # A database whose default collation (ICU's English) sorts "a" < "B" < "é" < "z":
+    # the listing must not follow it.
+    with pg_cluster.admin() as conn:
+        conn.execute("DROP DATABASE IF EXISTS localized")
+        conn.execute(
+            "CREATE DATABASE localized TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C'"
+            " LOCALE_PROVIDER icu ICU_LOCALE 'en'"
+        )
+        with pg_cluster.admin("localized") as local:
+            words = ["z", "B", "é", "a"]
+            in_locale = local.execute(
+                "SELECT w FROM unnest(%s::text[]) AS w ORDER BY w", (words,)
+            ).fetchall()
+            assert [row[0] for row in in_locale] == ["a", "B", "é", "z"]
+    repository = PostgresRepository(pg_cluster.url("localized"))
+    keys = [f"k{key}" for key in ORDERED]
+    try:
+        repository.set_many([(key, b"", TEXT) for key in reversed(keys)])
+        assert repository.list_keys("k", None, 100) == sorted(keys, key=str.encode)
+        assert repository.list_keys("k", None, 100) == keys
+        assert repository.list_keys("ka", None, 100) == ["ka", "ka/b", "kab"]
+        assert repository.list_keys("k", "kz", 100) == keys[keys.index("kz") + 1 :]
+    finally:
+        repository.close()
+
+
+@hypothesis_settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=30)
+@given(
+    keys=st.lists(
+        st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=8),
+        min_size=1,
+        max_size=20,
+        unique=True,
+    ),
+    prefix=st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=2),
+)
+def test_listing_any_keys_matches_python_byte_order(repo, keys, prefix):
+    repo.set_many([(key, b"", TEXT) for key in keys])
+    expected = sorted(
+        (key for key in repo.list_keys("", None, 10_000) if key.startswith(prefix)),
+        key=str.encode,
+    )
+    assert repo.list_keys(prefix, None, 10_000) == expected
+    assert set(keys) <= set(repo.list_keys("", None, 10_000))
+
+
+def plan(admin, sql: str, params: tuple) -> str:
+    # On a tiny table a sequential or bitmap scan is cheapest; forbid them to
+    # see whether the index can serve the query in order (it cannot when the
+    # collations differ).
+    admin.execute("SET enable_seqscan = off")
+    admin.execute("SET enable_bitmapscan = off")
+    rows = admin.execute(f"EXPLAIN {sql}", params).fetchall()
+    return "\n".join(row[0] for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "after"), [("", None), ("a", None), ("a", "ab"), ("", "x"), ("\U0010ffff", None)]
+)
+def test_listing_is_an_index_range_scan(repo, admin, prefix, after, monkeypatch):
+    statements = []
+    real = repo._read
+
+    def spy(sql, params, binary=False):
+        statements.append((sql, params))
+        return real(sql, params, binary)
+
+    monkeypatch.setattr(repo, "_read", spy)
+    repo.list_keys(prefix, after, 10)
+    sql, params = statements[-1]
+    query_plan = plan(admin, sql, params)
+    assert "Index Scan using kv_pkey on kv" in query_plan, query_plan
+    assert re.search(r"Index Cond: \(+key >", query_plan), query_plan
+    assert "Sort" not in query_plan and "Seq Scan" not in query_plan, query_plan
+
+
+def test_purge_uses_the_expiry_index(repo, admin):
+    query_plan = plan(
+        admin,
+        "SELECT key FROM kv WHERE expires_at <= %s ORDER BY expires_at LIMIT %s",
+        (0, 1),
+    )
+    assert "kv_expires_at" in query_plan and "Seq Scan" not in query_plan, query_plan
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+def test_sessions_commit_synchronously_whatever_the_server_default(admin, database, make_settings):
+    admin.execute(f"ALTER DATABASE {dbname(database)} SET synchronous_commit = off")
+    full = open_repository(make_settings(busy_timeout_ms=1234))
+    normal = open_repository(make_settings(synchronous="NORMAL"))
+    try:
+        assert session_setting(full, "synchronous_commit") == "on"
+        assert session_setting(full, "lock_timeout") == "1234ms"
+        assert session_setting(normal, "synchronous_commit") == "off"
+    finally:
+        full.close()
+        normal.close()
+
+
+def test_remote_apply_is_kept(admin, database, make_settings):
+    admin.execute(f"ALTER DATABASE {dbname(database)} SET synchronous_commit = remote_apply")
+    repository = open_repository(make_settings())
+    try:
+        assert session_setting(repository, "synchronous_commit") == "remote_apply"
+    finally:
+        repository.close()
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def hold_write_lock(admin) -> None:
+    """Take the revision lock every write transaction needs, as another kvapp host would."""
+    admin.execute("BEGIN")
+    admin.execute("SELECT value FROM meta WHERE name = 'revision' FOR UPDATE")
+
+
+def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo, admin, database):
+    repo.set_many([("a", b"1", TEXT)])
+    hold_write_lock(admin)
+    with pytest.raises(StorageBusy) as caught:
+        repo.set_many([("a", b"2", TEXT), ("b", b"2", TEXT)])
+    assert str(caught.value) == (
+        "the database is locked by another process: nothing was stored; retry"
+    )
+    with pytest.raises(StorageBusy):
+        repo.check_health()
+    assert repo.get("a").value == b"1"  # MVCC: readers do not wait for writers
+    admin.execute("ROLLBACK")
+    assert stored(database, "SELECT key, value FROM kv") == [("a", b"1")]
+    repo.set_many([("b", b"2", TEXT)])
+    repo.check_health()
+    assert repo.get("b").value == b"2"
+
+
+def test_lock_held_elsewhere_is_503_with_retry_after(make_settings, admin):
+    app = create_app(make_settings(busy_timeout_ms=100))
+    client = webtest.TestApp(app)
+    try:
+        client.put("/kv/a", b"1", status=201)
+        hold_write_lock(admin)
+        response = client.put("/kv/a", b"2", status=503)
+        assert response.headers["Retry-After"] == "1"
+        assert "locked" in client.get("/healthz", status=503).text
+        assert client.get("/kv/a").body == b"1"
+        admin.execute("ROLLBACK")
+        client.put("/kv/a", b"2", status=204)
+        client.get("/healthz", status=200)
+    finally:
+        app.close()
+
+
+def terminate_sessions(admin, database: str) -> int:
+    """End every session of kvapp on the database, as a failover or a restart does."""
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND application_name = 'kvapp'",
+        (dbname(database),),
+    ).fetchall()
+    return len(rows)
+
+
+def test_read_only_database_refuses_writes_with_503_and_serves_reads(
+    make_settings, admin, database
+):
+    app = create_app(make_settings())
+    client = webtest.TestApp(app)
+    try:
+        client.put("/kv/a", b"1", status=201)
+        # As after a failover to a standby: new sessions are read-only.
+        admin.execute(f"ALTER DATABASE {dbname(database)} SET default_transaction_read_only = on")
+        assert terminate_sessions(admin, database) >= 1
+        response = client.put("/kv/a", b"2", status=503)
+        assert response.text == "the database is read-only: nothing was stored\n"
+        assert "read-only" in client.get("/healthz", status=503).text
+        assert client.get("/kv/a").body == b"1"
+        admin.execute(f"ALTER DATABASE {dbname(database)} RESET default_transaction_read_only")
+        terminate_sessions(admin, database)
+        client.put("/kv/a", b"2", status=204)
+        assert client.get("/kv/a").body == b"2"
+    finally:
+        app.close()
+
+
+def test_stale_pooled_connections_are_replaced_without_an_error(repo, admin, database):
+    repo.set_many([("a", b"1", TEXT)])
+    for _ in range(3):
+        assert terminate_sessions(admin, database) >= 1
+        assert repo.get("a").value == b"1"
+        terminate_sessions(admin, database)
+        repo.set_many([("a", b"1", TEXT)])
+
+
+SLOW_TRIGGER = """
+CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.key = 'slow' THEN PERFORM pg_sleep(60); END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION slow();
+"""
+
+
+def test_connection_lost_mid_batch_stores_nothing_and_the_pool_reconnects(repo, admin, database):
+    repo.set_many([("a", b"old", TEXT)])
+    admin.execute(SLOW_TRIGGER)
+    killed = []
+
+    def kill_sleepers() -> None:
+        # The batch is mid-way: its upserts of a (and maybe b) are done, slow's sleeps.
+        # Its retry on a fresh connection sleeps again and is ended again.
+        with psycopg.connect(database, autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while len(killed) < 2 and time.monotonic() < deadline:
+                pids = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                ).fetchall()
+                for (pid,) in pids:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    killed.append(pid)
+                time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_sleepers)
+    killer.start()
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            repo.apply_batch(
+                [
+                    Write.of(Put("a", b"new", TEXT), Put("b", b"new", TEXT)),
+                    Write.of(Put("slow", b"x", TEXT)),
+                    Write.of(Put("c", b"new", TEXT)),
+                ]
+            )
+    finally:
+        killer.join(timeout=60)
+    assert len(killed) == 2
+    assert str(caught.value) == UNREACHABLE
+    assert stored(database, "SELECT key, value FROM kv") == [("a", b"old")]
+    assert stored(database, "SELECT value FROM meta WHERE name = 'revision'") == [(1,)]
+    admin.execute("DROP TRIGGER slow ON kv")
+    assert repo.set_many([("b", b"after", TEXT)]) == 2
+    assert repo.get("a").value == b"old" and repo.get("b").value == b"after"
+
+
+def test_commit_unknown_is_its_own_message():
+    # Said when the connection breaks after COMMIT was sent: the client must check.
+    assert "may or may not be stored" in COMMIT_UNKNOWN
+
+
+@needs_root
+def test_disk_full_is_507_stores_nothing_and_recovers(make_settings, admin, database, tmp_path):
+    # The kv table (with its TOAST table) moves to a tablespace on a 2 MiB
+    # tmpfs; the ballast is space we give back while kvapp serves.
+    require_tool("mount")
+    # Not under tmp_path: the server's user must reach the tablespace's folder.
+    disk = Path(tempfile.mkdtemp(prefix="kvapp-small-disk-"))
+    disk.chmod(0o755)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(disk)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        space = disk / "pg"
+        space.mkdir()
+        owner = server_owner()
+        if owner is not None:
+            os.chown(space, *owner)
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * 1024 * 1024)
+        app = create_app(make_settings())
+        client = webtest.TestApp(app)
+        try:
+            admin.execute(f"CREATE TABLESPACE small_{dbname(database)} LOCATION '{space}'")
+            admin.execute(f"ALTER TABLE kv SET TABLESPACE small_{dbname(database)}")
+            acknowledged = {}
+            for n in range(200):
+                value = random.randbytes(20_000)  # incompressible: TOAST stores it whole
+                response = client.put(f"/kv/k{n}", value, expect_errors=True)
+                if response.status_int != 201:
+                    break
+                acknowledged[f"k{n}"] = value
+            assert response.status_int == 507, response
+            assert response.body == FULL_BODY
+            # A multi-pair /set that needs new pages is refused whole.
+            letters = "".join(random.choices("abcdefghijklmnopqrstuvwxyz", k=30_000))
+            client.post("/set", {"x": "1", "y": letters}, status=507)
+            assert client.get("/healthz").status_int == 200  # PostgreSQL cannot tell in advance
+            for key, value in acknowledged.items():
+                assert client.get(f"/kv/{key}").body == value
+            client.get("/kv/x", status=404)
+            ballast.unlink()
+            client.post("/set", {"x": "1", "y": letters}, status=200)
+            assert client.get("/get?key=y").text == letters
+            client.put(f"/kv/k{n}", value, status=201)
+        finally:
+            app.close()
+            admin.execute("DROP TABLE kv")
+            admin.execute(f"DROP TABLESPACE small_{dbname(database)}")
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+        disk.rmdir()
+
+
+# -- concurrency under other isolation levels ---------------------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
+def test_one_winner_among_conditional_writers_at_any_isolation(
+    admin, database, make_settings, isolation
+):
+    admin.execute(
+        f"ALTER DATABASE {dbname(database)} SET default_transaction_isolation = '{isolation}'"
+    )
+    repository = open_repository(make_settings(threads=12))
+    try:
+        for round_number in range(3):
+            key = f"race{round_number}"
+            revision = repository.set_many([(key, b"start", TEXT)])
+            barrier = threading.Barrier(10)
+            results = []
+
+            def write(n, key=key, revision=revision, barrier=barrier, results=results):
+                condition = Condition(if_match=frozenset({revision}))
+                barrier.wait(timeout=30)
+                try:
+                    results.append(
+                        repository.apply(Write.of(Put(key, b"%d" % n, TEXT, None, condition)))
+                    )
+                except ConditionFailed as exc:
+                    results.append(exc)
+
+            threads = [threading.Thread(target=write, args=(n,)) for n in range(10)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            winners = [r for r in results if not isinstance(r, ConditionFailed)]
+            assert len(results) == 10 and len(winners) == 1, results
+            assert repository.get(key).revision == winners[0].revision
+        assert session_setting(repository, "transaction_isolation") == isolation
+    finally:
+        repository.close()
+
+
+def test_a_forked_worker_opens_its_own_connections(repo):
+    repo.set_many([("parent", b"1", TEXT)])  # the parent's pool is open
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # the child: use the store, then leave without cleaning up
+        try:
+            ok = repo.get("parent").value == b"1"
+            repo.set_many([("child", b"2", TEXT)])
+            repo.close()
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's pooled connections were neither used nor closed by the child.
+    assert repo.get("child").value == b"2"
+    assert repo.set_many([("parent", b"3", TEXT)]) == 3
+
+
+# -- the server goes away while kvapp serves ----------------------------------------------
+
+
+@pytest.fixture
+def own_cluster():
+    """A PostgreSQL server of this test's own, which it may stop and start."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql)")
+    cluster = Cluster(bindir)
+    try:
+        cluster.init().start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def healthy(server) -> bool:
+    client = Client(server.port)
+    try:
+        return client.get("/healthz")[0] == 200
+    finally:
+        client.close()
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_server_killed_gives_503_then_kvapp_recovers_without_a_restart(own_cluster, server_factory):
+    url = own_cluster.create_database()
+    server = server_factory(path=url)  # default settings
+    client = Client(server.port)
+    assert client.request("PUT", "/kv/a", b"before")[0] == 201
+    assert client.get("/set?b=1&c=2")[0] == 200
+
+    own_cluster.stop("immediate")  # a crash: no shutdown checkpoint, sessions cut
+    for method, target, body in [
+        ("GET", "/kv/a", None),
+        ("PUT", "/kv/a", b"during"),
+        ("GET", "/set?d=1", None),
+        ("GET", "/kv/", None),
+        ("GET", "/healthz", None),
+    ]:
+        status, headers, answer = client.request(method, target, body)
+        assert status == 503, (method, target, status, answer)
+        assert int(headers["retry-after"]) >= 1
+        assert answer.count(b"\n") == 1 and b"database server cannot be reached" in answer
+    assert server.proc.poll() is None
+
+    own_cluster.start()  # recovery replays the WAL
+    assert wait_for(lambda: client.get("/healthz")[0] == 200), server.output()
+    assert client.get("/kv/a")[::2] == (200, b"before")
+    assert client.get("/get?key=c")[::2] == (200, b"2")
+    assert client.get("/get?key=d")[0] == 404  # refused with 503: not stored
+    assert client.request("PUT", "/kv/a", b"after")[0] == 204
+    assert client.get("/kv/a")[::2] == (200, b"after")
+    assert server.proc.poll() is None  # the same kvapp process all along
+    client.close()
+
+
+@pytest.mark.slow
+def test_server_crashes_under_concurrent_writes_lose_nothing_acknowledged(
+    own_cluster, server_factory, capsys
+):
+    url = own_cluster.create_database()
+    server = server_factory(env={"KVAPP_BUSY_TIMEOUT_MS": "500"}, path=url)
+    rounds, threads_per_round = 3, 4
+    acknowledged: set[int] = set()
+    answered: dict[int, int] = {}
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    stop = threading.Event()
+
+    def writer() -> None:
+        client = Client(server.port, timeout=30)
+        try:
+            while not stop.is_set():
+                with lock:
+                    rid = next(counter)
+                status, _, _ = client.get(f"/set?r{rid}.a={rid}&r{rid}.b={rid}&r{rid}.c={rid}")
+                with lock:
+                    answered[rid] = status
+                    if status == 200:
+                        acknowledged.add(rid)
+                if status != 200:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    for _ in range(rounds):
+        stop.clear()
+        threads = [threading.Thread(target=writer) for _ in range(threads_per_round)]
+        for thread in threads:
+            thread.start()
+        time.sleep(random.uniform(0.3, 1.0))
+        own_cluster.stop("immediate")
+        time.sleep(1.5)  # longer than CONNECTION_WAIT: the writers meet the outage
+        own_cluster.start()
+        assert wait_for(lambda: healthy(server))
+        time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+
+    rows = stored(url, "SELECT key FROM kv")
+    by_request: dict[int, set[str]] = {}
+    for (key,) in rows:
+        rid, _, slot = key[1:].partition(".")
+        by_request.setdefault(int(rid), set()).add(slot)
+    lost = acknowledged - set(by_request)
+    partial = {rid for rid, slots in by_request.items() if slots != {"a", "b", "c"}}
+    refused = {rid for rid, status in answered.items() if status != 200}
+    assert not lost and not partial
+    assert refused, "no request met the crash"
+    assert {answered[rid] for rid in refused} == {503}
+    assert server.proc.poll() is None
+    with capsys.disabled():
+        print(
+            f"\n[postgres] {rounds} server crashes under {threads_per_round} writers:"
+            f" {len(acknowledged)} requests acknowledged, 0 lost, 0 half-applied;"
+            f" {len(refused)} refused with 503"
+            f" ({len(refused & set(by_request))} of them committed as the server died)"
+        )
+
+
+# -- dump and load: what the data tools move between backends ---------------------------
+
+
+def test_dump_and_load_keep_every_record_as_it_is(repo):
+    from kvapp.writes import Record
+
+    now_ms = int(time.time() * 1000)
+    records = [
+        Record("a", b"\x00\xff", "application/octet-stream", 7, None),
+        Record("b/é", b"", TEXT, 3, now_ms + 3_600_000),
+        Record("\U0010ffff", b"top", TEXT, 12, None),
+        Record("expired", b"x", TEXT, 5, now_ms - 1),
+    ]
+    repo.load(records)
+    live = sorted(records[:3], key=lambda record: record.key.encode())
+    assert repo.dump(None, 10) == live
+    assert repo.dump(None, 1) + repo.dump(live[0].key, 10) == live
+    assert repo.set_many([("new", b"1", TEXT)]) == 13  # above every loaded revision
+    repo.load([Record("a", b"replaced", TEXT, 2, None)])
+    assert repo.get("a") == (b"replaced", TEXT, 2)
+
+
+@pytest.mark.slow
+def test_kvapp_copy_moves_every_record_from_sqlite_to_postgresql_and_back(database, tmp_path):
+    from bulk import fill
+    from tools import kvapp, one_line_error, rows
+
+    from kvapp.writes import Record
+
+    later = int(time.time() * 1000) + 7_200_000
+    records = [
+        Record("binary", bytes(range(256)), "application/octet-stream", 3, None),
+        Record("empty", b"", TEXT, 4, later),
+        Record("line\u2028separator", "a\u2028b\nc\r\n".encode(), TEXT, 5, None),
+        Record("ключ/日本/😀", "значение 😀".encode(), TEXT, 12, later + 2),
+        Record("\U0010ffff", b"top", TEXT, 6, None),
+    ]
+    source = tmp_path / "source.sqlite3"
+    fill(source, iter(records))
+    result = kvapp("copy", "--from", str(source), "--to", database)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(f"copied 5 records from {source} to {database}")
+    every_row = "SELECT key, value, content_type, revision, expires_at FROM kv ORDER BY key"
+    assert stored(database, every_row) == rows(source)
+    assert stored(database, "SELECT value FROM meta WHERE name = 'revision'") == [(12,)]
+    result = kvapp("copy", "--from", str(source), "--to", database)
+    assert "already holds keys; give --merge" in one_line_error(result)
+
+    back = tmp_path / "back" / "kv.sqlite3"
+    result = kvapp("copy", "--from", database, "--to", str(back))
+    assert result.returncode == 0, result.stderr
+    assert rows(back) == rows(source)
