@@ -41,15 +41,15 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
-# In CI every test must run: KVAPP_FORBID_SKIPS=1 (set by .ci/run) turns a skip
+# In CI every test must run: FORBID_SKIPS=1 (set by .ci/run) turns a skip
 # into a failure, so a missing nginx or PostgreSQL cannot pass silently.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and os.environ.get("KVAPP_FORBID_SKIPS") and not hasattr(report, "wasxfail"):
+    if report.skipped and os.environ.get("FORBID_SKIPS") and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
-        report.longrepr = f"skipped, but KVAPP_FORBID_SKIPS is set: {report.longrepr}"
+        report.longrepr = f"skipped, but FORBID_SKIPS is set: {report.longrepr}"
 
 
 def pytest_generate_tests(metafunc):
@@ -154,7 +154,7 @@ def free_port() -> int:
 def server_environ() -> dict[str, str]:
     """Return os.environ without KVAPP_* variables, for a server subprocess.
 
-    kvapp refuses unknown KVAPP_ settings, and CI sets KVAPP_FORBID_SKIPS; a
+    kvapp refuses unknown KVAPP_ settings; a
     developer's own KVAPP_DATABASE or KVAPP_AUTH_TOKEN must not leak in either.
     """
     return {name: value for name, value in os.environ.items() if not name.startswith("KVAPP_")}

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 
 # Mounting a tmpfs or a read-only bind mount and dropping capabilities need
-# root.  CI runs as root with KVAPP_FORBID_SKIPS=1, so these never skip there.
+# root.  CI runs as root with FORBID_SKIPS=1, so these never skip there.
 needs_root = pytest.mark.skipif(
     not IS_ROOT, reason="needs root to mount filesystems and drop capabilities (CI runs as root)"
 )
