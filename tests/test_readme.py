@@ -28,6 +28,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_every_setting_is_documented_with_its_default():
     rows = dict(re.findall(r"^\| `(\w+)` \| `\[\w+\]` \| `([^`]*)` \|", README, re.M))
-    for section, name, _convert, default, _help in SETTINGS:
+    for _section, name, _convert, default, _help in SETTINGS:
         assert name in rows, f"README's configuration table lacks {name}"
         assert rows[name] == default, f"README gives {name} = {rows[name]!r}, the code {default!r}"
