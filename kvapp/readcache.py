@@ -35,6 +35,11 @@ committed before R2 and Q saw it.  If W's W3 happened after R2, W changed
 the slot to a new value, and since the flock makes every change a
 serialised increment, counters only grow: at R the slot holds more than g
 and R misses.  Either way R answers W's value or a later one.
+Why the flock: SQLite's lock serialises W2 to W4 but is gone by W5, so
+without it one writer's W5 (a read-modify-write) could interleave with the
+next writer's W3 and store an older value over it; a later writer could
+then bring the slot back to a value that a reader cached before it, and
+that reader would serve a stale hit.
 Races, each harmless:
   - an entry filled from an old snapshot under an old g, stored after a
     newer one: it fails its next check and is read again;
@@ -77,8 +82,9 @@ _MASK = SLOTS - 1
 FILE_BYTES = SLOTS * 8
 
 # Python objects of one entry besides the key, value and content type: the
-# entry tuple, its item tuple, two ints and the OrderedDict's node and slot.
-ENTRY_OVERHEAD = 320
+# entry tuple, its item tuple, two ints and the OrderedDict's node and slot
+# (about 310 bytes measured with tracemalloc on CPython 3.11).
+ENTRY_OVERHEAD = 400
 # A value bigger than this share of the cache is read from SQLite every time.
 MAX_ENTRY_SHARE = 16
 
