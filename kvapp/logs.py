@@ -80,7 +80,7 @@ def setup_logging(settings: Settings) -> None:
             logging.basicConfig(format=FORMAT, stream=sys.stderr)
         else:
             writer = LineWriter(fd)
-            writer.setFormatter(logging.Formatter(FORMAT))
+            writer.setFormatter(Formatter(FORMAT))
             root.addHandler(writer)
             _writer = writer
     logging.getLogger("kvapp").setLevel(settings.log_level)
@@ -121,6 +121,28 @@ _second = -1
 _second_text = ""
 
 
+def _asctime(now: float) -> str:
+    """Return logging.Formatter's default asctime for now (local time, then ,milliseconds).
+
+    The text of the current second is kept, so strftime runs once a second.
+    """
+    global _second, _second_text
+    second = int(now)
+    if second != _second:
+        _second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        _second = second
+    return f"{_second_text},{int((now - second) * 1000):03d}"
+
+
+class Formatter(logging.Formatter):
+    """FORMAT's formatter, with the asctime of the current second cached."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return _asctime(record.created)
+
+
 def log_request(environ: dict[str, Any], status: int, size: int, started: float) -> None:
     """Write the access-log line of one answered request.
 
@@ -145,13 +167,4 @@ def log_request(environ: dict[str, Any], status: int, size: int, started: float)
     if writer is None:
         access.info(_ACCESS, *args)
         return
-    global _second, _second_text
-    now = time.time()
-    second = int(now)
-    if second != _second:
-        # logging.Formatter's default asctime: local time, then ,milliseconds.
-        _second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        _second = second
-    writer.write(
-        f"{_second_text},{int((now - second) * 1000):03d} INFO kvapp.access: {_ACCESS % args}\n"
-    )
+    writer.write(f"{_asctime(time.time())} INFO kvapp.access: {_ACCESS % args}\n")

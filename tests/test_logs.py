@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 import webtest
+from conftest import ROOT
 
 from kvapp import create_app
 from kvapp.logs import redact, setup_logging, target
@@ -161,3 +164,42 @@ def test_log_level_from_settings_silences_the_access_log(make_client, make_setti
     setup_logging(make_settings(log_level="INFO"))
     make_client().get("/")
     assert len(access_lines(caplog)) == 1
+
+
+# When kvapp owns the log output (wsgi.py, python -m kvapp serve), access lines
+# skip logging's records and formatter; they must read exactly like the rest.
+OWN_OUTPUT = """
+import logging, sys, webtest
+from kvapp import create_app
+from kvapp.config import load_config
+from kvapp.logs import setup_logging
+settings = load_config(environ={"KVAPP_DATABASE": sys.argv[1]})
+setup_logging(settings)
+client = webtest.TestApp(create_app(settings), extra_environ={"REMOTE_ADDR": "192.0.2.7"})
+client.get("/set?k=v")
+client.get("/get?key=k")
+client.get("/kv/%22", status=404)
+logging.getLogger("kvapp.sweeper").warning("a warning with %s", "arguments")
+"""
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+
+
+def test_kvapp_own_log_output_writes_every_line_in_one_format(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", OWN_OUTPUT, str(tmp_path / "kv.sqlite3")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4, result.stderr
+    for line in lines:
+        assert re.match(rf"{STAMP} (INFO|WARNING) kvapp\.\S+: ", line), line
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        'INFO kvapp.access: 192.0.2.7 "GET /set?k=***" 200 13 ' + lines[0].rsplit(" ", 1)[1],
+        'INFO kvapp.access: 192.0.2.7 "GET /get?key=***" 200 1 ' + lines[1].rsplit(" ", 1)[1],
+        'INFO kvapp.access: 192.0.2.7 "GET /kv/%22" 404 ' + " ".join(lines[2].rsplit(" ", 2)[1:]),
+        "WARNING kvapp.sweeper: a warning with arguments",
+    ]
+    assert all(LINE.match(line.split(": ", 1)[1]) for line in lines[:3])
