@@ -121,9 +121,13 @@ class Generations:
         except OSError as exc:
             raise GenerationsUnavailable(f"cannot open {path}: {exc.strerror}") from None
         try:
+            size = os.fstat(fd).st_size
+            if size > FILE_BYTES:
+                # Made with another slot count: processes would disagree on slots.
+                raise ValueError(f"it is {size} bytes, not {FILE_BYTES}: made by another kvapp")
             # Allocate the blocks now: a store into a sparse page of a full
             # disk would kill the process with SIGBUS later.
-            if os.fstat(fd).st_size < FILE_BYTES:
+            if size < FILE_BYTES:
                 os.posix_fallocate(fd, 0, FILE_BYTES)
             self._mmap = mmap.mmap(fd, FILE_BYTES, mmap.MAP_SHARED)
         except (OSError, ValueError) as exc:

@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, curl
 
 from kvapp.readcache import SLOTS, Generations, generations_path, slot_of
-from kvapp.repository import Repository, StorageBusy
+from kvapp.repository import DatabaseUnusable, Repository, StorageBusy
 from kvapp.writes import Condition, Delete, Put, Write
 
 
@@ -366,3 +366,11 @@ def test_the_generation_file_is_small_and_shared(db_path, open_repo):
         counters = memoryview(shared).cast("Q")
         assert counters[slot_of("k")] == 2  # begun and ended: even
         counters.release()
+
+
+def test_a_generation_file_of_another_layout_is_refused(db_path, open_repo):
+    open_repo().close()
+    path = Path(generations_path(str(db_path)))
+    path.write_bytes(bytes(SLOTS * 8 * 2))
+    with pytest.raises(DatabaseUnusable, match="made by another kvapp"):
+        Repository(str(db_path))
