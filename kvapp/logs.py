@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from string import ascii_letters, digits
 from typing import Any
 from urllib.parse import quote
@@ -29,37 +33,112 @@ _MAX_TARGET = 400
 _PATH_CHARS = frozenset(ascii_letters + digits + "_.-~" + _SAFE)
 _QUERY_CHARS = _PATH_CHARS | {"%"}
 
+# Under load an access line reaches the log within FLUSH_INTERVAL seconds.
+FLUSH_INTERVAL = 0.05
+# Bytes that one write() to a pipe delivers without interleaving (POSIX: at least 512).
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
 _writer: LineWriter | None = None  # set by setup_logging when kvapp owns the log output
 
 
 class LineWriter(logging.Handler):
-    """A log handler that writes each line to a file descriptor with one write() call.
+    """A log handler that writes whole lines to a file descriptor, in bulk under load.
 
-    One system call per line and no stream buffer or lock in between: each
-    write() of a whole line lands in one piece, even with several threads or
-    worker processes writing (a pipe takes up to PIPE_BUF bytes atomically, a
-    file takes one write() whole).  Nothing is held back, so no line is lost
-    when the process is killed.
+    A line that comes after a quiet FLUSH_INTERVAL is written at once.
+    Lines that come faster wait in a deque (append and popleft are atomic:
+    the request path takes no lock) and a daemon thread writes them every
+    FLUSH_INTERVAL.  So a busy server makes a few write() calls a second
+    instead of one per request: each call hands the GIL to another thread,
+    and the A/B measurement in the README puts that at 4% of GET throughput.
+    Records of WARNING and above are written at once, with everything
+    queued before them, and logging.shutdown() at exit writes the rest; a
+    kill (SIGKILL, or SIGTERM without a handler) under load loses at most
+    the last FLUSH_INTERVAL of access lines.
+
+    Each write() carries whole lines and at most PIPE_BUF bytes when it can,
+    so lines of several threads or worker processes never interleave, in a
+    pipe (journald, docker) or a file.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(
+        self,
+        fd: int,
+        flush_interval: float = FLUSH_INTERVAL,
+        _write: Callable[[int, bytes], int] = os.write,
+    ) -> None:
         super().__init__()
         self.fd = fd
+        self.flush_interval = flush_interval
+        self._write = _write
+        self._lines: deque[str] = deque()
+        self._written = 0.0  # time.monotonic() of the last write
+        self._writing = threading.Lock()
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        # The parent writes what it queued; the child starts afresh.
+        self._lines.clear()
+        self._writing = threading.Lock()
+        self._thread = None
 
     def write(self, line: str) -> None:
-        """Write one line (ending in a newline); a broken log never breaks a request."""
-        data = line.encode("utf-8", "backslashreplace")
-        try:
-            while data:
-                data = data[os.write(self.fd, data) :]
-        except OSError:
-            pass
+        """Queue one line (ending in a newline); write now if the log was quiet."""
+        self._lines.append(line)
+        if time.monotonic() - self._written >= self.flush_interval:
+            self.flush()
+        elif self._thread is None:
+            self._start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.write(self.format(record) + "\n")
+            self._lines.append(self.format(record) + "\n")
+            if record.levelno >= logging.WARNING:
+                self.flush()
+            elif time.monotonic() - self._written >= self.flush_interval:
+                self.flush()
+            elif self._thread is None:
+                self._start()
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        """Write every queued line now; a broken log never breaks a request."""
+        with self._writing:
+            self._written = time.monotonic()
+            lines = self._lines
+            pending = b""
+            while lines or pending:
+                chunk = [pending or lines.popleft().encode("utf-8", "backslashreplace")]
+                size = len(chunk[0])
+                pending = b""
+                while lines:
+                    data = lines.popleft().encode("utf-8", "backslashreplace")
+                    if size + len(data) > PIPE_BUF:
+                        pending = data
+                        break
+                    chunk.append(data)
+                    size += len(data)
+                data = b"".join(chunk)
+                try:
+                    while data:
+                        data = data[self._write(self.fd, data) :]
+                except OSError:
+                    pass
+
+    def _start(self) -> None:
+        with self._writing:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="kvapp-log-writer", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.flush_interval)
+            if self._lines:
+                self.flush()
 
 
 def setup_logging(settings: Settings) -> None:
@@ -156,8 +235,8 @@ def log_request(environ: dict[str, Any], status: int, size: int, started: float)
     """Write the access-log line of one answered request.
 
     When kvapp owns the log output (setup_logging), the line is formatted
-    with one % operation, in FORMAT's layout, and written by the LineWriter:
-    no LogRecord, no Formatter, no handler lock (about 3 us of CPU instead of 15).
+    with one % operation, in FORMAT's layout, and queued on the LineWriter:
+    no LogRecord, no Formatter, no handler lock (about 2 us of CPU instead of 15).
     """
     if not access.isEnabledFor(logging.INFO):
         return
