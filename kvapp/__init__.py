@@ -32,7 +32,6 @@ def open_repository(settings: Settings, clock: Callable[[], float] = time.time):
         synchronous=settings.synchronous,
         startup_check_max_bytes=settings.startup_check_max_bytes,
         clock=clock,
-        read_cache_bytes=settings.read_cache_bytes,
     )
 
 

@@ -155,13 +155,6 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
     ),
     (
         "storage",
-        "read_cache_bytes",
-        asint(0, 2**40),
-        str(32 * _MIB),
-        "memory each process may keep recent reads in, exact across processes; 0: no cache",
-    ),
-    (
-        "storage",
         "sweep_interval_seconds",
         asint(0, 86_400),
         "60",
@@ -280,7 +273,6 @@ class Settings:
     busy_timeout_ms: int
     synchronous: str
     startup_check_max_bytes: int
-    read_cache_bytes: int
     sweep_interval_seconds: int
     metrics_path: str
     max_key_bytes: int

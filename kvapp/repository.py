@@ -68,7 +68,7 @@ INDEXES = (
 # The disk space /healthz asks for before it calls the database writable.
 HEALTH_MIN_FREE_BYTES = 1024 * 1024
 
-# The process's read cache unless told otherwise (the read_cache_bytes setting).
+# Bytes of memory each process's read cache may hold (kvapp.readcache); 0: no cache.
 READ_CACHE_BYTES = 32 * 1024 * 1024
 
 # Keys looked up per SELECT ... IN (...) of a batch.  Lists are padded to a
