@@ -48,6 +48,17 @@ KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 # RFC 9110 section 8.6: no Content-Length (nor content) in a 204 or 304.
 NO_CONTENT = frozenset((204, 304))
 
+# Forks of this process so far, so that a request notices a fork without os.getpid().
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 class App:
     """kvapp's WSGI application."""
@@ -63,7 +74,7 @@ class App:
         self.metrics = Metrics(store)
         repository.on_commit = self.metrics.observe_commit
         self.sweeper = Sweeper(repository, settings.sweep_interval_seconds)
-        self._threads_pid = 0
+        self._threads_fork = -1  # _forks when this process started the threads
         handlers = Handlers(repository, settings)
         resources = Resources(repository, settings)
         operations = Operations(repository, self.metrics)
@@ -129,7 +140,7 @@ class App:
 
     def _start_threads(self) -> None:
         """Start the metrics flusher and the sweeper in this process (again after a fork)."""
-        self._threads_pid = os.getpid()
+        self._threads_fork = _forks
         self.metrics.start()
         self.sweeper.start()
 
@@ -137,14 +148,17 @@ class App:
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
         started = time.perf_counter()
-        if self._threads_pid != os.getpid():
+        if self._threads_fork != _forks:
             self._start_threads()
         response = self.respond(environ)
         body = response.body
         headers = [*COMMON_HEADERS, *response.headers]
         if response.status not in NO_CONTENT:
             headers += [("Content-Type", response.content_type), ("Content-Length", str(len(body)))]
-        if not any(name == "Cache-Control" for name, _ in response.headers):
+        for name, _ in response.headers:
+            if name == "Cache-Control":
+                break
+        else:
             headers.append(("Cache-Control", "no-store"))
         start_response(status_line(response.status), headers)
         method = environ.get("REQUEST_METHOD", "GET")

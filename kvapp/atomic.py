@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-# SQLite's companions of a database file (https://sqlite.org/tempfiles.html).
-SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm")
+# SQLite's companions of a database file (https://sqlite.org/tempfiles.html),
+# and kvapp's own -gen file of read-cache counters (kvapp.readcache).
+SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm", "-gen")
 
 
 def fsync_dir(folder: Path) -> None:

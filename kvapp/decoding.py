@@ -108,9 +108,12 @@ def check_key(key: str, max_key_bytes: int) -> str:
     """Return key if it is a valid key; raise BadRequest saying why not."""
     if not key:
         raise BadRequest("the key is empty")
-    if _CONTROL.search(key):
+    if key.isascii() and key.isprintable():  # the common case: no control character
+        size = len(key)
+    elif _CONTROL.search(key):
         raise BadRequest(f"the key {show(key)} contains a control character")
-    size = len(key.encode("utf-8"))
+    else:
+        size = len(key.encode("utf-8"))
     if size > max_key_bytes:
         raise BadRequest(
             f"the key is {size} bytes long; the limit is {max_key_bytes} bytes of UTF-8"

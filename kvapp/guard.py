@@ -53,6 +53,9 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _TOKEN_CHARS = _NAME_CHARS | frozenset("~+/")
 # 253 for a DNS name, 1 for a trailing dot, 6 for ':65535'; an IPv6 literal is shorter.
 _MAX_AUTHORITY = 260
+# Host header values already found allowed, so that most requests skip parsing;
+# bounded, so that made-up names (with allowed_hosts = *) cannot grow it.
+_KNOWN_HOSTS = 64
 
 
 def is_write(method: str, path: str) -> bool:
@@ -152,6 +155,7 @@ class Guard:
         self.hosts = frozenset(entry for entry in allowed_hosts if entry[0] != ".")
         self.suffixes = tuple(entry for entry in allowed_hosts if entry[0] == ".")
         self.token = auth_token.encode("ascii") if auth_token else None
+        self._known: dict[str, tuple[str, str]] = {}
 
     def check(self, request: Request) -> None:
         """Return if the request may be routed; raise BadRequest, Unauthorized or Forbidden."""
@@ -183,6 +187,10 @@ class Guard:
             # absolute-form: RFC 9112 section 3.2.2 says its authority replaces Host.
             _, _, rest = target.partition("://")
             raw = rest.split("/", 1)[0].split("?", 1)[0]
+        else:
+            known = self._known.get(raw)  # type: ignore[arg-type]
+            if known is not None:
+                return known
         if raw is None:
             raise BadRequest("the request has no Host header")
         parsed = split_host(raw)
@@ -192,6 +200,8 @@ class Guard:
         # '.example.com' covers example.com itself, hence the dot in front of name.
         if not (self.any_host or name in self.hosts or f".{name}".endswith(self.suffixes)):
             raise BadRequest(f"the host {show(name)} is not served here; see allowed_hosts")
+        if len(self._known) < _KNOWN_HOSTS:
+            self._known[raw] = parsed
         return parsed
 
     def authenticate(self, authorization: str | None) -> None:

@@ -71,6 +71,8 @@ class Handlers:
 
     def _key(self, pairs: list[tuple[str, bytes]], route: str, verb: str) -> str:
         """Return the one key parameter of pairs; 400 unless there is exactly one."""
+        if len(pairs) == 1 and pairs[0][0] == "key":
+            return check_key(utf8(pairs[0][1], "the key"), self.max_key_bytes)
         names = [name for name, _ in pairs]
         if not names:
             raise BadRequest(f"give the key to {verb}: {route}?key=NAME")

@@ -42,6 +42,7 @@ from psycopg import errors
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from kvapp.batching import GroupCommit
 from kvapp.config import redact
 from kvapp.repository import (
     DatabaseUnusable,
@@ -169,6 +170,7 @@ class PostgresRepository:
         self._clock = clock
         # Called after every commit of apply_batch with the number of Writes it held.
         self.on_commit: Callable[[int], None] = lambda size: None
+        self._group_commit = GroupCommit(self.apply_batch)
         self._kwargs = self._connection_kwargs()
         self._pool_lock = threading.Lock()
         self._pools: list[ConnectionPool] = []
@@ -491,11 +493,13 @@ class PostgresRepository:
         return self.apply(write).revision
 
     def apply(self, write: Write) -> Outcome:
-        """Apply one Write in its own transaction; return its Outcome or raise ConditionFailed."""
-        result = self.apply_batch([write])[0]
-        if isinstance(result, ConditionFailed):
-            raise result
-        return result
+        """Apply one Write, all or nothing; return its Outcome once it is durable.
+
+        It shares a transaction with the writes of other threads (group
+        commit, kvapp.batching).  Raises ConditionFailed, or the StorageError
+        that failed its batch.
+        """
+        return self._group_commit.submit(write)
 
     def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
         """Apply writes in one transaction and one commit; return each one's result, in order.

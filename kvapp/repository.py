@@ -6,6 +6,12 @@ disk before we acknowledge it.  Readers use one connection per thread and never
 wait for the writer (https://sqlite.org/wal.html).  Writes in this process take
 one lock and one connection, so threads queue in Python instead of spinning in
 SQLite's busy handler; busy_timeout only covers other processes.
+
+Group commit (kvapp.batching): apply() hands each Write to a GroupCommit, so
+the writes of concurrent requests share one transaction and one fsync.
+Reads are served from a per-process cache when the shared generation
+counters say it is current (kvapp.readcache, which explains why that is
+exact across processes).
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from kvapp.batching import GroupCommit
+from kvapp.readcache import (
+    MISS,
+    Generations,
+    GenerationsUnavailable,
+    LockTimeout,
+    ReadCache,
+    generations_path,
+)
 from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
 
 SCHEMA_VERSION = 1
@@ -52,6 +67,14 @@ INDEXES = (
 
 # The disk space /healthz asks for before it calls the database writable.
 HEALTH_MIN_FREE_BYTES = 1024 * 1024
+
+# Bytes of memory each process's read cache may hold (kvapp.readcache); 0: no cache.
+READ_CACHE_BYTES = 32 * 1024 * 1024
+
+# Keys looked up per SELECT ... IN (...) of a batch.  Lists are padded to a
+# power of two (repeating a key changes no answer), so that a handful of
+# statements serve every batch from the statement cache.
+_MAX_IN = 512
 
 
 class Item(NamedTuple):
@@ -141,6 +164,7 @@ class Repository:
         synchronous: str = "FULL",
         startup_check_max_bytes: int = 256 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
+        read_cache_bytes: int = READ_CACHE_BYTES,
     ) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
@@ -154,7 +178,13 @@ class Repository:
         self._write_lock = threading.Lock()
         self._open(startup_check_max_bytes)
         self._identity = _identity(path)
+        try:
+            self._generations = Generations(generations_path(path), busy_timeout_ms / 1000)
+        except GenerationsUnavailable as exc:
+            raise self._refuse(str(exc), "check the folder's free space and permissions") from None
+        self._cache = ReadCache(self._generations, read_cache_bytes)
         self._writer = self._connect()
+        self._group_commit = GroupCommit(self.apply_batch)
 
     # -- connections -------------------------------------------------------
 
@@ -193,6 +223,8 @@ class Repository:
         for conn in connections:
             conn.close()
         self._local = threading.local()
+        self._cache.clear()
+        self._generations.close()
 
     # -- startup -----------------------------------------------------------
 
@@ -272,7 +304,8 @@ class Repository:
                 f"its folder {path.parent} is on a read-only filesystem",
                 "remount it read-write or choose another database path",
             )
-        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        gen = Path(generations_path(str(path)))
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), gen):
             if name.exists() and not os.access(name, os.W_OK):
                 problem = "it is read-only" if name == path else f"{name} is read-only"
                 raise self._refuse(problem, "make it writable for the user running kvapp")
@@ -343,17 +376,27 @@ class Repository:
 
     def get(self, key: str) -> Item | None:
         """Return the live item stored under key, or None."""
+        now = int(self._clock() * 1000)
+        item = self._cache.lookup(key, now)
+        if item is not MISS:
+            return item
+        slot, generation = self._cache.before_query(key)
         with translated():
             row = (
                 self._reader()
                 .execute(
-                    "SELECT value, content_type, revision FROM kv"
-                    " WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
-                    (key, self._now_ms()),
+                    "SELECT value, content_type, revision, expires_at FROM kv WHERE key = ?",
+                    (key,),
                 )
                 .fetchone()
             )
-        return None if row is None else Item(*row)
+        if row is None:
+            self._cache.store(key, None, None, slot, generation)
+            return None
+        item = Item(row[0], row[1], row[2])
+        expires_at = row[3]
+        self._cache.store(key, item, expires_at, slot, generation)
+        return item if expires_at is None or expires_at > now else None
 
     def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         """Return up to limit live keys that start with prefix and sort above after.
@@ -430,7 +473,7 @@ class Repository:
             raise StorageBusy("the database is busy: nothing was stored; retry")
         try:
             conn = self._writer
-            with translated():
+            with self._writing(), translated():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     # In WAL mode SQLite keeps committing after its file was
@@ -452,17 +495,28 @@ class Repository:
         finally:
             self._write_lock.release()
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the writers' lock on the generation counters; see kvapp.readcache."""
+        try:
+            with self._generations.writing():
+                yield
+        except LockTimeout:
+            raise StorageBusy("the database is busy: nothing was stored; retry") from None
+
     def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
         """Store (key, value, content_type) items in one transaction; return its revision."""
         write = Write(tuple(Put(key, value, content_type) for key, value, content_type in items))
         return self.apply(write).revision
 
     def apply(self, write: Write) -> Outcome:
-        """Apply one Write in its own transaction; return its Outcome or raise ConditionFailed."""
-        result = self.apply_batch([write])[0]
-        if isinstance(result, ConditionFailed):
-            raise result
-        return result
+        """Apply one Write, all or nothing; return its Outcome once it is durable.
+
+        It shares a transaction with the writes of other threads (group
+        commit).  Raises ConditionFailed, or the StorageError that failed
+        its batch.
+        """
+        return self._group_commit.submit(write)
 
     def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
         """Apply writes in one transaction and one commit; return each one's result, in order.
@@ -470,7 +524,9 @@ class Repository:
         Each applied Write gets the next revision, so every write of a key gets
         a new ETag even when one batch writes it twice.  A Write whose condition
         fails is skipped alone; a StorageError fails the whole batch, and then
-        nothing of it is stored.
+        nothing of it is stored.  The batch's effect on each key is worked out
+        in Python first, so the SQL is one lookup, one upsert and one delete
+        statement for the whole batch.
         """
         results: list[Outcome | ConditionFailed] = []
         with self._transaction() as conn:
@@ -478,16 +534,28 @@ class Repository:
             start = revision = conn.execute(
                 "SELECT value FROM meta WHERE name = 'revision'"
             ).fetchone()[0]
+            keys = list(dict.fromkeys(change.key for write in writes for change in write.changes))
+            rows = _rows(conn, keys)
+            live = {key: rev for key, (rev, until) in rows.items() if until is None or until > now}
+            batch = _Batch(present=set(rows), live=live, now=now)
             for write in writes:
                 try:
-                    outcome = _apply(conn, write, now, revision + 1)
+                    outcome = batch.apply(write, revision + 1)
                 except ConditionFailed as exc:
                     results.append(exc)
                     continue
                 revision = outcome.revision
                 results.append(outcome)
             if revision != start:
+                upserts = [row for row in batch.final.values() if row is not None]
+                deletes = [(key,) for key, row in batch.final.items() if row is None]
+                if upserts:
+                    conn.executemany(_UPSERT, upserts)
+                if deletes:
+                    conn.executemany("DELETE FROM kv WHERE key = ?", deletes)
                 conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (revision,))
+                # Last before COMMIT: readers stop trusting cached values of these keys.
+                self._generations.begin(batch.final)
         self.on_commit(len(writes))
         return results
 
@@ -528,6 +596,7 @@ class Repository:
                 "UPDATE meta SET value = max(value, ?) WHERE name = 'revision'",
                 (max(record.revision for record in records),),
             )
+            self._generations.begin(record.key for record in records)
 
     def load_bulk(self, items: Iterable[tuple[str, bytes, str]], batch_size: int = 200_000) -> int:
         """Store many (key, value, content_type) items fast; return how many.
@@ -550,20 +619,26 @@ class Repository:
                 conn.execute("PRAGMA cache_size = -262144")  # 256 MiB for the key index
                 batch = list(itertools.islice(items, batch_size))
                 while batch:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        revision = conn.execute(
-                            "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
-                            " RETURNING value"
-                        ).fetchone()[0]
-                        conn.executemany(
-                            _UPSERT,
-                            [(key, value, ctype, revision, None) for key, value, ctype in batch],
-                        )
-                        conn.execute("COMMIT")
-                    finally:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
+                    # Every process's read cache forgets everything (kvapp.readcache).
+                    with self._write_lock, self._writing():
+                        conn.execute("BEGIN IMMEDIATE")
+                        try:
+                            revision = conn.execute(
+                                "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
+                                " RETURNING value"
+                            ).fetchone()[0]
+                            conn.executemany(
+                                _UPSERT,
+                                [
+                                    (key, value, ctype, revision, None)
+                                    for key, value, ctype in batch
+                                ],
+                            )
+                            self._generations.begin_all()
+                            conn.execute("COMMIT")
+                        finally:
+                            if conn.in_transaction:
+                                conn.execute("ROLLBACK")
                     count += len(batch)
                     batch = list(itertools.islice(items, batch_size))
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -581,41 +656,67 @@ _UPSERT = (
 )
 
 
-def _apply(conn: sqlite3.Connection, write: Write, now: int, revision: int) -> Outcome:
-    """Apply write inside the open transaction at revision; raise ConditionFailed first if due.
+def _rows(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, int | None]]:
+    """Return (revision, expires_at) of the rows stored under keys, by key."""
+    found: dict[str, tuple[int, int | None]] = {}
+    for start in range(0, len(keys), _MAX_IN):
+        chunk = keys[start : start + _MAX_IN]
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += chunk[-1:] * (size - len(chunk))
+        sql = f"SELECT key, revision, expires_at FROM kv WHERE key IN ({', '.join('?' * size)})"
+        for key, revision, expires_at in conn.execute(sql, chunk):
+            found[key] = (revision, expires_at)
+    return found
 
-    Every condition is checked before any change is made, so a failed one
-    leaves nothing to undo.
-    """
-    if len(write.changes) != len({change.key for change in write.changes}):
-        raise ValueError("a Write changes each key at most once")
-    rows = [
-        conn.execute("SELECT revision, expires_at FROM kv WHERE key = ?", (change.key,)).fetchone()
-        for change in write.changes
-    ]
-    live = [row[0] if row and (row[1] is None or row[1] > now) else None for row in rows]
-    for change, current in zip(write.changes, live, strict=True):
-        # A Delete of an absent key answers 404 whatever its condition says: RFC 9110
-        # section 13.2.1 ignores preconditions when the answer would not be 2xx anyway.
-        if change.condition is None or (current is None and isinstance(change, Delete)):
-            continue
-        if not change.condition.holds(current):
-            raise ConditionFailed(change.key)
-    changed = False
-    for change, row in zip(write.changes, rows, strict=True):
-        if isinstance(change, Put):
-            expires_at = None if change.ttl is None else now + change.ttl * 1000
-            conn.execute(
-                _UPSERT, (change.key, change.value, change.content_type, revision, expires_at)
-            )
-            changed = True
-        elif isinstance(change, Delete) and row is not None:
-            # An expired row is deleted too, but reported as absent.
-            conn.execute("DELETE FROM kv WHERE key = ?", (change.key,))
-            changed = True
-    return Outcome(
-        revision if changed else revision - 1, tuple(current is not None for current in live)
-    )
+
+class _Batch:
+    """The effect of a batch's writes so far on each key, worked out before any SQL runs."""
+
+    def __init__(self, present: set[str], live: dict[str, int], now: int) -> None:
+        self.present = present  # keys that have a row, live or expired
+        self.live = live  # key -> revision of its live value
+        self.now = now
+        # key -> the row to upsert, or None to delete it; the last write of a key wins.
+        self.final: dict[str, tuple[str, bytes, str, int, int | None] | None] = {}
+
+    def apply(self, write: Write, revision: int) -> Outcome:
+        """Apply write at revision; raise ConditionFailed first if due.
+
+        Every condition is checked before any change is made, so a failed one
+        leaves nothing to undo.
+        """
+        changes = write.changes
+        if len(changes) != len({change.key for change in changes}):
+            raise ValueError("a Write changes each key at most once")
+        current = [self.live.get(change.key) for change in changes]
+        for change, live in zip(changes, current, strict=True):
+            # A Delete of an absent key answers 404 whatever its condition says: RFC 9110
+            # section 13.2.1 ignores preconditions when the answer would not be 2xx anyway.
+            if change.condition is None or (live is None and isinstance(change, Delete)):
+                continue
+            if not change.condition.holds(live):
+                raise ConditionFailed(change.key)
+        changed = False
+        for change in changes:
+            key = change.key
+            if isinstance(change, Put):
+                expires_at = None if change.ttl is None else self.now + change.ttl * 1000
+                self.final[key] = (key, change.value, change.content_type, revision, expires_at)
+                self.present.add(key)
+                if expires_at is None or expires_at > self.now:
+                    self.live[key] = revision
+                else:
+                    self.live.pop(key, None)
+                changed = True
+            elif key in self.present:
+                # An expired row is deleted too, but reported as absent.
+                self.final[key] = None
+                self.present.discard(key)
+                self.live.pop(key, None)
+                changed = True
+        return Outcome(
+            revision if changed else revision - 1, tuple(live is not None for live in current)
+        )
 
 
 def _describe(exc: sqlite3.Error) -> str:

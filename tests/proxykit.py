@@ -15,6 +15,8 @@ from pathlib import Path
 
 from conftest import ROOT, free_port, server_environ
 
+from kvapp.logs import FLUSH_INTERVAL
+
 SITE = ROOT / "deploy" / "nginx.conf"
 # Debian installs nginx in /usr/sbin, which an unprivileged PATH may lack.
 NGINX = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
@@ -77,7 +79,12 @@ class Kvapp:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def access_lines(self) -> list[str]:
-        """Return the access-log lines, each from the client address on."""
+        """Return the access-log lines, each from the client address on.
+
+        Under load kvapp writes access lines in bulk, within FLUSH_INTERVAL of
+        the request; waiting a few intervals first lets every line land.
+        """
+        time.sleep(3 * FLUSH_INTERVAL)
         return [
             line.split(" kvapp.access: ", 1)[1]
             for line in self.output().splitlines()

@@ -7,6 +7,11 @@ random moment.  Then a copy of the files (the crash state, untouched for the
 next round's restart) must hold every acknowledged request, no request in
 part, and pass PRAGMA integrity_check.
 
+The writes go through group commit: just before each kill the test scrapes
+/metrics (which saves the process's counts), and at the end it prints the
+distribution of commit batch sizes and checks that batches of several
+requests happened, so the rounds crashed batched commits.
+
 CRASH_ROUNDS (default 12) and CRASH_SEED make a run longer or
 repeat one; the seed of every run is printed.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import re
 import shutil
 import sqlite3
 import threading
@@ -147,6 +153,10 @@ def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
         for thread in threads:
             thread.start()
         time.sleep(rng.uniform(0.05, 0.6))
+        # Saves this process's metrics so far (the batch sizes), under load.
+        scraper = Client(server.port)
+        assert scraper.get("/metrics")[0] == 200
+        scraper.close()
         server.proc.kill()  # SIGKILL: no cleanup, no checkpoint, mid-commit for some
         server.proc.wait(timeout=15)
         stop.set()
@@ -175,11 +185,14 @@ def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
     for rid in sample:
         key, value = request_pairs(rid, ledger.thread_of[rid])[0]
         assert client.get(f"/get?key={key}")[::2] == (200, value.encode())
+    batches = batch_sizes(client.get("/metrics")[2].decode())
     client.close()
     server.stop()
 
     acknowledged = sum(r["acknowledged"] for r in rounds)
     assert acknowledged > ROUNDS, "the rounds acknowledged almost nothing; nothing was tested"
+    # Six clients against four server threads: commits must have carried several requests.
+    assert sum(count for bound, count in batches.items() if bound != "1") > 0, batches
     with capsys.disabled():
         print(
             f"\n[crash] {ROUNDS} rounds of kill -9 (seed {seed}), {CLIENT_THREADS} client threads,"
@@ -187,5 +200,22 @@ def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
             f" {acknowledged} acknowledged, lost 0, half-applied 0,"
             f" {rounds[-1]['applied_unacknowledged']} committed but cut off before"
             f" the answer, integrity_check ok {ROUNDS}/{ROUNDS};"
-            f" acknowledged per round {[r['acknowledged'] for r in rounds]}"
+            f" acknowledged per round {[r['acknowledged'] for r in rounds]};"
+            f" commits by batch size (requests per commit, up to): {batches}"
         )
+
+
+def batch_sizes(metrics: str) -> dict[str, int]:
+    """Return the commits per batch-size bucket ('1', '2', '4', ...) from a /metrics page."""
+    cumulative = {
+        bound: int(float(count))
+        for bound, count in re.findall(
+            r'^kvapp_commit_batch_size_bucket\{le="([^"]+)"\} (\S+)$', metrics, re.MULTILINE
+        )
+    }
+    sizes, below = {}, 0
+    for bound, count in cumulative.items():
+        if count > below:
+            sizes[bound] = count - below
+        below = count
+    return sizes

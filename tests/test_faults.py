@@ -211,6 +211,8 @@ def assert_refused(result, line: str) -> None:
 def test_read_only_file_is_refused_at_startup_with_one_line(db_path, how, command):
     build_database(db_path, count=3)
     before = db_path.read_bytes()
+    files = sorted(p.name for p in db_path.parent.iterdir())
+    assert f"{db_path.name}-shm" not in files
     prefix, undo = make_read_only(db_path, how)
     try:
         result = run_entry_point(command, db_path, free_port(), prefix)
@@ -222,7 +224,7 @@ def test_read_only_file_is_refused_at_startup_with_one_line(db_path, how, comman
         " make it writable for the user running kvapp",
     )
     # Refused before SQLite opened it: no -shm with a read-only mode left behind.
-    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+    assert sorted(p.name for p in db_path.parent.iterdir()) == files
     assert db_path.read_bytes() == before
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import webtest
+from conftest import ROOT
 
 from kvapp import create_app
-from kvapp.logs import redact, setup_logging, target
+from kvapp.logs import PIPE_BUF, LineWriter, redact, setup_logging, target
 
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
 FORM = "application/x-www-form-urlencoded"
@@ -161,3 +166,127 @@ def test_log_level_from_settings_silences_the_access_log(make_client, make_setti
     setup_logging(make_settings(log_level="INFO"))
     make_client().get("/")
     assert len(access_lines(caplog)) == 1
+
+
+# When kvapp owns the log output (wsgi.py, python -m kvapp serve), access lines
+# skip logging's records and formatter; they must read exactly like the rest.
+OWN_OUTPUT = """
+import logging, sys, webtest
+from kvapp import create_app
+from kvapp.config import load_config
+from kvapp.logs import setup_logging
+settings = load_config(environ={"KVAPP_DATABASE": sys.argv[1]})
+setup_logging(settings)
+client = webtest.TestApp(create_app(settings), extra_environ={"REMOTE_ADDR": "192.0.2.7"})
+client.get("/set?k=v")
+client.get("/get?key=k")
+client.get("/kv/%22", status=404)
+logging.getLogger("kvapp.sweeper").warning("a warning with %s", "arguments")
+"""
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+
+
+def test_kvapp_own_log_output_writes_every_line_in_one_format(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", OWN_OUTPUT, str(tmp_path / "kv.sqlite3")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4, result.stderr
+    for line in lines:
+        assert re.match(rf"{STAMP} (INFO|WARNING) kvapp\.\S+: ", line), line
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        'INFO kvapp.access: 192.0.2.7 "GET /set?k=***" 200 13 ' + lines[0].rsplit(" ", 1)[1],
+        'INFO kvapp.access: 192.0.2.7 "GET /get?key=***" 200 1 ' + lines[1].rsplit(" ", 1)[1],
+        'INFO kvapp.access: 192.0.2.7 "GET /kv/%22" 404 ' + " ".join(lines[2].rsplit(" ", 2)[1:]),
+        "WARNING kvapp.sweeper: a warning with arguments",
+    ]
+    assert all(LINE.match(line.split(": ", 1)[1]) for line in lines[:3])
+
+
+class Recorder:
+    """Stands in for os.write: keeps each call's bytes."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        self.calls.append(bytes(data))
+        return len(data)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_line_after_a_quiet_spell_is_written_at_once():
+    recorder = Recorder()
+    writer = LineWriter(99, flush_interval=3600, _write=recorder)
+    writer.write("first\n")
+    assert recorder.calls == [b"first\n"]
+
+
+def test_a_burst_is_written_in_few_calls_of_whole_lines_none_lost():
+    recorder = Recorder()
+    writer = LineWriter(99, flush_interval=0.05, _write=recorder)
+    lines = [f"thread {t} line {n} " + "x" * (n % 300) + "\n" for t in range(4) for n in range(500)]
+
+    def send(t: int) -> None:
+        for line in lines[t * 500 : (t + 1) * 500]:
+            writer.write(line)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: b"".join(recorder.calls).count(b"\n") == len(lines), "every line")
+    written = b"".join(recorder.calls).decode().splitlines(keepends=True)
+    assert sorted(written) == sorted(lines)
+    # In each thread's order, whole lines per call, at most PIPE_BUF bytes per call.
+    for t in range(4):
+        assert [line for line in written if line.startswith(f"thread {t} ")] == lines[
+            t * 500 : (t + 1) * 500
+        ]
+    assert all(call.endswith(b"\n") and len(call) <= PIPE_BUF for call in recorder.calls)
+    assert len(recorder.calls) < len(lines) / 5
+
+
+def test_a_warning_is_written_at_once_after_the_lines_queued_before_it():
+    recorder = Recorder()
+    writer = LineWriter(99, flush_interval=3600, _write=recorder)
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    writer.write("first\n")  # written: the log was quiet
+    writer.write("queued\n")
+    assert recorder.calls == [b"first\n"]
+    writer.handle(logging.LogRecord("kvapp", logging.WARNING, "", 0, "careful", (), None))
+    assert b"".join(recorder.calls) == b"first\nqueued\nWARNING careful\n"
+
+
+BURST_AT_EXIT = """
+import sys
+from kvapp.config import load_config
+from kvapp.logs import log_request, setup_logging
+setup_logging(load_config(environ={"KVAPP_DATABASE": sys.argv[1]}))
+for n in range(300):
+    log_request({"REQUEST_METHOD": "GET", "PATH_INFO": f"/n{n}"}, 200, 0, 0.0)
+"""
+
+
+def test_lines_queued_at_exit_are_written(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", BURST_AT_EXIT, str(tmp_path / "kv.sqlite3")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [line.split('"')[1] for line in result.stderr.splitlines()] == [
+        f"GET /n{n}" for n in range(300)
+    ]

@@ -1,0 +1,173 @@
+"""Group commit: the Writes of many threads share one transaction and one fsync.
+
+Any storage with an `apply_batch(writes) -> results` that applies its writes
+in one transaction (kvapp.repository.Repository, a PostgreSQL repository)
+gets group commit by sending every write through GroupCommit.submit().
+
+Leader and followers, no committer thread and no timer:
+- A thread that submits while no batch is being applied becomes the leader:
+  it applies at once the writes waiting then (a lone write: just its own),
+  so an idle server never waits to fill a batch.
+- A thread that submits while a batch is being applied waits; its write
+  joins the next batch, together with every other write that arrived during
+  that commit.  The first of them becomes the next leader when the current
+  batch is done.  So the batch size follows the load: about one commit per
+  fsync, however many threads write.
+- Every submitter is woken only after apply_batch has returned (the batch
+  is durable) or raised (nothing of it is): nothing is acknowledged early.
+  Each gets its own result, an Outcome or a ConditionFailed (apply_batch
+  fails a write whose condition does not hold alone), or the error that
+  failed the whole batch, which then reaches every request of it.
+With no thread of its own, it works unchanged in forked worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from kvapp.writes import ConditionFailed, Outcome, Put, Write
+
+Result = Outcome | ConditionFailed
+ApplyBatch = Callable[[Sequence[Write]], Sequence[Result]]
+
+# A batch stops growing at whichever comes first.  The first write always
+# goes, however big: the caps bound how long one transaction holds the write
+# lock and how much it buffers, they never refuse a write.
+MAX_BATCH_WRITES = 256
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class BatchInterrupted(RuntimeError):
+    """The leader applying this write's batch was interrupted (KeyboardInterrupt, SystemExit)."""
+
+
+class _Waiter:
+    """One submitted write, and the lock its thread sleeps on until it is answered or leads."""
+
+    __slots__ = ("write", "size", "wake", "leads", "result", "error")
+
+    def __init__(self, write: Write, size: int) -> None:
+        self.write = write
+        self.size = size
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.leads = False
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+
+
+def write_size(write: Write) -> int:
+    """Return about how many bytes a write carries: its keys and values."""
+    return sum(
+        len(change.key) + (len(change.value) if isinstance(change, Put) else 0)
+        for change in write.changes
+    )
+
+
+class GroupCommit:
+    """Submits Writes from many threads to apply_batch, as few batches as possible."""
+
+    def __init__(
+        self,
+        apply_batch: ApplyBatch,
+        max_writes: int = MAX_BATCH_WRITES,
+        max_bytes: int = MAX_BATCH_BYTES,
+    ) -> None:
+        if max_writes < 1:
+            raise ValueError("max_writes must be at least 1")
+        self.apply_batch = apply_batch
+        self.max_writes = max_writes
+        self.max_bytes = max_bytes
+        self._mutex = threading.Lock()
+        self._queue: deque[_Waiter] = deque()
+        self._busy = False  # a leader is applying a batch, or has been chosen to
+
+    def submit(self, write: Write) -> Outcome:
+        """Apply write in the next batch; return its Outcome once that batch is durable.
+
+        Raises ConditionFailed if its condition does not hold (nothing of it is
+        applied), ValueError if it changes a key twice (before it joins a
+        batch), or whatever failed its whole batch.
+        """
+        changes = write.changes
+        if len(changes) > 1 and len({change.key for change in changes}) != len(changes):
+            raise ValueError("a Write changes each key at most once")
+        waiter = _Waiter(write, write_size(write))
+        with self._mutex:
+            self._queue.append(waiter)
+            leads = not self._busy
+            self._busy = True
+        if not leads:
+            waiter.wake.acquire()  # until our batch is done, or we are the next leader
+            leads = waiter.leads
+        if leads:
+            self._lead()
+        if waiter.error is not None:
+            raise waiter.error
+        if isinstance(waiter.result, ConditionFailed):
+            raise waiter.result
+        assert waiter.result is not None
+        return waiter.result
+
+    def _take(self) -> list[_Waiter]:
+        """Return the waiting writes of the next batch, oldest first, within the caps."""
+        batch: list[_Waiter] = []
+        size = 0
+        with self._mutex:
+            queue = self._queue
+            while queue and len(batch) < self.max_writes:
+                if batch and size + queue[0].size > self.max_bytes:
+                    break
+                waiter = queue.popleft()
+                size += waiter.size
+                batch.append(waiter)
+        return batch
+
+    def _lead(self) -> None:
+        """Apply one batch (it holds the leader's own write: a leader is first in the queue)."""
+        batch = self._take()
+        error: BaseException | None = None
+        try:
+            results = self.apply_batch([waiter.write for waiter in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"apply_batch returned {len(results)} results for {len(batch)}")
+            for waiter, result in zip(batch, results, strict=True):
+                waiter.result = result
+        except BaseException as exc:  # every request of the batch must hear of it
+            error = exc
+        finally:
+            with self._mutex:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._busy = False
+                else:
+                    successor.leads = True
+            # The next leader first: its commit can start while the others answer.
+            if successor is not None:
+                successor.wake.release()
+            if error is not None:
+                batch[0].error = error
+            for waiter in batch[1:]:
+                if error is not None:
+                    waiter.error = _own_copy(error)
+                waiter.wake.release()
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """Return an exception for one follower to raise, chained to the leader's original.
+
+    Each thread raises its own instance so that tracebacks do not mix;
+    KeyboardInterrupt and SystemExit stop only the leader's thread.
+    """
+    if not isinstance(exc, Exception):
+        clone: BaseException = BatchInterrupted("the batch holding this write was interrupted")
+    else:
+        try:
+            clone = copy.copy(exc)
+        except Exception:
+            return exc
+    clone.__cause__ = exc
+    return clone
