@@ -51,7 +51,7 @@ from kvapp.repository import (
     StorageError,
     StorageFull,
     StorageUnavailable,
-    successor,
+    key_range,
 )
 from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
 
@@ -442,11 +442,8 @@ class PostgresRepository:
         Keys come in UTF-8 byte order (COLLATE "C"), from one range scan of
         the primary key's index: key >= prefix AND key < successor(prefix).
         """
-        if after is not None and after >= prefix:
-            where, params = "key > %s", [after]
-        else:
-            where, params = "key >= %s", [prefix]
-        upper = successor(prefix)
+        operator, lower, upper = key_range(prefix, after)
+        where, params = f"key {operator} %s", [lower]
         if upper is not None:
             where += " AND key < %s"
             params.append(upper)

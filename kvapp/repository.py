@@ -154,6 +154,17 @@ def successor(prefix: str) -> str | None:
     return None
 
 
+def key_range(prefix: str, after: str | None) -> tuple[str, str, str | None]:
+    """Return (operator, lower bound, exclusive upper bound or None) of a listing's key range.
+
+    Both backends list with `key <operator> lower AND key < upper`: one range
+    scan of the primary key's index, never a full scan.
+    """
+    if after is not None and after >= prefix:
+        return ">", after, successor(prefix)
+    return ">=", prefix, successor(prefix)
+
+
 class Repository:
     """The key-value store in one SQLite file."""
 
@@ -404,11 +415,8 @@ class Repository:
         Keys come in UTF-8 byte order (the BINARY collation), from one range
         scan of the primary key's index: key >= prefix AND key < successor(prefix).
         """
-        if after is not None and after >= prefix:
-            where, params = "key > ?", [after]
-        else:
-            where, params = "key >= ?", [prefix]
-        upper = successor(prefix)
+        operator, lower, upper = key_range(prefix, after)
+        where, params = f"key {operator} ?", [lower]
         if upper is not None:
             where += " AND key < ?"
             params.append(upper)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import webtest
 from hypothesis import settings as hypothesis_settings
-from pgcluster import Cluster, find_bindir
+from pgcluster import running_cluster
 
 from kvapp import create_app
 from kvapp.config import is_database_url, load_config
@@ -68,15 +68,8 @@ def backend(request) -> str:
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A PostgreSQL server for the whole session, started on first use; removed at the end."""
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql)")
-    cluster = Cluster(bindir)
-    try:
-        cluster.init().start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 @pytest.fixture

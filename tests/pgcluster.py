@@ -15,6 +15,7 @@ row, no setting of a previous test is left in it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -189,3 +190,19 @@ class Cluster:
                 "stop", check=False,
             )  # fmt: skip
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster():
+    """Yield a started throwaway Cluster, destroyed afterwards; skip if initdb is missing."""
+    import pytest
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql)")
+    cluster = Cluster(bindir)
+    try:
+        cluster.init().start()
+        yield cluster
+    finally:
+        cluster.destroy()

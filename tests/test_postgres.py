@@ -27,7 +27,7 @@ from faultkit import Client, needs_root, require_tool
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from pgcluster import Cluster, find_bindir, server_owner
+from pgcluster import running_cluster, server_owner
 
 from kvapp import create_app, open_repository
 from kvapp.config import ConfigError, load_config, redact
@@ -608,15 +608,8 @@ def test_a_forked_worker_opens_its_own_connections(repo):
 @pytest.fixture
 def own_cluster():
     """A PostgreSQL server of this test's own, which it may stop and start."""
-    bindir = find_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql)")
-    cluster = Cluster(bindir)
-    try:
-        cluster.init().start()
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 def healthy(server) -> bool:
