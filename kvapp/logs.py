@@ -49,7 +49,8 @@ class LineWriter(logging.Handler):
     the request path takes no lock) and a daemon thread writes them every
     FLUSH_INTERVAL.  So a busy server makes a few write() calls a second
     instead of one per request: each call hands the GIL to another thread,
-    and the A/B measurement in the README puts that at 4% of GET throughput.
+    which cost about 4% of GET throughput on waitress (two servers loaded
+    side by side on two cores, one writing per line, one in bulk).
     Records of WARNING and above are written at once, with everything
     queued before them, and logging.shutdown() at exit writes the rest; a
     kill (SIGKILL, or SIGTERM without a handler) under load loses at most
