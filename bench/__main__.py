@@ -1,21 +1,25 @@
 """Benchmark kvapp with wrk, side by side with a hello-world ceiling, in one run.
 
-    python -m bench                 the whole matrix (~12 minutes at --duration 5)
-    python -m bench --quick         a smoke run of a few cells (~20 s)
+    python -m bench                 the whole matrix (~26 minutes at --duration 5)
+    python -m bench --quick         a smoke run of a few cells (~1 minute)
     python -m bench --scale         1k, 1M and 10M keys: load, start, memory, GET/SET
     python -m bench --profile       py-spy profiles of the read and write paths
 
 Every cell is one wrk run (2 threads, 1 at 1 connection; keep-alive; loopback)
-against a server this command starts on a free port with a temporary database.
-Each figure is also given as a ratio to its ceiling: the hello-world app
-(bench/hello.py) on the same server with the same settings, workers and
-connections, driven by the same wrk script.  wrk shares the machine's cores
-with the server, and other load skews everything: compare ratios within one run.
+against a server this command starts on a free port with a temporary database:
+an SQLite file, or a fresh database of a PostgreSQL cluster that this command
+starts (initdb, fsync on; --backends).  Each figure is also given as a ratio
+to its ceiling: the hello-world app (bench/hello.py) on the same server with
+the same settings, workers and connections, driven by the same wrk script,
+measured right before and right after the kvapp cells of that scenario.
+wrk shares the machine's cores with the servers, and other load skews
+everything: compare ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import shlex
@@ -24,11 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import report, servers, wrk
+from bench import pgcluster, report, servers, wrk
 from bench.servers import Running, Spec
 
 SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix")
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
+PG_INSTALL = "apt-get install postgresql"
+# The benchmark's cluster makes commits durable, as SQLite's FULL does: fsync
+# on (the tests' cluster turns it off); kvapp sets synchronous_commit = on.
+PG_SETTINGS = {"fsync": "on", "full_page_writes": "on"}
 
 
 def csv(convert):
@@ -51,7 +59,24 @@ def server_name(text: str) -> str:
     return text
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def backend_name(text: str) -> str:
+    if text not in servers.BACKENDS:
+        raise argparse.ArgumentTypeError(f"backend must be one of {', '.join(servers.BACKENDS)}")
+    return text
+
+
+def default_backends(bindir: Path | None) -> tuple[tuple[str, ...], str | None]:
+    """Return the backends measured when --backends is not given, and a note, or None."""
+    if bindir is not None:
+        return servers.BACKENDS, None
+    return ("sqlite",), (
+        "PostgreSQL's server binaries are not installed, so only SQLite is measured"
+        f" ({PG_INSTALL} adds the PostgreSQL column)"
+    )
+
+
+def parse_args(argv: list[str] | None, bindir: Path | None | bool = True) -> argparse.Namespace:
+    """Return the options; bindir: PostgreSQL's binaries (True: look for them)."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
@@ -67,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=csv(int), default=(1, 2))
     parser.add_argument("--sync", type=csv(sync_name), default=("FULL", "NORMAL"))
     parser.add_argument("--servers", type=csv(server_name), default=servers.SERVERS)
+    parser.add_argument(
+        "--backends",
+        type=csv(backend_name),
+        default=None,
+        help="sqlite,postgresql (default: both when PostgreSQL's initdb is installed)",
+    )
     parser.add_argument("--scenarios", type=csv(str), default=SCENARIOS)
     parser.add_argument("--keys", type=int, default=1000, help="keys loaded before GET cells")
     parser.add_argument(
@@ -82,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
     args = parser.parse_args(argv)
+    args.pg_bindir = pgcluster.find_bindir() if bindir is True else bindir
+    args.note = None
+    if args.backends is None:
+        args.backends, args.note = default_backends(args.pg_bindir)
     if args.quick:
         args.duration, args.warmup = 1, 0
         args.connections, args.workers, args.sync = (16,), (1,), ("FULL",)
@@ -97,6 +132,12 @@ def check_tools(args: argparse.Namespace) -> str | None:
     """Return why the benchmark cannot run here, or None."""
     if wrk.find_wrk() is None:
         return wrk.INSTALL_HINT
+    matrix = not (args.scale or args.profile)
+    if matrix and "postgresql" in args.backends and args.pg_bindir is None:
+        return (
+            f"PostgreSQL's server binaries (initdb, pg_ctl) are not installed: {PG_INSTALL}"
+            " (or pass --backends sqlite)"
+        )
     if "granian" in args.servers and not servers.granian_path().exists():
         return (
             "granian is not installed: pip install -r bench/requirements.txt"
@@ -108,12 +149,25 @@ def check_tools(args: argparse.Namespace) -> str | None:
 def cell(
     running: Running, scenario: str, connections: int, args: argparse.Namespace, tag: str
 ) -> dict:
-    result = wrk.run(running.url, scenario, connections, args.duration, keys=args.keys, tag=tag)
+    spec = running.spec
+    hello = spec.app == "hello"
+    result = wrk.run(
+        running.url,
+        scenario,
+        connections,
+        args.duration,
+        keys=args.keys,
+        tag=tag,
+        all_404=False if hello else None,
+    )
     return {
-        "server": running.spec.server,
-        "workers": running.spec.workers,
-        "synchronous": running.spec.synchronous,
-        "scenario": "ceiling" if running.spec.app == "hello" else scenario,
+        "server": spec.server,
+        "workers": spec.workers,
+        "app": spec.app,
+        "backend": spec.backend,
+        # PostgreSQL commits with synchronous_commit = on (kvapp's FULL).
+        "synchronous": "on" if spec.backend == "postgresql" else spec.synchronous,
+        "scenario": scenario,
         "connections": connections,
         "rps": round(result.rps, 1),
         "p50_ms": round(result.p50_ms, 3),
@@ -126,58 +180,99 @@ def cell(
 
 def progress(row: dict) -> None:
     print(
-        f"  {row['server']:8} w{row['workers']} {row['synchronous'] or '-':6}"
-        f" {row['scenario']:10} c{row['connections']:<3} {row['rps']:>9,.0f} req/s"
-        f"  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms"
+        f"  {row['server']:8} w{row['workers']} {report.backend_label(row):10}"
+        f" {row['synchronous'] or '-':6} {row['scenario']:10} c{row['connections']:<3}"
+        f" {row['rps']:>9,.0f} req/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms"
         f"  errors {row['errors']}  load {row['load_average']}",
         file=sys.stderr,
         flush=True,
     )
 
 
-def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    """Measure every cell; return the rows, ceilings first, with their ratios.
+def kvapp_specs(server: str, workers: int, args: argparse.Namespace, extra: tuple) -> list[Spec]:
+    """Return the kvapp servers of one group: each SQLite sync setting, then PostgreSQL."""
+    specs = []
+    for backend in servers.BACKENDS:
+        if backend in args.backends:
+            # synchronous does not apply to PostgreSQL's column: it always runs
+            # with kvapp's FULL, which is synchronous_commit = on.
+            syncs = args.sync if backend == "sqlite" else ("FULL",)
+            specs += [Spec(server, "kvapp", workers, sync, extra, backend) for sync in syncs]
+    return specs
 
-    The hello-world server and one kvapp server per synchronous setting run
-    side by side for each server and worker count.  For each connection count
-    the ceiling is measured right before and right after kvapp's cells and
-    averaged, so that load from elsewhere on the machine skews both alike.
+
+def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Measure every cell; return the rows, each ceiling first, with their ratios.
+
+    The hello-world server and the kvapp servers (one per SQLite synchronous
+    setting, one on PostgreSQL) run side by side for each server and worker
+    count.  For each connection count and scenario, the ceiling (the
+    hello-world server driven by that scenario's wrk script) is measured right
+    before and right after kvapp's cells and averaged, so that load from
+    elsewhere on the machine skews both alike.
     """
-    rows: list[dict] = []
-    granian_args = tuple(shlex.split(args.granian_args))
-    log = tmp / "servers.log"
-    for server, workers in itertools.product(args.servers, args.workers):
-        extra = granian_args if server == "granian" else ()
-        running: list[Running] = []
-        try:
-            for spec in [Spec(server, "hello", workers, None, extra)] + [
-                Spec(server, "kvapp", workers, sync, extra) for sync in args.sync
-            ]:
-                database = None
-                if spec.app == "kvapp":
-                    database = tmp / f"{server}-{workers}-{spec.synchronous}.sqlite3"
-                    servers.load_keys(database, args.keys)
-                running.append(Running(spec, database, log))
-            hello, apps = running[0], running[1:]
-            for target in running if args.warmup else ():
-                wrk.run(target.url, "get-hit", 16, args.warmup, keys=args.keys)
-            for connections in args.connections:
-                before = cell(hello, "get-hit", connections, args, "")
-                measured = [
-                    cell(app, scenario, connections, args, str(len(rows) + i))
-                    for i, (app, scenario) in enumerate(itertools.product(apps, args.scenarios))
-                ]
-                after = cell(hello, "get-hit", connections, args, "")
-                rows.append(average(before, after))
-                progress(rows[-1])
-                for row in measured:
-                    rows.append(row)
-                    progress(row)
-        finally:
-            for target in running:
-                target.stop()
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if "postgresql" in args.backends:
+            started = time.monotonic()
+            cluster = pgcluster.Cluster(args.pg_bindir, PG_SETTINGS)
+            stack.enter_context(pgcluster.running(cluster))
+            print(
+                f"  PostgreSQL cluster started in {time.monotonic() - started:.1f} s"
+                f" ({cluster.folder})",
+                file=sys.stderr,
+                flush=True,
+            )
+        rows: list[dict] = []
+        for server, workers in itertools.product(args.servers, args.workers):
+            rows += run_group(args, tmp, server, workers, cluster)
     rows.sort(key=order)
     report.add_ratios(rows)
+    return rows
+
+
+def run_group(
+    args: argparse.Namespace,
+    tmp: Path,
+    server: str,
+    workers: int,
+    cluster: pgcluster.Cluster | None,
+) -> list[dict]:
+    """Measure the cells of one server and worker count; return their rows."""
+    extra = tuple(shlex.split(args.granian_args)) if server == "granian" else ()
+    log = tmp / "servers.log"
+    rows: list[dict] = []
+    running: list[Running] = []
+    try:
+        for spec in [Spec(server, "hello", workers, None, extra)] + kvapp_specs(
+            server, workers, args, extra
+        ):
+            database: Path | str | None = None
+            if spec.backend == "sqlite":
+                database = tmp / f"{server}-{workers}-{spec.synchronous}.sqlite3"
+            elif spec.backend == "postgresql":
+                assert cluster is not None
+                database = cluster.create_database()  # fresh for each kvapp server
+            if database is not None:
+                servers.load_keys(database, args.keys)
+            running.append(Running(spec, database, log))
+        hello, apps = running[0], running[1:]
+        for target in running if args.warmup else ():
+            wrk.run(target.url, "get-hit", 16, args.warmup, keys=args.keys, all_404=False)
+        for connections, scenario in itertools.product(args.connections, args.scenarios):
+            before = cell(hello, scenario, connections, args, "")
+            measured = [
+                # The tag keeps set-unique's keys new at each connection count.
+                cell(app, scenario, connections, args, f"c{connections}")
+                for app in apps
+            ]
+            after = cell(hello, scenario, connections, args, "")
+            for row in [average(before, after), *measured]:
+                rows.append(row)
+                progress(row)
+    finally:
+        for target in running:
+            target.stop()
     return rows
 
 
@@ -193,14 +288,15 @@ def average(before: dict, after: dict) -> dict:
 
 
 def order(row: dict) -> tuple:
-    """Sort key: server, workers, ceiling then FULL then NORMAL, scenario, connections."""
-    scenarios = ("ceiling", *SCENARIOS)
+    """Sort key: server, workers, scenario, connections, then ceiling, SQLite, PostgreSQL."""
+    kinds = (None, *servers.BACKENDS)
     return (
         servers.SERVERS.index(row["server"]),
         row["workers"],
-        row["synchronous"] or "",
-        scenarios.index(row["scenario"]),
+        SCENARIOS.index(row["scenario"]),
         row["connections"],
+        kinds.index(row["backend"]),
+        row["synchronous"] or "",
     )
 
 
@@ -213,19 +309,14 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
         f"Command: `{command.strip()}`",
         "",
         f"Machine: {env['cores']} cores, {env['platform']}; Python {env['python']},"
-        f" waitress {env['waitress']}, granian {env['granian']}, {env['wrk']};"
+        f" waitress {env['waitress']}, granian {env['granian']}, {env['wrk']},"
+        f" PostgreSQL {env['postgresql']};"
         f" commit {env['commit']}.",
         f"Load average (1 min): {env['load_average_start']:.2f} at the start,"
         f" {min(r['load_average'] for r in rows):.2f} to"
         f" {max(r['load_average'] for r in rows):.2f} during the cells.",
         "",
-        f"Each cell: wrk for {args.duration} s, 2 threads (1 at 1 connection), keep-alive,"
-        f" loopback; {args.keys} keys loaded; SET stores {len(wrk.VALUE)} bytes."
-        " ×ceil: the figure divided by the hello-world ceiling's on the same server, workers"
-        " and connections (for latencies above 1 is slower); the ceiling is the mean of a run"
-        " right before and one right after kvapp's cells at that connection count."
-        " errors: socket errors, timeouts and answers of an unexpected status"
-        " (get-miss expects 404).",
+        *report.method(args.duration, args.keys, len(wrk.VALUE), args.backends, env),
         f"granian options: `{args.granian_args or '(defaults)'}`; waitress: config.ini"
         " (4 threads per worker).",
         "",
@@ -236,7 +327,8 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
     lines += ["## All cells", "", *report.matrix_table(rows)]
     document = {"kind": kind, "command": command.strip()}
     document.update({"environment": env, "duration_s": args.duration, "keys": args.keys})
-    document.update({"granian_args": args.granian_args, "rows": rows})
+    document.update({"granian_args": args.granian_args, "backends": list(args.backends)})
+    document["rows"] = rows
     return document, lines
 
 
@@ -247,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    env = report.environment()
+    matrix = not (args.scale or args.profile)
+    if matrix and args.note:
+        print(f"bench: {args.note}", file=sys.stderr)
+    env = report.environment(args.pg_bindir)
     with tempfile.TemporaryDirectory(prefix="kvapp-bench-") as name:
         tmp = Path(name)
         if args.scale:

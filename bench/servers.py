@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -13,22 +14,43 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvapp.config import is_database_url
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("waitress", "granian")
+BACKENDS = ("sqlite", "postgresql")
 VALUE = "v" * 32  # the value of every loaded key and of every SET
 
 
-def load_keys(database: Path, count: int, first: int = 1) -> float:
-    """Fill database with keys key-<first> ... key-<count>; return the seconds it took."""
+def load_keys(database: Path | str, count: int, first: int = 1) -> float:
+    """Fill database with keys key-<first> ... key-<count>; return the seconds it took.
+
+    database is an SQLite file (the repository's bulk loader) or a postgresql://
+    URL (PostgresRepository.load, the data tools' write path, in large
+    transactions).
+    """
+    started = time.monotonic()
+    items = (
+        (f"key-{i:09d}", VALUE.encode(), "text/plain; charset=utf-8")
+        for i in range(first, count + 1)
+    )
+    if is_database_url(str(database)):
+        from kvapp.postgres import PostgresRepository
+        from kvapp.writes import Record
+
+        store = PostgresRepository(str(database))
+        try:
+            records = (Record(key, value, ctype, 1, None) for key, value, ctype in items)
+            while chunk := list(itertools.islice(records, 50_000)):
+                store.load(chunk)
+        finally:
+            store.close()
+        return time.monotonic() - started
     from kvapp.repository import Repository
 
-    started = time.monotonic()
     repository = Repository(str(database), startup_check_max_bytes=0)
     try:
-        repository.load_bulk(
-            (f"key-{i:09d}", VALUE.encode(), "text/plain; charset=utf-8")
-            for i in range(first, count + 1)
-        )
+        repository.load_bulk(items)
     finally:
         repository.close()
     return time.monotonic() - started
@@ -53,6 +75,7 @@ class Spec:
     workers: int
     synchronous: str | None = None  # kvapp only
     granian_args: tuple[str, ...] = ()
+    backend: str | None = None  # kvapp only: "sqlite" or "postgresql"
 
     def argv(self, port: int) -> list[str]:
         if self.server == "waitress":
@@ -79,13 +102,19 @@ class Spec:
 class Running:
     """A started server: its URL, its start time, its memory; stop() ends it."""
 
-    def __init__(self, spec: Spec, database: Path | None, log: Path, timeout: float = 60) -> None:
+    def __init__(
+        self, spec: Spec, database: Path | str | None, log: Path, timeout: float = 60
+    ) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVAPP_")}
         if database is not None:
             env["KVAPP_DATABASE"] = str(database)
+            if is_database_url(str(database)):
+                # Not the default file in the system temp folder that every
+                # kvapp serving this URL shares: one beside the log, per server.
+                env["KVAPP_METRICS_PATH"] = str(log.with_name(f"metrics-{self.port}.sqlite3"))
         if spec.synchronous:
             env["KVAPP_SYNCHRONOUS"] = spec.synchronous
         self.log = log
