@@ -31,6 +31,7 @@ def open_repository(settings: Settings, clock: Callable[[], float] = time.time):
         busy_timeout_ms=settings.busy_timeout_ms,
         synchronous=settings.synchronous,
         startup_check_max_bytes=settings.startup_check_max_bytes,
+        read_cache_bytes=settings.read_cache_bytes,
         clock=clock,
     )
 

@@ -155,6 +155,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
     ),
     (
         "storage",
+        "read_cache_bytes",
+        asint(0, 2**40),
+        str(32 * _MIB),
+        "bytes of recently read values each worker process keeps in memory (SQLite); 0: none",
+    ),
+    (
+        "storage",
         "sweep_interval_seconds",
         asint(0, 86_400),
         "60",
@@ -273,6 +280,7 @@ class Settings:
     busy_timeout_ms: int
     synchronous: str
     startup_check_max_bytes: int
+    read_cache_bytes: int
     sweep_interval_seconds: int
     metrics_path: str
     max_key_bytes: int

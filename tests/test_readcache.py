@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, curl
+from webtest import TestApp
 
+from kvapp import create_app
+from kvapp.config import load_config
 from kvapp.readcache import SLOTS, Generations, generations_path, slot_of
-from kvapp.repository import DatabaseUnusable, Repository, StorageBusy
+from kvapp.repository import READER_PAGE_CACHE_KIB, DatabaseUnusable, Repository, StorageBusy
 from kvapp.writes import Condition, Delete, Put, Write
 
 
@@ -379,3 +382,34 @@ def test_a_generation_file_of_another_layout_is_refused(db_path, open_repo):
     path.write_bytes(bytes(SLOTS * 8 * 2))
     with pytest.raises(DatabaseUnusable, match="made by another kvapp"):
         Repository(str(db_path))
+
+
+@pytest.mark.parametrize(
+    ("cache_bytes", "expected"),
+    [("0", b"changed outside kvapp"), ("33554432", b"one")],
+    ids=["off", "default"],
+)
+def test_read_cache_bytes_setting_turns_the_cache_on_and_off(tmp_path, cache_bytes, expected):
+    """read_cache_bytes from the config reaches the repository: 0 reads SQLite every time."""
+    db = tmp_path / "kv.sqlite3"
+    environ = {"KVAPP_DATABASE": str(db), "KVAPP_READ_CACHE_BYTES": cache_bytes}
+    app = create_app(load_config(environ=environ))
+    try:
+        client = TestApp(app, extra_environ={"HTTP_HOST": "localhost"})
+        client.get("/set?k=one")
+        assert client.get("/get?key=k").body == b"one"  # cached, when there is a cache
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE kv SET value = ? WHERE key = 'k'", (b"changed outside kvapp",))
+        conn.close()
+        assert client.get("/get?key=k").body == expected
+    finally:
+        app.close()
+
+
+def test_reader_connections_keep_a_small_page_cache(open_repo):
+    """Each thread's reader caches few pages (memory stays bounded with many threads)."""
+    repo = open_repo()
+    repo.set_many([("k", b"v", "text/plain")])
+    reader = repo._reader()
+    assert reader.execute("PRAGMA cache_size").fetchone()[0] == -READER_PAGE_CACHE_KIB
+    assert READER_PAGE_CACHE_KIB <= 512
