@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -14,9 +15,7 @@ def open_repository(settings: Settings, clock: Callable[[], float] = time.time):
     Raises DatabaseUnusable if the database is unfit.
     """
     if is_database_url(settings.database):
-        from kvapp.postgres import PostgresRepository
-
-        return PostgresRepository(
+        return postgres_repository_class()(
             settings.database,
             busy_timeout_ms=settings.busy_timeout_ms,
             synchronous=settings.synchronous,
@@ -36,6 +35,21 @@ def open_repository(settings: Settings, clock: Callable[[], float] = time.time):
     )
 
 
+def postgres_repository_class() -> type:
+    """Return kvapp.postgres.PostgresRepository; DatabaseUnusable if psycopg cannot be imported."""
+    try:
+        from kvapp.postgres import PostgresRepository
+    except ImportError as exc:
+        from kvapp.repository import DatabaseUnusable
+
+        raise DatabaseUnusable(
+            f"a PostgreSQL database needs psycopg, which {sys.executable} cannot import"
+            f" ({exc}); run kvapp with the Python of the venv that"
+            " `pip install -r requirements.txt` filled (.venv/bin/python)"
+        ) from None
+    return PostgresRepository
+
+
 def create_app(settings: Settings):  # -> kvapp.app.App
     """Return the WSGI app for settings; raise DatabaseUnusable if the database is unfit."""
     from kvapp.app import App
@@ -43,4 +57,4 @@ def create_app(settings: Settings):  # -> kvapp.app.App
     return App(settings, open_repository(settings))
 
 
-__all__ = ["create_app", "open_repository"]
+__all__ = ["create_app", "open_repository", "postgres_repository_class"]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvapp import atomic
+from kvapp import atomic, postgres_repository_class
 from kvapp.config import Settings
-from kvapp.repository import Repository
+from kvapp.repository import DatabaseUnusable, Repository
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -62,10 +62,10 @@ def open_store(url: str, settings: Settings, synchronous: str | None = None) -> 
     """Return the repository for an existing store at url; StoreError if there is none."""
     if is_postgres(url):
         try:
-            from kvapp.postgres import PostgresRepository  # type: ignore[import-not-found]
-        except ImportError:
-            raise StoreError("this kvapp has no PostgreSQL support (kvapp/postgres.py)") from None
-        return PostgresRepository(
+            repository_class = postgres_repository_class()
+        except DatabaseUnusable as exc:
+            raise StoreError(str(exc)) from None
+        return repository_class(
             url,
             busy_timeout_ms=settings.busy_timeout_ms,
             synchronous=synchronous or settings.synchronous,

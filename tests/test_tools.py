@@ -11,13 +11,14 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import sys
 import termios
 import time
 from pathlib import Path
 
 import pytest
 from bulk import TEXT, fill, sample
-from conftest import curl
+from conftest import ROOT, curl, server_environ
 from faultkit import overwrite, pages_of
 from tools import (
     Writers,
@@ -138,6 +139,31 @@ def test_failures_exit_1_with_one_line(tmp_path, source_db):
     # Nothing was created by any of them.
     assert not missing.exists()
     assert folder_files(tmp_path) == ["notes.txt", "source"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("copy", "--from", "SOURCE", "--to", "postgresql://kvapp@127.0.0.1:1/kvapp"),
+        ("serve", "--port", "0"),
+    ],
+    ids=["copy", "serve"],
+)
+def test_postgresql_without_psycopg_is_one_line_naming_it(tmp_path, source_db, args):
+    """A Python outside the venv (no psycopg) is told so, not that kvapp lacks PostgreSQL."""
+    args = tuple(str(source_db) if arg == "SOURCE" else arg for arg in args)
+    # As a Python without psycopg: importing it fails.
+    code = (
+        "import runpy, sys; sys.modules['psycopg'] = None;"
+        f" sys.argv = ['kvapp', *{args!r}]; runpy.run_module('kvapp', run_name='__main__')"
+    )
+    env = server_environ() | {"KVAPP_DATABASE": "postgresql://kvapp@127.0.0.1:1/kvapp"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    error = one_line_error(result)
+    assert "needs psycopg" in error and sys.executable in error, error
+    assert ".venv/bin/python" in error
 
 
 def test_serve_on_a_taken_port_is_one_line(tmp_path):
