@@ -151,6 +151,8 @@ def cell(
 ) -> dict:
     spec = running.spec
     hello = spec.app == "hello"
+    commits_before = running_commits(running)
+    cpu_before = running.cpu()
     result = wrk.run(
         running.url,
         scenario,
@@ -160,6 +162,14 @@ def cell(
         tag=tag,
         all_404=False if hello else None,
     )
+    cpu_after = running.cpu()
+    commits_after = running_commits(running)
+    requests = max(result.requests, 1)
+    writes_per_commit = None
+    if commits_before is not None and commits_after is not None:
+        commits = commits_after[0] - commits_before[0]
+        if commits > 0:
+            writes_per_commit = round((commits_after[1] - commits_before[1]) / commits, 2)
     return {
         "server": spec.server,
         "workers": spec.workers,
@@ -175,7 +185,22 @@ def cell(
         "errors": result.errors,
         "requests": result.requests,
         "load_average": round(os.getloadavg()[0], 2),
+        # The server's own cost per request: CPU (all its processes and
+        # threads) and context switches; wrk's is not included.
+        "cpu_user_us": round((cpu_after[0] - cpu_before[0]) / requests * 1e6),
+        "cpu_system_us": round((cpu_after[1] - cpu_before[1]) / requests * 1e6),
+        "switches": round((cpu_after[2] - cpu_before[2]) / requests, 1),
+        "writes_per_commit": writes_per_commit,
     }
+
+
+def running_commits(running: Running) -> tuple[float, float] | None:
+    """Return kvapp's (commits, writes) so far; workers add theirs to /metrics within 1 s."""
+    if running.spec.app != "kvapp":
+        return None
+    if running.spec.workers > 1:
+        time.sleep(1.2)
+    return running.commits()
 
 
 def progress(row: dict) -> None:
@@ -281,6 +306,8 @@ def average(before: dict, after: dict) -> dict:
     row = dict(before)
     for name in ("rps", "p50_ms", "p99_ms"):
         row[name] = round((before[name] + after[name]) / 2, 3)
+    for name in ("cpu_user_us", "cpu_system_us", "switches"):
+        row[name] = round((before[name] + after[name]) / 2, 1)
     row["errors"] = before["errors"] + after["errors"]
     row["requests"] = before["requests"] + after["requests"]
     row["rps_before"], row["rps_after"] = before["rps"], after["rps"]

@@ -54,6 +54,12 @@ def method(duration: int, keys: int, value_bytes: int, backends, env: dict) -> l
         " after kvapp's cells of that scenario and connection count, which ran between"
         " them. ×ceil: a cell's figure divided by its ceiling's (for latencies, above 1 is"
         " slower).",
+        "",
+        "What a request costs the server: CPU µs/req is the CPU time (user + system) of all"
+        " the server's processes and threads during the cell, per request answered (wrk's"
+        " own CPU is not in it); switches/req its context switches per request;"
+        " writes/commit the writes that shared one commit (group commit's batch size, from"
+        " kvapp's /metrics), in cells that wrote.",
     ]
     if "postgresql" in backends:
         lines += [
@@ -118,8 +124,8 @@ def backend_label(row: dict) -> str:
 def matrix_table(rows: list[dict]) -> list[str]:
     lines = [
         "| server | workers | backend | sync | scenario | conns | req/s | ×ceil | p50 ms | ×ceil"
-        " | p99 ms | ×ceil | errors |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | p99 ms | ×ceil | CPU µs/req user+sys | switches/req | writes/commit | errors |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
@@ -127,9 +133,17 @@ def matrix_table(rows: list[dict]) -> list[str]:
             f" | {row['synchronous'] or '-'} | {row['scenario']} | {row['connections']}"
             f" | {_num(row['rps'])} | {_ratio(row['rps_ratio'])} | {_num(row['p50_ms'], 2)}"
             f" | {_ratio(row['p50_ms_ratio'])} | {_num(row['p99_ms'], 2)}"
-            f" | {_ratio(row['p99_ms_ratio'])} | {row['errors']} |"
+            f" | {_ratio(row['p99_ms_ratio'])} | {_cpu(row)} | {_num(row.get('switches'), 1)}"
+            f" | {_num(row.get('writes_per_commit'), 2)} | {row['errors']} |"
         )
     return lines
+
+
+def _cpu(row: dict) -> str:
+    user, system = row.get("cpu_user_us"), row.get("cpu_system_us")
+    if user is None or system is None:
+        return "-"
+    return f"{round(user + system):,} ({round(user):,}+{round(system):,})"
 
 
 def targets_table(rows: list[dict]) -> list[str]:

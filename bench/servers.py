@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import signal
@@ -150,6 +151,46 @@ class Running:
             except (OSError, urllib.error.URLError):
                 time.sleep(0.01)
         raise RuntimeError(f"{self.spec} did not answer within {timeout} s")
+
+    def cpu(self) -> tuple[float, float, int]:
+        """Return the CPU seconds (user, system) and context switches of the server's processes.
+
+        Summed over every thread of every process; a process that ended in
+        between is left out of both ends of a difference.
+        """
+        user = system = switches = 0
+        for pid in self.pids():
+            for task in glob.glob(f"/proc/{pid}/task/*"):
+                try:
+                    with open(f"{task}/stat") as handle:
+                        fields = handle.read().rsplit(")", 1)[1].split()
+                    with open(f"{task}/status") as handle:
+                        status = handle.read()
+                except OSError:
+                    continue  # the thread ended
+                user += int(fields[11])
+                system += int(fields[12])
+                switches += sum(
+                    int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line
+                )
+        ticks = os.sysconf("SC_CLK_TCK")
+        return user / ticks, system / ticks, switches
+
+    def commits(self) -> tuple[float, float] | None:
+        """Return kvapp's (commits, writes committed) from /metrics; None for the ceiling."""
+        if self.spec.app != "kvapp":
+            return None
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("kvapp_commit_batch_size_count", "kvapp_commit_batch_size_sum"):
+                found[name] = float(value)
+        return (
+            found.get("kvapp_commit_batch_size_count", 0.0),
+            found.get("kvapp_commit_batch_size_sum", 0.0),
+        )
 
     def pids(self) -> list[int]:
         """Return the server's process and its descendants."""

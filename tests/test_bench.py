@@ -66,6 +66,15 @@ def check_cells(rows: list[dict], table: str, backend: str, sync: str) -> None:
         assert ceiling["rps"] == pytest.approx(
             (ceiling["rps_before"] + ceiling["rps_after"]) / 2, abs=0.1
         )
+        # What each request cost the server: some CPU, some context switches.
+        for measured in (row, ceiling):
+            assert measured["cpu_user_us"] + measured["cpu_system_us"] > 0, measured
+            assert measured["switches"] > 0, measured
+        # Writes were counted in commits (at least one write per commit); reads made none.
+        if row["scenario"].startswith("set"):
+            assert row["writes_per_commit"] >= 1, row
+        elif row["scenario"].startswith("get"):
+            assert row["writes_per_commit"] is None, row
 
 
 @pytest.mark.slow
@@ -73,6 +82,7 @@ def test_quick_run_writes_a_table_with_every_scenario_on_both_servers(quick):
     rows, table, result = quick
     check_cells(rows, table, "sqlite", "FULL")
     assert "| server | workers | backend | sync | scenario | conns | req/s | ×ceil |" in table
+    assert "| CPU µs/req user+sys | switches/req | writes/commit |" in table
     for server, scenario in (("waitress", "get-hit"), ("granian", "set-unique")):
         assert f"| {server} {scenario} (FULL) |" in table  # the Targets table
     assert "## Targets" in table
