@@ -203,7 +203,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "address the run command listens on; 0.0.0.0 exposes the server to the network",
     ),
     ("server", "port", asint(0, 65_535), "4000", "port the run command listens on"),
-    ("server", "threads", asint(1, 256), "4", "waitress worker threads"),
+    ("server", "threads", asint(1, 256), "16", "waitress worker threads"),
     (
         "server",
         "workers",

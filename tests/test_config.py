@@ -44,7 +44,7 @@ def one_line(message: str) -> str:
 def test_config_ini_defaults_load():
     settings = load_config(CONFIG_INI, environ={})
     assert settings.database == str(ROOT / "data" / "kvapp.sqlite3")
-    assert (settings.host, settings.port, settings.threads) == ("127.0.0.1", 4000, 4)
+    assert (settings.host, settings.port, settings.threads) == ("127.0.0.1", 4000, 16)
     assert settings.max_key_bytes == 1024
     assert settings.max_value_bytes == 1024 * 1024
     assert settings.synchronous == "FULL"
