@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench import pgcluster, report, servers, wrk
 from bench.servers import Running, Spec
+from kvapp.config import load_config
 
 SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix")
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
@@ -194,6 +195,11 @@ def cell(
     }
 
 
+def waitress_threads() -> int:
+    """Return the threads per worker that config.ini gives the waitress servers started here."""
+    return load_config(servers.ROOT / "config.ini", environ={}).threads
+
+
 def running_commits(running: Running) -> tuple[float, float] | None:
     """Return kvapp's (commits, writes) so far; workers add theirs to /metrics within 1 s."""
     if running.spec.app != "kvapp":
@@ -345,7 +351,7 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
         "",
         *report.method(args.duration, args.keys, len(wrk.VALUE), args.backends, env),
         f"granian options: `{args.granian_args or '(defaults)'}`; waitress: config.ini"
-        " (4 threads per worker).",
+        f" ({waitress_threads()} threads per worker).",
         "",
     ]
     targets = report.targets_table(rows)

@@ -175,13 +175,14 @@ def targets_table(rows: list[dict]) -> list[str]:
 
 def scale_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| server | keys | db MiB | load s | start s | RSS MiB idle | scenario | req/s"
-        " | × 1k keys | p50 ms | p99 ms | RSS MiB after | errors |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| server | read cache | keys | db MiB | load s | start s | RSS MiB idle | scenario"
+        " | req/s | × 1k keys | p50 ms | p99 ms | RSS MiB after | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['server']} | {row['keys']:,} | {_num(row['db_mib'])}"
+            f"| {row['server']} | {row.get('read_cache', 'on')} | {row['keys']:,}"
+            f" | {_num(row['db_mib'])}"
             f" | {_num(row['load_seconds'], 1)} | {_num(row['start_seconds'], 2)}"
             f" | {_num(row['rss_idle_mib'], 1)} | {row['scenario']} | {_num(row['rps'])}"
             f" | {_ratio(row['rps_ratio'])} | {_num(row['p50_ms'], 2)}"

@@ -104,12 +104,19 @@ class Running:
     """A started server: its URL, its start time, its memory; stop() ends it."""
 
     def __init__(
-        self, spec: Spec, database: Path | str | None, log: Path, timeout: float = 60
+        self,
+        spec: Spec,
+        database: Path | str | None,
+        log: Path,
+        timeout: float = 60,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVAPP_")}
+        # kvapp settings of this server only, as KVAPP_<NAME> variables.
+        env |= {f"KVAPP_{name.upper()}": value for name, value in (settings or {}).items()}
         if database is not None:
             env["KVAPP_DATABASE"] = str(database)
             if is_database_url(str(database)):
