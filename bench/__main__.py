@@ -153,7 +153,7 @@ def cell(
     spec = running.spec
     hello = spec.app == "hello"
     commits_before = running_commits(running)
-    cpu_before = running.cpu()
+    cpu_before, switches_before = running.cpu(), running.switches()
     result = wrk.run(
         running.url,
         scenario,
@@ -163,7 +163,7 @@ def cell(
         tag=tag,
         all_404=False if hello else None,
     )
-    cpu_after = running.cpu()
+    cpu_after, switches_after = running.cpu(), running.switches()
     commits_after = running_commits(running)
     requests = max(result.requests, 1)
     writes_per_commit = None
@@ -190,7 +190,7 @@ def cell(
         # threads) and context switches; wrk's is not included.
         "cpu_user_us": round((cpu_after[0] - cpu_before[0]) / requests * 1e6),
         "cpu_system_us": round((cpu_after[1] - cpu_before[1]) / requests * 1e6),
-        "switches": round((cpu_after[2] - cpu_before[2]) / requests, 1),
+        "switches": round(servers.switches_between(switches_before, switches_after) / requests, 1),
         "writes_per_commit": writes_per_commit,
     }
 

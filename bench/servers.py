@@ -159,29 +159,42 @@ class Running:
                 time.sleep(0.01)
         raise RuntimeError(f"{self.spec} did not answer within {timeout} s")
 
-    def cpu(self) -> tuple[float, float, int]:
-        """Return the CPU seconds (user, system) and context switches of the server's processes.
+    def cpu(self) -> tuple[float, float]:
+        """Return the CPU seconds (user, system) of the server's processes so far.
 
-        Summed over every thread of every process; a process that ended in
-        between is left out of both ends of a difference.
+        A process's figures include its threads that have ended; a process
+        that ended in between drops out, so compare readings of one server.
         """
-        user = system = switches = 0
+        user = system = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended
+            user += int(fields[11])
+            system += int(fields[12])
+        ticks = os.sysconf("SC_CLK_TCK")
+        return user / ticks, system / ticks
+
+    def switches(self) -> dict[int, int]:
+        """Return each live thread's context switches so far, by thread id.
+
+        Linux counts them per thread only; subtract readings thread by thread,
+        over the threads alive at both (see switches_between).
+        """
+        counts: dict[int, int] = {}
         for pid in self.pids():
             for task in glob.glob(f"/proc/{pid}/task/*"):
                 try:
-                    with open(f"{task}/stat") as handle:
-                        fields = handle.read().rsplit(")", 1)[1].split()
                     with open(f"{task}/status") as handle:
                         status = handle.read()
                 except OSError:
                     continue  # the thread ended
-                user += int(fields[11])
-                system += int(fields[12])
-                switches += sum(
+                counts[int(task.rsplit("/", 1)[1])] = sum(
                     int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line
                 )
-        ticks = os.sysconf("SC_CLK_TCK")
-        return user / ticks, system / ticks, switches
+        return counts
 
     def commits(self) -> tuple[float, float] | None:
         """Return kvapp's (commits, writes committed) from /metrics; None for the ceiling."""
@@ -229,6 +242,11 @@ class Running:
         _killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
+
+
+def switches_between(before: dict[int, int], after: dict[int, int]) -> int:
+    """Return the context switches between two readings, of the threads alive at both."""
+    return sum(count - before[tid] for tid, count in after.items() if tid in before)
 
 
 def _killpg(pgid: int, signum: int) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from kvapp import create_app, workers
-from kvapp.config import ConfigError, load_config, redact
+from kvapp.config import SETTINGS, ConfigError, load_config, redact
 from kvapp.logs import setup_logging
 from kvapp.repository import DatabaseUnusable
 from kvapp.tools import OneLineParser, add_commands
@@ -38,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config file (default: $KVAPP_CONFIG or config.ini)")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve the HTTP API with waitress")
-    run.add_argument("--host", help="listen address (default from config.ini: 127.0.0.1)")
-    run.add_argument("--port", type=int, help="listen port (default from config.ini: 4000)")
-    run.add_argument("--threads", type=int, help="waitress threads (default from config.ini: 4)")
-    run.add_argument("--workers", type=int, help="worker processes (default from config.ini: 1)")
+    shipped = {name: default for _, name, _, default, _ in SETTINGS}
+    for flag, kind, what in (
+        ("host", str, "listen address"),
+        ("port", int, "listen port"),
+        ("threads", int, "waitress threads"),
+        ("workers", int, "worker processes"),
+    ):
+        run.add_argument(
+            f"--{flag}", type=kind, help=f"{what} (default from config.ini: {shipped[flag]})"
+        )
     run.set_defaults(func=serve)
     add_commands(commands)
     args = parser.parse_args(argv)
