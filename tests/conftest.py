@@ -106,6 +106,21 @@ def stored(database: str | Path, sql: str) -> list[tuple]:
         conn.close()
 
 
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture
 def make_settings(database: str, tmp_path: Path):
     """Return a function building Settings on this test's database, with overrides.

@@ -20,21 +20,6 @@ pytestmark = pytest.mark.backends("sqlite", "postgres")
 BEFORE_STORAGE = pytest.mark.backends("sqlite")
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
 @pytest.fixture
 def timed(settings, clock):
     """A TestApp whose repository reads the time from clock."""

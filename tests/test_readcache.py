@@ -20,7 +20,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl
+from conftest import ROOT, Clock, curl
 from webtest import TestApp
 
 from kvapp import create_app
@@ -28,14 +28,6 @@ from kvapp.config import load_config
 from kvapp.readcache import SLOTS, Generations, generations_path, slot_of
 from kvapp.repository import READER_PAGE_CACHE_KIB, DatabaseUnusable, Repository, StorageBusy
 from kvapp.writes import Condition, Delete, Put, Write
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

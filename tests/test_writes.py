@@ -16,20 +16,6 @@ from kvapp.repository import INDEXES, SCHEMA, Repository, successor
 from kvapp.sweeper import Sweeper
 from kvapp.writes import ANY, Condition, ConditionFailed, Delete, Put, Write
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
