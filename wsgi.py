@@ -2,8 +2,8 @@
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
-from kvapp.logs import setup_logging
-from kvapp.repository import DatabaseUnusable
+from kvapp.store.base import DatabaseUnusable
+from kvapp.web.logs import setup_logging
 
 try:
     settings = load_config()

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvapp.config import is_database_url
+from kvapp.store.location import is_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("waitress", "granian")
@@ -27,7 +27,7 @@ def load_keys(database: Path | str, count: int, first: int = 1) -> float:
     """Fill database with keys key-<first> ... key-<count>; return the seconds it took.
 
     database is an SQLite file (the repository's bulk loader) or a postgresql://
-    URL (PostgresRepository.load, the data tools' write path, in large
+    URL (PostgresStore.load, the data tools' write path, in large
     transactions).
     """
     started = time.monotonic()
@@ -35,11 +35,11 @@ def load_keys(database: Path | str, count: int, first: int = 1) -> float:
         (f"key-{i:09d}", VALUE.encode(), "text/plain; charset=utf-8")
         for i in range(first, count + 1)
     )
-    if is_database_url(str(database)):
-        from kvapp.postgres import PostgresRepository
-        from kvapp.writes import Record
+    if is_postgres_url(str(database)):
+        from kvapp.store.base import Record
+        from kvapp.store.postgres import PostgresStore
 
-        store = PostgresRepository(str(database))
+        store = PostgresStore(str(database))
         try:
             records = (Record(key, value, ctype, 1, None) for key, value, ctype in items)
             while chunk := list(itertools.islice(records, 50_000)):
@@ -47,9 +47,9 @@ def load_keys(database: Path | str, count: int, first: int = 1) -> float:
         finally:
             store.close()
         return time.monotonic() - started
-    from kvapp.repository import Repository
+    from kvapp.store.sqlite import SQLiteStore
 
-    repository = Repository(str(database), startup_check_max_bytes=0)
+    repository = SQLiteStore(str(database), startup_check_max_bytes=0)
     try:
         repository.load_bulk(items)
     finally:
@@ -119,7 +119,7 @@ class Running:
         env |= {f"KVAPP_{name.upper()}": value for name, value in (settings or {}).items()}
         if database is not None:
             env["KVAPP_DATABASE"] = str(database)
-            if is_database_url(str(database)):
+            if is_postgres_url(str(database)):
                 # Not the default file in the system temp folder that every
                 # kvapp serving this URL shares: one beside the log, per server.
                 env["KVAPP_METRICS_PATH"] = str(log.with_name(f"metrics-{self.port}.sqlite3"))

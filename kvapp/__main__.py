@@ -6,10 +6,11 @@ import argparse
 import sys
 
 from kvapp import create_app, workers
-from kvapp.config import SETTINGS, ConfigError, load_config, redact
-from kvapp.logs import setup_logging
-from kvapp.repository import DatabaseUnusable
-from kvapp.tools import OneLineParser, add_commands
+from kvapp.config import SETTINGS, ConfigError, load_config
+from kvapp.store.base import DatabaseUnusable
+from kvapp.store.location import redact
+from kvapp.tools.commands import OneLineParser, add_commands
+from kvapp.web.logs import setup_logging
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -11,33 +11,16 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvapp.guard import parse_allowed_hosts, parse_token
+from kvapp.store.location import LocationError, check_location, is_postgres_url
+from kvapp.web.guard import parse_allowed_hosts, parse_token
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.ini"
-
-
-def is_database_url(database: str) -> bool:
-    """Return True if database names a PostgreSQL server rather than an SQLite file."""
-    return database.startswith(("postgresql://", "postgres://"))
-
-
-def redact(database: str) -> str:
-    """Return database fit for a log line: a URL's password replaced by ***."""
-    if "://" not in database:
-        return database
-    parts = urllib.parse.urlsplit(database)
-    if parts.password is None:
-        return database
-    user = urllib.parse.quote(urllib.parse.unquote(parts.username or ""), safe="")
-    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class ConfigError(Exception):
@@ -55,7 +38,10 @@ def asbool(text: str) -> bool:
 
 def asint(minimum: int, maximum: int) -> Callable[[str], int]:
     def convert(text: str) -> int:
-        value = int(text.strip())
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {text.strip()!r}") from None
         if not minimum <= value <= maximum:
             raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
         return value
@@ -172,7 +158,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "metrics_path",
         asstr,
         "",
-        "file the worker processes add their metrics to; empty: see kvapp.metrics_store",
+        "file the worker processes add their metrics to; empty: see kvapp.store.metricsfile",
     ),
     (
         "limits",
@@ -361,7 +347,12 @@ def load_config(
 
     # default_section: a [DEFAULT] section is a section like any other (and so
     # unknown), instead of being merged silently into every other section.
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    # inline_comment_prefixes: `port = 4411  # my port` is 4411.  A '#' or ';'
+    # that follows whitespace starts a comment, so a value cannot hold one
+    # there (configparser's documented rule).
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section="\0none", inline_comment_prefixes=("#", ";")
+    )
     try:
         with open(config_path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -402,13 +393,11 @@ def load_config(
             raise ConfigError(f"bad value for {name} ({origin[name]}): {exc}") from None
 
     database = values["database"]
-    if not database:
-        raise ConfigError("database must not be empty")
-    if not is_database_url(database):
-        if "://" in database:
-            raise ConfigError(
-                f"database {redact(database)}: only postgresql:// URLs and file paths are supported"
-            )
+    try:
+        check_location(database)
+    except LocationError as exc:
+        raise ConfigError(f"bad value for database ({origin['database']}): {exc}") from None
+    if not is_postgres_url(database):
         values["database"] = str((config_path.parent / database).resolve())
     if values["metrics_path"]:
         values["metrics_path"] = str((config_path.parent / values["metrics_path"]).resolve())

@@ -1,6 +1,6 @@
 """A bulk loader for tests and benchmarks: many records into a database, fast.
 
-It goes through Repository.load, the data tools' own write path, in large
+It goes through SQLiteStore.load, the data tools' own write path, in large
 transactions, so a million keys take seconds rather than the hours that a
 million requests with an fsync each would.
 """
@@ -11,8 +11,8 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvapp.repository import Repository
-from kvapp.writes import Record
+from kvapp.store.base import Record
+from kvapp.store.sqlite import SQLiteStore
 
 TEXT = "text/plain; charset=utf-8"
 BATCH = 50_000
@@ -36,7 +36,7 @@ def sample(count: int, start: int = 0, expires_at: int | None = None) -> Iterato
 
 def fill(path: Path, records: Iterator[Record], batch: int = BATCH) -> int:
     """Load records into the database at path (created if missing); return how many."""
-    repository = Repository(str(path), synchronous="NORMAL", startup_check_max_bytes=0)
+    repository = SQLiteStore(str(path), synchronous="NORMAL", startup_check_max_bytes=0)
     count = 0
     try:
         while chunk := list(itertools.islice(records, batch)):

@@ -24,7 +24,8 @@ from hypothesis import settings as hypothesis_settings
 from pgcluster import running_cluster
 
 from kvapp import create_app
-from kvapp.config import is_database_url, load_config
+from kvapp.config import load_config
+from kvapp.store.location import is_postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("sqlite", "postgres")
@@ -94,7 +95,7 @@ def stored(database: str | Path, sql: str) -> list[tuple]:
 
     sql must read the same on both backends (no parameters); bytea comes back as bytes.
     """
-    if is_database_url(str(database)):
+    if is_postgres_url(str(database)):
         import psycopg
 
         with psycopg.connect(str(database), autocommit=True) as conn:
@@ -129,7 +130,7 @@ def make_settings(database: str, tmp_path: Path):
     """
 
     def make(**overrides):
-        if is_database_url(database):
+        if is_postgres_url(database):
             overrides.setdefault("metrics_path", str(tmp_path / "metrics.sqlite3"))
         return load_config(ROOT / "config.ini", environ={}, database=database, **overrides)
 
@@ -313,7 +314,7 @@ def server_factory(database: str, tmp_path: Path):
     ) -> Server:
         log_path = tmp_path / f"server-{len(servers)}.log"
         db = path or database
-        if is_database_url(str(db)):
+        if is_postgres_url(str(db)):
             env = {"KVAPP_METRICS_PATH": str(tmp_path / "metrics.sqlite3"), **(env or {})}
         server = kind(db, env, args, log_path, prefix).start()
         servers.append(server)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import server_environ
 
-from kvapp.repository import Repository
+from kvapp.store.sqlite import SQLiteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ class Client:
 def build_database(path: Path, count: int = 300) -> dict[str, bytes]:
     """Create a kvapp database holding count keys; close it cleanly (no -wal left)."""
     items = {f"key{i:04d}": f"value-{i}-".encode() * 20 for i in range(count)}
-    repository = Repository(str(path))
+    repository = SQLiteStore(str(path))
     try:
         repository.set_many(
             [(key, value, "text/plain; charset=utf-8") for key, value in items.items()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import ROOT, free_port, server_environ
 
-from kvapp.logs import FLUSH_INTERVAL
+from kvapp.web.logs import FLUSH_INTERVAL
 
 SITE = ROOT / "deploy" / "nginx.conf"
 # Debian installs nginx in /usr/sbin, which an unprivileged PATH may lack.

@@ -9,8 +9,8 @@ from urllib.parse import quote
 import pytest
 import webtest
 
-from kvapp import open_repository
-from kvapp.app import App
+from kvapp.store import open_store
+from kvapp.web.app import App
 
 JSON_ACCEPT = {"Accept": "application/json"}
 
@@ -23,7 +23,7 @@ BEFORE_STORAGE = pytest.mark.backends("sqlite")
 @pytest.fixture
 def timed(settings, clock):
     """A TestApp whose repository reads the time from clock."""
-    app = App(settings, open_repository(settings, clock=clock))
+    app = App(settings, open_store(settings, clock=clock))
     yield webtest.TestApp(app)
     app.close()
 
@@ -216,13 +216,13 @@ def test_if_match_list_with_the_current_tag_applies(client):
 
 
 def test_etag_changes_on_every_write_and_survives_restart(settings):
-    app = App(settings, open_repository(settings))
+    app = App(settings, open_store(settings))
     client = webtest.TestApp(app)
     tags = [put(client, "k", str(i).encode()).headers["ETag"] for i in range(5)]
     tags.append(client.app.repository and client.get("/kv/k").headers["ETag"])
     app.close()
     assert len(set(tags[:5])) == 5 and tags[5] == tags[4]
-    app = App(settings, open_repository(settings))
+    app = App(settings, open_store(settings))
     client = webtest.TestApp(app)
     try:
         assert client.get("/kv/k").headers["ETag"] == tags[4]
@@ -356,7 +356,7 @@ def test_query_parameters_on_a_key_are_400(client):
 
 def test_value_over_max_value_bytes_is_413_before_reading(make_settings):
     settings = make_settings(max_value_bytes=10)
-    app = App(settings, open_repository(settings))
+    app = App(settings, open_store(settings))
     client = webtest.TestApp(app)
     try:
         put(client, "k", b"x" * 10, status=201)

@@ -1,4 +1,4 @@
-"""kvapp.atomic in process: a destination is replaced whole or not at all."""
+"""kvapp.tools.atomicfile in process: a destination is replaced whole or not at all."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvapp import atomic
+from kvapp.tools import atomicfile as atomic
 
 
 @pytest.mark.parametrize("unnamed", [True, False])

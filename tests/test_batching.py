@@ -1,7 +1,7 @@
 """Group commit: batches form under concurrency, nothing is answered early, errors reach all.
 
 The storage here is a double whose apply_batch can be held on an Event or
-made to fail, or the real Repository's apply_batch behind such a gate.
+made to fail, or the real SQLiteStore's apply_batch behind such a gate.
 Every wait is for a state (a thread queued, a batch started), bounded; no
 assertion is about time.
 """
@@ -15,9 +15,18 @@ from collections.abc import Callable, Sequence
 import pytest
 import webtest
 
-from kvapp.batching import BatchInterrupted, GroupCommit
-from kvapp.repository import Repository, StorageFull
-from kvapp.writes import ANY, Condition, ConditionFailed, Delete, Outcome, Put, Write
+from kvapp.store.base import (
+    ANY,
+    Condition,
+    ConditionFailed,
+    Delete,
+    Outcome,
+    Put,
+    StorageFull,
+    Write,
+)
+from kvapp.store.groupcommit import BatchInterrupted, GroupCommit
+from kvapp.store.sqlite import SQLiteStore
 
 WAIT_S = 20
 
@@ -235,7 +244,7 @@ def test_a_write_that_names_a_key_twice_fails_alone_before_joining_a_batch():
 
 @pytest.fixture
 def repo(db_path):
-    repository = Repository(str(db_path))
+    repository = SQLiteStore(str(db_path))
     yield repository
     repository.close()
 

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from bench import __main__ as bench
 from bench.pgcluster import find_bindir
-from kvapp.repository import Repository
+from kvapp.store.sqlite import SQLiteStore
 
 SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix"]
 
@@ -129,7 +129,7 @@ def test_without_wrk_it_says_how_to_install_it(tmp_path):
 
 
 def test_bulk_load_stores_every_key_and_commits(db_path):
-    repository = Repository(str(db_path), synchronous="FULL")
+    repository = SQLiteStore(str(db_path), synchronous="FULL")
     repository.set_many([("key-3", b"old", "text/plain")])
     items = ((f"key-{i}", f"value-{i}".encode(), "text/plain") for i in range(25_000))
     assert repository.load_bulk(items, batch_size=10_000) == 25_000

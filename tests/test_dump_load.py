@@ -1,4 +1,4 @@
-"""Repository.dump and Repository.load, the data tools' interface to every backend.
+"""SQLiteStore.dump and SQLiteStore.load, the data tools' interface to every backend.
 
 Every test runs on SQLite and on PostgreSQL.
 """
@@ -12,10 +12,9 @@ import psycopg
 import pytest
 from conftest import stored
 
-from kvapp import open_repository
-from kvapp.config import is_database_url
-from kvapp.repository import StorageError
-from kvapp.writes import Put, Record, Write
+from kvapp.store import open_store
+from kvapp.store.base import Put, Record, StorageError, Write
+from kvapp.store.location import is_postgres_url
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 @pytest.fixture
 def repo(make_settings):
-    repository = open_repository(make_settings())
+    repository = open_store(make_settings())
     yield repository
     repository.close()
 
@@ -70,7 +69,7 @@ def test_load_replaces_and_keeps_revisions_in_one_transaction(repo, database):
 
 def fail_inserts_of_b(database: str) -> None:
     """Make the database refuse to store the key b, as a full disk would, half-way."""
-    if is_database_url(database):
+    if is_postgres_url(database):
         with psycopg.connect(database, autocommit=True) as conn:
             conn.execute(
                 "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"

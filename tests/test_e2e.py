@@ -310,9 +310,9 @@ def make_foreign(path: Path) -> None:
 
 def make_damaged(path: Path) -> None:
     """A kvapp database whose key index page is zeroed: only PRAGMA quick_check sees it."""
-    from kvapp.repository import Repository
+    from kvapp.store.sqlite import SQLiteStore
 
-    repository = Repository(str(path))
+    repository = SQLiteStore(str(path))
     repository.set_many([(f"k{i}", b"v" * 100, TEXT) for i in range(200)])
     repository.close()
     conn = sqlite3.connect(path)

@@ -8,8 +8,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvapp import exportfile
-from kvapp.writes import Record
+from kvapp.store.base import Record
+from kvapp.tools import exportformat as exportfile
 
 # Keys as kvapp accepts them: no C0/C1 controls or DEL, no surrogates (not UTF-8).
 keys = st.text(

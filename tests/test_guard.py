@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
-from kvapp.guard import is_write, parse_allowed_hosts, parse_token, split_host
+from kvapp.web.guard import is_write, parse_allowed_hosts, parse_token, split_host
 
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
 

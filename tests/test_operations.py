@@ -13,13 +13,13 @@ import webtest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvapp import open_repository
-from kvapp.app import App
-from kvapp.etags import parse_tags
-from kvapp.http import prefers_json
-from kvapp.metrics import Metrics
-from kvapp.metrics_store import MetricsStore
-from kvapp.repository import Repository
+from kvapp.store import open_store
+from kvapp.store.metricsfile import MetricsStore
+from kvapp.store.sqlite import SQLiteStore
+from kvapp.web.app import App
+from kvapp.web.etags import parse_tags
+from kvapp.web.metrics import Metrics
+from kvapp.web.responses import prefers_json
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests about the contract of /healthz and /metrics run on PostgreSQL too.
@@ -99,7 +99,7 @@ def test_errors_are_one_line_of_text_otherwise(client, method, path, status, acc
 
 def test_412_413_and_503_are_problem_json_too(make_settings, db_path):
     settings = make_settings(max_value_bytes=1, busy_timeout_ms=50)
-    app = App(settings, Repository(settings.database, busy_timeout_ms=50))
+    app = App(settings, SQLiteStore(settings.database, busy_timeout_ms=50))
     client = webtest.TestApp(app)
     accept = {"Accept": "application/problem+json"}
     try:
@@ -146,7 +146,7 @@ def test_healthz_writes_nothing(client, db_path):
 
 def test_healthz_503_when_locked_by_another_process(make_settings, db_path):
     settings = make_settings(busy_timeout_ms=50)
-    app = App(settings, Repository(settings.database, busy_timeout_ms=50))
+    app = App(settings, SQLiteStore(settings.database, busy_timeout_ms=50))
     client = webtest.TestApp(app)
     locker = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -172,7 +172,7 @@ def test_healthz_503_when_writes_are_refused(client):
 
 
 def test_healthz_503_when_the_disk_is_full(client, monkeypatch):
-    monkeypatch.setattr("kvapp.repository.HEALTH_MIN_FREE_BYTES", 2**62)
+    monkeypatch.setattr("kvapp.store.sqlite.HEALTH_MIN_FREE_BYTES", 2**62)
     response = client.get("/healthz", status=503)
     assert "disk is full" in response.text
 
@@ -258,7 +258,7 @@ def test_metrics_histograms_are_cumulative_and_consistent(client):
 @BOTH
 def test_metrics_keys_gauge_ignores_expired_keys(settings):
     now = [1000.0]
-    app = App(settings, open_repository(settings, clock=lambda: now[0]))
+    app = App(settings, open_store(settings, clock=lambda: now[0]))
     client = webtest.TestApp(app)
     try:
         client.put("/kv/a?ttl=5", b"v")
@@ -275,8 +275,8 @@ def test_metrics_are_summed_over_processes_sharing_the_file(make_settings, db_pa
     # Two Apps on one database stand for two worker processes: each counts in
     # its own memory and the shared metrics file sums them at scrape time.
     settings = make_settings()
-    first = App(settings, open_repository(settings))
-    second = App(settings, open_repository(settings))
+    first = App(settings, open_store(settings))
+    second = App(settings, open_store(settings))
     try:
         one, two = webtest.TestApp(first), webtest.TestApp(second)
         for _ in range(3):
@@ -294,10 +294,10 @@ def test_metrics_are_summed_over_processes_sharing_the_file(make_settings, db_pa
 @BOTH
 def test_metrics_survive_a_restart(make_settings):
     settings = make_settings()
-    app = App(settings, open_repository(settings))
+    app = App(settings, open_store(settings))
     webtest.TestApp(app).get("/healthz")
     app.close()  # saves what is left
-    app = App(settings, open_repository(settings))
+    app = App(settings, open_store(settings))
     try:
         samples = scrape(webtest.TestApp(app))
         assert requests_total(samples, "/healthz", "GET", 200) == 1
@@ -336,18 +336,18 @@ def test_metrics_503_when_the_metrics_file_is_unusable(client, db_path):
 def test_openapi_is_served_from_the_repository_file(client):
     response = client.get("/openapi.json")
     assert response.headers["Content-Type"] == "application/json"
-    assert response.body == (ROOT / "kvapp" / "openapi.json").read_bytes()
+    assert response.body == (ROOT / "kvapp" / "web" / "openapi.json").read_bytes()
     assert response.json["openapi"].startswith("3.1")
 
 
 def test_openapi_document_is_valid():
     from openapi_spec_validator import validate
 
-    validate(json.loads((ROOT / "kvapp" / "openapi.json").read_text()))
+    validate(json.loads((ROOT / "kvapp" / "web" / "openapi.json").read_text()))
 
 
 def test_openapi_describes_every_route_and_method(app):
-    document = json.loads((ROOT / "kvapp" / "openapi.json").read_text())
+    document = json.loads((ROOT / "kvapp" / "web" / "openapi.json").read_text())
     described = {
         (path, method.upper())
         for path, item in document["paths"].items()

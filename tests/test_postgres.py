@@ -29,12 +29,22 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pgcluster import running_cluster, server_owner
 
-from kvapp import create_app, open_repository
-from kvapp.config import ConfigError, load_config, redact
-from kvapp.metrics_store import metrics_path
-from kvapp.postgres import COMMIT_UNKNOWN, UNREACHABLE, PostgresRepository
-from kvapp.repository import DatabaseUnusable, Repository, StorageBusy, StorageUnavailable
-from kvapp.writes import Condition, ConditionFailed, Put, Write
+from kvapp import create_app
+from kvapp.config import ConfigError, load_config
+from kvapp.store import open_store
+from kvapp.store.base import (
+    Condition,
+    ConditionFailed,
+    DatabaseUnusable,
+    Put,
+    StorageBusy,
+    StorageUnavailable,
+    Write,
+)
+from kvapp.store.location import redact
+from kvapp.store.metricsfile import metrics_path
+from kvapp.store.postgres import COMMIT_UNKNOWN, UNREACHABLE, PostgresStore
+from kvapp.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -48,7 +58,7 @@ def dbname(url: str) -> str:
 
 @pytest.fixture
 def repo(make_settings):
-    repository = open_repository(make_settings(busy_timeout_ms=200))
+    repository = open_store(make_settings(busy_timeout_ms=200))
     yield repository
     repository.close()
 
@@ -60,7 +70,7 @@ def admin(pg_cluster, database):
         yield conn
 
 
-def session_setting(repository: PostgresRepository, name: str) -> str:
+def session_setting(repository: PostgresStore, name: str) -> str:
     return repository._run(lambda conn: conn.execute(f"SHOW {name}").fetchone()[0])
 
 
@@ -77,7 +87,7 @@ def test_a_url_passes_through_the_config_and_selects_postgresql(scheme, database
     assert settings.database == url
     app = create_app(settings)
     try:
-        assert isinstance(app.repository, PostgresRepository)
+        assert isinstance(app.repository, PostgresStore)
         webtest.TestApp(app).put("/kv/k", b"v", status=201)
     finally:
         app.close()
@@ -88,7 +98,7 @@ def test_a_url_passes_through_the_config_and_selects_postgresql(scheme, database
 def test_a_path_keeps_sqlite(settings):
     app = create_app(settings)
     try:
-        assert type(app.repository) is Repository
+        assert type(app.repository) is SQLiteStore
     finally:
         app.close()
 
@@ -139,10 +149,10 @@ def test_first_start_creates_the_schema_with_a_version(repo, database):
 
 
 def test_a_second_start_keeps_data_and_revision(make_settings, database):
-    first = open_repository(make_settings())
+    first = open_store(make_settings())
     first.set_many([("a", b"1", TEXT)])
     first.close()
-    second = open_repository(make_settings())
+    second = open_store(make_settings())
     try:
         assert second.get("a").value == b"1"
         assert second.set_many([("b", b"2", TEXT)]) == 2
@@ -156,7 +166,7 @@ def test_another_schema_version_is_refused_with_one_line(repo, admin, database):
     # trust authentication ignores the password, which must not be shown
     url = database.replace("kvapp@", "kvapp:s3cret@")
     with pytest.raises(DatabaseUnusable) as caught:
-        PostgresRepository(url)
+        PostgresStore(url)
     message = str(caught.value)
     assert message == (
         f"cannot use database {url.replace('s3cret', '***')}: its schema version is 2,"
@@ -177,7 +187,7 @@ def test_another_schema_version_is_refused_with_one_line(repo, admin, database):
 def test_tables_kvapp_did_not_create_are_refused(admin, database, sql):
     admin.execute(sql)
     with pytest.raises(DatabaseUnusable, match="that kvapp did not create; choose another"):
-        PostgresRepository(database)
+        PostgresStore(database)
 
 
 def test_a_database_not_in_utf8_is_refused(pg_cluster):
@@ -188,13 +198,13 @@ def test_a_database_not_in_utf8_is_refused(pg_cluster):
             " LC_COLLATE 'C' LC_CTYPE 'C'"
         )
     with pytest.raises(DatabaseUnusable, match="its encoding is LATIN1; create the database"):
-        PostgresRepository(pg_cluster.url("latin1"))
+        PostgresStore(pg_cluster.url("latin1"))
 
 
 def test_a_read_only_database_is_refused_at_start(admin, database):
     admin.execute(f"ALTER DATABASE {dbname(database)} SET default_transaction_read_only = on")
     with pytest.raises(DatabaseUnusable, match="it is read-only .*; point kvapp at the primary"):
-        PostgresRepository(database)
+        PostgresStore(database)
 
 
 def test_an_unreachable_server_is_refused_with_one_line():
@@ -202,7 +212,7 @@ def test_an_unreachable_server_is_refused_with_one_line():
 
     url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
     with pytest.raises(DatabaseUnusable) as caught:
-        PostgresRepository(url, busy_timeout_ms=1000)
+        PostgresStore(url, busy_timeout_ms=1000)
     message = str(caught.value)
     assert message.startswith(f"cannot use database {redact(url)}: cannot connect (")
     assert message.endswith(
@@ -249,7 +259,7 @@ def test_keys_list_in_utf8_byte_order_whatever_the_locale(pg_cluster):
                 "SELECT w FROM unnest(%s::text[]) AS w ORDER BY w", (words,)
             ).fetchall()
             assert [row[0] for row in in_locale] == ["a", "B", "é", "z"]
-    repository = PostgresRepository(pg_cluster.url("localized"))
+    repository = PostgresStore(pg_cluster.url("localized"))
     keys = [f"k{key}" for key in ORDERED]
     try:
         repository.set_many([(key, b"", TEXT) for key in reversed(keys)])
@@ -325,8 +335,8 @@ def test_purge_uses_the_expiry_index(repo, admin):
 
 def test_sessions_commit_synchronously_whatever_the_server_default(admin, database, make_settings):
     admin.execute(f"ALTER DATABASE {dbname(database)} SET synchronous_commit = off")
-    full = open_repository(make_settings(busy_timeout_ms=1234))
-    normal = open_repository(make_settings(synchronous="NORMAL"))
+    full = open_store(make_settings(busy_timeout_ms=1234))
+    normal = open_store(make_settings(synchronous="NORMAL"))
     try:
         assert session_setting(full, "synchronous_commit") == "on"
         assert session_setting(full, "lock_timeout") == "1234ms"
@@ -338,7 +348,7 @@ def test_sessions_commit_synchronously_whatever_the_server_default(admin, databa
 
 def test_remote_apply_is_kept(admin, database, make_settings):
     admin.execute(f"ALTER DATABASE {dbname(database)} SET synchronous_commit = remote_apply")
-    repository = open_repository(make_settings())
+    repository = open_store(make_settings())
     try:
         assert session_setting(repository, "synchronous_commit") == "remote_apply"
     finally:
@@ -551,7 +561,7 @@ def test_one_winner_among_conditional_writers_at_any_isolation(
     admin.execute(
         f"ALTER DATABASE {dbname(database)} SET default_transaction_isolation = '{isolation}'"
     )
-    repository = open_repository(make_settings(threads=12))
+    repository = open_store(make_settings(threads=12))
     try:
         for round_number in range(3):
             key = f"race{round_number}"
@@ -732,7 +742,7 @@ def test_server_crashes_under_concurrent_writes_lose_nothing_acknowledged(
 
 
 def test_dump_and_load_keep_every_record_as_it_is(repo):
-    from kvapp.writes import Record
+    from kvapp.store.base import Record
 
     now_ms = int(time.time() * 1000)
     records = [
@@ -755,7 +765,7 @@ def test_kvapp_copy_moves_every_record_from_sqlite_to_postgresql_and_back(databa
     from bulk import fill
     from tools import kvapp, one_line_error, rows
 
-    from kvapp.writes import Record
+    from kvapp.store.base import Record
 
     later = int(time.time() * 1000) + 7_200_000
     records = [

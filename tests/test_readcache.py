@@ -1,6 +1,6 @@
 """The read cache stays exact: across repositories, processes and real servers, and with TTLs.
 
-A "process" here is a Repository with its own cache, connections and
+A "process" here is a SQLiteStore with its own cache, connections and
 mapping of the -gen file, as each worker process has; the cross-process
 tests use real subprocesses too.  To prove that a read was served from the
 cache (and so that the test exercises invalidation, not SQLite), some tests
@@ -25,17 +25,17 @@ from webtest import TestApp
 
 from kvapp import create_app
 from kvapp.config import load_config
-from kvapp.readcache import SLOTS, Generations, generations_path, slot_of
-from kvapp.repository import READER_PAGE_CACHE_KIB, DatabaseUnusable, Repository, StorageBusy
-from kvapp.writes import Condition, Delete, Put, Write
+from kvapp.store.base import Condition, DatabaseUnusable, Delete, Put, StorageBusy, Write
+from kvapp.store.readcache import SLOTS, Generations, generations_path, slot_of
+from kvapp.store.sqlite import READER_PAGE_CACHE_KIB, SQLiteStore
 
 
 @pytest.fixture
 def open_repo(db_path):
     repositories = []
 
-    def make(**options) -> Repository:
-        repository = Repository(str(db_path), **options)
+    def make(**options) -> SQLiteStore:
+        repository = SQLiteStore(str(db_path), **options)
         repositories.append(repository)
         return repository
 
@@ -227,8 +227,8 @@ def test_reads_do_not_wait_for_an_open_write_transaction(db_path, open_repo):
 # A second process: reads the keys named on stdin, answers each as one JSON line.
 READER = """
 import json, sys
-from kvapp.repository import Repository
-repo = Repository(sys.argv[1])
+from kvapp.store.sqlite import SQLiteStore
+repo = SQLiteStore(sys.argv[1])
 for line in sys.stdin:
     item = repo.get(line.strip())
     print(json.dumps(item and [item.value.decode(), item.revision]), flush=True)
@@ -272,14 +272,14 @@ def test_a_write_acknowledged_here_is_seen_at_once_by_another_process_holding_it
 KEYS = (("a", "b", "c"), ("a7016", "b6447", "c7551"))
 STRESS = """
 import mmap, os, sys, time
-from kvapp.readcache import MISS
-from kvapp.repository import Repository
-from kvapp.writes import Put, Write
+from kvapp.store.readcache import MISS
+from kvapp.store.sqlite import SQLiteStore
+from kvapp.store.base import Put, Write
 role, db, board, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 keys = (("a", "b", "c"), ("a7016", "b6447", "c7551"))
 fd = os.open(board, os.O_RDWR)
 acked = memoryview(mmap.mmap(fd, 128)).cast("Q")
-repo = Repository(db)
+repo = SQLiteStore(db)
 if role.startswith("writer"):
     w = int(role[-1])
     deadline = time.monotonic() + 60
@@ -308,7 +308,7 @@ else:
 
 def test_concurrent_processes_never_read_older_than_an_acknowledged_write(db_path, tmp_path):
     assert len({slot_of(key) for key in KEYS[0] + KEYS[1]}) == 3
-    Repository(str(db_path)).close()
+    SQLiteStore(str(db_path)).close()
     board = tmp_path / "board"
     board.write_bytes(bytes(128))
     rounds = "3000"
@@ -373,7 +373,7 @@ def test_a_generation_file_of_another_layout_is_refused(db_path, open_repo):
     path = Path(generations_path(str(db_path)))
     path.write_bytes(bytes(SLOTS * 8 * 2))
     with pytest.raises(DatabaseUnusable, match="made by another kvapp"):
-        Repository(str(db_path))
+        SQLiteStore(str(db_path))
 
 
 @pytest.mark.parametrize(

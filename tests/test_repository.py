@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import stored
 
-from kvapp import open_repository
-from kvapp.repository import (
-    DatabaseUnusable,
-    Repository,
-    StorageBusy,
-    StorageError,
-    StorageFull,
-)
+from kvapp.store import open_store
+from kvapp.store.base import DatabaseUnusable, StorageBusy, StorageError, StorageFull
+from kvapp.store.sqlite import SQLiteStore
 
 TEXT = "text/plain; charset=utf-8"
 BOTH = pytest.mark.backends("sqlite", "postgres")
@@ -28,12 +23,12 @@ BOTH = pytest.mark.backends("sqlite", "postgres")
 
 @pytest.fixture
 def repo(make_settings):
-    repository = open_repository(make_settings(busy_timeout_ms=100))
+    repository = open_store(make_settings(busy_timeout_ms=100))
     yield repository
     repository.close()
 
 
-def value_of(repository: Repository, key: str) -> bytes | None:
+def value_of(repository: SQLiteStore, key: str) -> bytes | None:
     item = repository.get(key)
     return None if item is None else item.value
 
@@ -49,7 +44,7 @@ def rows_on_disk(path: Path) -> list[tuple[str, bytes]]:
 
 def fill(path: Path, count: int = 300) -> None:
     """Create a kvapp database at path spanning many pages, then close it cleanly."""
-    repository = Repository(str(path))
+    repository = SQLiteStore(str(path))
     try:
         for start in range(0, count, 50):
             repository.set_many(
@@ -68,7 +63,7 @@ def fill(path: Path, count: int = 300) -> None:
 
 def test_a_new_database_and_its_folder_are_created(tmp_path: Path):
     path = tmp_path / "new" / "deeper" / "kv.sqlite3"
-    repository = Repository(str(path))
+    repository = SQLiteStore(str(path))
     try:
         assert path.is_file()
         assert repository.get("anything") is None
@@ -77,16 +72,16 @@ def test_a_new_database_and_its_folder_are_created(tmp_path: Path):
 
 
 @BOTH
-def test_reopen_after_commit_sees_the_data(repo: Repository, make_settings, database: str):
+def test_reopen_after_commit_sees_the_data(repo: SQLiteStore, make_settings, database: str):
     repo.set_many([("a", b"1", TEXT), ("b", b"", TEXT)])
-    other = open_repository(make_settings())  # while the first is still open
+    other = open_store(make_settings())  # while the first is still open
     try:
         assert value_of(other, "a") == b"1"
         assert value_of(other, "b") == b""
     finally:
         other.close()
     repo.close()
-    again = open_repository(make_settings())
+    again = open_store(make_settings())
     try:
         assert value_of(again, "a") == b"1"
         assert value_of(again, "b") == b""
@@ -96,7 +91,7 @@ def test_reopen_after_commit_sees_the_data(repo: Repository, make_settings, data
 
 
 @BOTH
-def test_values_are_stored_as_exact_bytes(repo: Repository):
+def test_values_are_stored_as_exact_bytes(repo: SQLiteStore):
     value = bytes(range(256)) * 3
     repo.set_many([("k", value, TEXT)])
     item = repo.get("k")
@@ -105,14 +100,14 @@ def test_values_are_stored_as_exact_bytes(repo: Repository):
 
 
 @BOTH
-def test_a_later_write_replaces_the_value(repo: Repository):
+def test_a_later_write_replaces_the_value(repo: SQLiteStore):
     repo.set_many([("k", b"old", TEXT)])
     repo.set_many([("k", b"new", TEXT)])
     assert value_of(repo, "k") == b"new"
 
 
 @BOTH
-def test_every_write_gets_a_higher_revision(repo: Repository):
+def test_every_write_gets_a_higher_revision(repo: SQLiteStore):
     first = repo.set_many([("a", b"1", TEXT), ("b", b"2", TEXT)])
     second = repo.set_many([("a", b"3", TEXT)])
     assert second > first
@@ -121,7 +116,7 @@ def test_every_write_gets_a_higher_revision(repo: Repository):
 
 
 @BOTH
-def test_keys_compare_exactly(repo: Repository):
+def test_keys_compare_exactly(repo: SQLiteStore):
     repo.set_many([("K", b"upper", TEXT), ("k", b"lower", TEXT), ("é", b"nfc", TEXT)])
     assert value_of(repo, "K") == b"upper"
     assert value_of(repo, "k") == b"lower"
@@ -132,13 +127,13 @@ def test_keys_compare_exactly(repo: Repository):
 
 
 @BOTH
-def test_multi_pair_write_stores_all_pairs(repo: Repository, database: str):
+def test_multi_pair_write_stores_all_pairs(repo: SQLiteStore, database: str):
     repo.set_many([(f"k{i}", str(i).encode(), TEXT) for i in range(100)])
     rows = stored(database, "SELECT key, value FROM kv ORDER BY key")
     assert rows == sorted((f"k{i}", str(i).encode()) for i in range(100))
 
 
-def test_multi_pair_write_that_fails_half_way_stores_nothing(repo: Repository, db_path: Path):
+def test_multi_pair_write_that_fails_half_way_stores_nothing(repo: SQLiteStore, db_path: Path):
     repo.set_many([("a", b"old", TEXT)])
     writer = repo._writer
     pages = writer.execute("PRAGMA page_count").fetchone()[0]
@@ -154,7 +149,7 @@ def test_multi_pair_write_that_fails_half_way_stores_nothing(repo: Repository, d
 # -- error translation --------------------------------------------------------
 
 
-def test_full_database_raises_storage_full_and_recovers(repo: Repository, db_path: Path):
+def test_full_database_raises_storage_full_and_recovers(repo: SQLiteStore, db_path: Path):
     repo.set_many([("a", b"1", TEXT)])
     writer = repo._writer
     pages = writer.execute("PRAGMA page_count").fetchone()[0]
@@ -175,7 +170,7 @@ def test_full_database_raises_storage_full_and_recovers(repo: Repository, db_pat
     assert value_of(repo, "b") == b"2"
 
 
-def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo: Repository, db_path: Path):
+def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo: SQLiteStore, db_path: Path):
     repo.set_many([("a", b"1", TEXT)])
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -193,7 +188,7 @@ def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo: Repository
     assert value_of(repo, "b") == b"2"
 
 
-def test_a_busy_write_stores_nothing_of_its_pairs(repo: Repository, db_path: Path):
+def test_a_busy_write_stores_nothing_of_its_pairs(repo: SQLiteStore, db_path: Path):
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         other.execute("BEGIN EXCLUSIVE")
@@ -312,7 +307,7 @@ def test_unfit_file_is_refused_with_one_line_naming_it(damage, db_path: Path):
     damage(db_path)
     before = db_path.read_bytes()
     with pytest.raises(DatabaseUnusable) as caught:
-        Repository(str(db_path)).close()
+        SQLiteStore(str(db_path)).close()
     message = str(caught.value)
     assert "\n" not in message and "\r" not in message
     assert str(db_path) in message
@@ -341,23 +336,23 @@ def test_refusal_says_what_is_wrong(damage, words: str, db_path: Path):
     fill(db_path)
     damage(db_path)
     with pytest.raises(DatabaseUnusable, match=words):
-        Repository(str(db_path))
+        SQLiteStore(str(db_path))
 
 
 def test_quick_check_is_skipped_above_the_size_limit(db_path: Path):
     """startup_check_max_bytes bounds startup time: a big file is opened unchecked."""
     fill(db_path)
     damage_index_page(db_path)
-    repository = Repository(str(db_path), startup_check_max_bytes=1024)
+    repository = SQLiteStore(str(db_path), startup_check_max_bytes=1024)
     repository.close()
     with pytest.raises(DatabaseUnusable):
-        Repository(str(db_path), startup_check_max_bytes=os.path.getsize(db_path))
+        SQLiteStore(str(db_path), startup_check_max_bytes=os.path.getsize(db_path))
 
 
 def test_an_empty_file_becomes_a_database(db_path: Path):
     db_path.parent.mkdir(parents=True)
     db_path.write_bytes(b"")
-    repository = Repository(str(db_path))
+    repository = SQLiteStore(str(db_path))
     try:
         repository.set_many([("a", b"1", TEXT)])
         assert value_of(repository, "a") == b"1"
@@ -369,5 +364,5 @@ def test_a_folder_in_place_of_the_file_is_refused(db_path: Path):
     db_path.mkdir(parents=True)
     (db_path / "x").write_bytes(b"x")
     with pytest.raises(DatabaseUnusable) as caught:
-        Repository(str(db_path))
+        SQLiteStore(str(db_path))
     assert str(db_path) in str(caught.value) and "\n" not in str(caught.value)

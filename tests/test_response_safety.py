@@ -8,8 +8,8 @@ import pytest
 import webtest
 
 from kvapp import create_app
-from kvapp.app import App
-from kvapp.repository import StorageBusy, StorageFull
+from kvapp.store.base import StorageBusy, StorageFull
+from kvapp.web.app import App
 
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
 FORM = "application/x-www-form-urlencoded"

@@ -31,7 +31,7 @@ from tools import (
     wait_for,
 )
 
-from kvapp.writes import Record
+from kvapp.store.base import Record
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,17 @@ import sqlite3
 import pytest
 from conftest import stored
 
-from kvapp import open_repository
-from kvapp.repository import INDEXES, SCHEMA, Repository, successor
-from kvapp.sweeper import Sweeper
-from kvapp.writes import ANY, Condition, ConditionFailed, Delete, Put, Write
+from kvapp.store import open_store
+from kvapp.store.base import ANY, Condition, ConditionFailed, Delete, Put, Write, successor
+from kvapp.store.sqlite import INDEXES, SCHEMA, SQLiteStore
+from kvapp.store.sweeper import Sweeper
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 @pytest.fixture
 def repo(make_settings, clock):
-    repository = open_repository(make_settings(), clock=clock)
+    repository = open_store(make_settings(), clock=clock)
     yield repository
     repository.close()
 
@@ -191,7 +191,7 @@ def test_version_1_database_gains_the_index_in_place(db_path):
         conn.execute(statement)
     conn.execute("INSERT INTO kv VALUES ('old', x'31', 'text/plain; charset=utf-8', 0, NULL)")
     conn.close()
-    repository = Repository(str(db_path))
+    repository = SQLiteStore(str(db_path))
     try:
         assert repository.get("old").value == b"1"
     finally:

@@ -34,14 +34,11 @@ import json
 import json.encoder
 from collections.abc import Iterable, Iterator
 
-from kvapp.decoding import check_key, show
-from kvapp.http import HTTPError
-from kvapp.writes import Record
+from kvapp.store.base import MAX_CONTENT_TYPE, InvalidInput, Record, check_key, show
 
 FORMAT = "kvapp-export"
 VERSION = 1
 HEADER = {"format": FORMAT, "version": VERSION}
-MAX_CONTENT_TYPE = 255
 MAX_INTEGER = 2**63 - 1  # SQLite and PostgreSQL BIGINT
 
 _FIELDS = ("key", "content_type", "revision", "expires_at")
@@ -146,10 +143,8 @@ def decode(number: int, obj: object, max_key_bytes: int) -> Record:
         raise FormatError(number, "key must be a string")
     try:
         check_key(key, max_key_bytes)
-    except HTTPError as exc:
+    except InvalidInput as exc:
         raise FormatError(number, str(exc)) from None
-    except UnicodeEncodeError:
-        raise FormatError(number, "the key holds a lone surrogate escape") from None
     if not (
         type(content_type) is str
         and 0 < len(content_type) <= MAX_CONTENT_TYPE

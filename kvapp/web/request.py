@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvapp.decoding import environ_bytes
-from kvapp.http import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from kvapp.web.decoding import environ_bytes
+from kvapp.web.responses import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 FORM = "application/x-www-form-urlencoded"
 

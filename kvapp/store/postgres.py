@@ -1,7 +1,7 @@
 """The key-value store in PostgreSQL: every line of its SQL, its connections and its errors.
 
 Chosen when the database setting is a postgresql:// URL.  It keeps the
-contract of kvapp.repository (the same methods, Items, Outcomes and
+contract of kvapp.store.base (the same methods, Items, Outcomes and
 StorageErrors) in SQL that CockroachDB and YugabyteDB accept too: two plain
 tables, INSERT ... ON CONFLICT, BYTEA values, no extension, no procedure.
 (The tests run it against PostgreSQL 15; the other two are kept in mind, not
@@ -42,18 +42,23 @@ from psycopg import errors
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from kvapp.batching import GroupCommit
-from kvapp.config import redact
-from kvapp.repository import (
+from kvapp.store.base import (
     DatabaseUnusable,
     Item,
+    Outcome,
+    Put,
+    Record,
+    Result,
     StorageBusy,
     StorageError,
     StorageFull,
     StorageUnavailable,
+    Write,
     key_range,
 )
-from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
+from kvapp.store.groupcommit import GroupCommit
+from kvapp.store.location import redact
+from kvapp.store.plan import plan
 
 T = TypeVar("T")
 
@@ -151,8 +156,8 @@ def storage_error(exc: psycopg.Error) -> StorageError:
     return StorageUnavailable(f"the database failed: {first}")
 
 
-class PostgresRepository:
-    """The key-value store in one PostgreSQL database, through a pool of connections."""
+class PostgresStore:
+    """The key-value store in one PostgreSQL database (a kvapp.store.base.Store), through a pool."""
 
     def __init__(
         self,
@@ -493,26 +498,23 @@ class PostgresRepository:
         """Apply one Write, all or nothing; return its Outcome once it is durable.
 
         It shares a transaction with the writes of other threads (group
-        commit, kvapp.batching).  Raises ConditionFailed, or the StorageError
+        commit, kvapp.store.groupcommit).  Raises ConditionFailed, or the StorageError
         that failed its batch.
         """
         return self._group_commit.submit(write)
 
-    def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
-        """Apply writes in one transaction and one commit; return each one's result, in order.
+    def apply_batch(self, writes: Sequence[Write]) -> list[Result]:
+        """Apply writes in one transaction and one commit; return each one's Result, in order.
 
-        Each applied Write gets the next revision.  A Write whose condition
-        fails is skipped alone; a StorageError fails the whole batch, and then
-        nothing of it is stored.  Two round trips, whatever the batch holds:
-        BEGIN, the revision lock and every key's current version; then the
-        upserts of the final values, the deletes, the new revision and COMMIT.
+        The rules are kvapp.store.plan's.  A StorageError fails the whole
+        batch, and then nothing of it is stored.  Two round trips, whatever
+        the batch holds: BEGIN, the revision lock and every key's current
+        version; then the upserts of the final values, the deletes, the new
+        revision and COMMIT.
         """
-        for write in writes:
-            if len(write.changes) != len({change.key for change in write.changes}):
-                raise ValueError("a Write changes each key at most once")
         keys = list({change.key for write in writes for change in write.changes})
 
-        def batch(conn: psycopg.Connection) -> list[Outcome | ConditionFailed]:
+        def batch(conn: psycopg.Connection) -> list[Result]:
             with self._transaction(conn, pipelined=True) as commit:
                 now = self._now_ms()
                 lock = conn.execute(_LOCK_REVISION)
@@ -520,19 +522,18 @@ class PostgresRepository:
                     "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
                 )
                 start = lock.fetchone()[0]  # the first round trip
-                found = current.fetchall()
-                plan = _Plan({key: (revision, expires) for key, revision, expires in found}, now)
-                results = plan.run(writes, start)
-                if plan.puts:
-                    conn.execute(_UPSERT, _columns(plan.puts.values()))
-                if plan.deletes:
-                    conn.execute("DELETE FROM kv WHERE key = ANY(%s)", (list(plan.deletes),))
-                if plan.revision != start:
+                rows = {key: (revision, expires) for key, revision, expires in current.fetchall()}
+                planned = plan(rows, writes, start, now)
+                if planned.puts:
+                    conn.execute(_UPSERT, _columns(planned.puts.values()))
+                if planned.deletes:
+                    conn.execute("DELETE FROM kv WHERE key = ANY(%s)", (planned.deletes,))
+                if planned.revision != start:
                     conn.execute(
-                        "UPDATE meta SET value = %s WHERE name = 'revision'", (plan.revision,)
+                        "UPDATE meta SET value = %s WHERE name = 'revision'", (planned.revision,)
                     )
                 commit()
-            return results
+            return planned.results
 
         results = self._run(batch)
         self.on_commit(len(writes))
@@ -558,7 +559,7 @@ class PostgresRepository:
 
         return self._run(purge)
 
-    # -- the data tools' interface (kvapp.transfer), shared by every backend -
+    # -- the data tools' interface (kvapp.tools.transfer) -
 
     def dump(self, after: str | None, limit: int) -> list[Record]:
         """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
@@ -593,60 +594,3 @@ class PostgresRepository:
                 commit()
 
         self._run(load)
-
-
-class _Plan:
-    """A batch's Writes applied to the versions read at its start, in memory.
-
-    The same rules as kvapp.repository._apply, so both backends give the same
-    Outcomes; what is left to send is the final value of each key.
-    """
-
-    def __init__(self, rows: dict[str, tuple[int, int | None]], now: int) -> None:
-        self.rows: dict[str, tuple[int, int | None] | None] = dict(rows)
-        self.now = now
-        self.puts: dict[str, tuple[str, bytes, str, int, int | None]] = {}
-        self.deletes: set[str] = set()
-        self.revision = 0
-
-    def run(self, writes: Sequence[Write], start: int) -> list[Outcome | ConditionFailed]:
-        results: list[Outcome | ConditionFailed] = []
-        self.revision = start
-        for write in writes:
-            try:
-                outcome = self.apply(write, self.revision + 1)
-            except ConditionFailed as exc:
-                results.append(exc)
-                continue
-            self.revision = outcome.revision
-            results.append(outcome)
-        return results
-
-    def apply(self, write: Write, revision: int) -> Outcome:
-        rows = [self.rows.get(change.key) for change in write.changes]
-        live = [row[0] if row and (row[1] is None or row[1] > self.now) else None for row in rows]
-        for change, current in zip(write.changes, live, strict=True):
-            # RFC 9110 section 13.2.1: a Delete of an absent key is a 404 whatever its condition.
-            if change.condition is None or (current is None and isinstance(change, Delete)):
-                continue
-            if not change.condition.holds(current):
-                raise ConditionFailed(change.key)
-        changed = False
-        for change, row in zip(write.changes, rows, strict=True):
-            if isinstance(change, Put):
-                expires_at = None if change.ttl is None else self.now + change.ttl * 1000
-                self.rows[change.key] = (revision, expires_at)
-                self.puts[change.key] = (
-                    change.key, change.value, change.content_type, revision, expires_at
-                )  # fmt: skip
-                self.deletes.discard(change.key)
-                changed = True
-            elif isinstance(change, Delete) and row is not None:
-                # An expired row is deleted too, but reported as absent.
-                self.rows[change.key] = None
-                self.puts.pop(change.key, None)
-                self.deletes.add(change.key)
-                changed = True
-        return Outcome(
-            revision if changed else revision - 1, tuple(current is not None for current in live)
-        )

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvapp.config import is_database_url, redact
-from kvapp.repository import translated
+from kvapp.store.location import is_postgres_url, redact
+from kvapp.store.sqlite import translated
 
 Row = tuple[str, str, str, float]
 """(metric, labels, le, value): labels in exposition syntax; le is '' outside histograms."""
@@ -41,7 +41,7 @@ def metrics_path(database: str, configured: str = "") -> str:
     """
     if configured:
         return configured
-    if is_database_url(database):
+    if is_postgres_url(database):
         digest = hashlib.sha256(redact(database).encode("utf-8")).hexdigest()[:16]
         return str(Path(tempfile.gettempdir()) / f"kvapp-{digest}-metrics.sqlite3")
     path = Path(database)

@@ -4,9 +4,9 @@ Each prints its result on stdout (export to - excepted: its stdout is the
 data), draws a progress bar on stderr only when stderr is a terminal, and
 on failure prints one line, `kvapp COMMAND: reason`, on stderr and exits 1
 (2 for a usage error, 128+N when stopped by signal N).  No run leaves a
-half-written destination: files are written aside and renamed (kvapp.atomic),
+half-written destination: files are written aside and renamed (kvapp.tools.atomicfile),
 databases take bounded transactions and are cleaned up on failure
-(kvapp.stores, kvapp.transfer).
+(kvapp.tools.targets, kvapp.tools.transfer).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kvapp import atomic, exportfile, sqlitefile, stores, transfer
 from kvapp.config import ConfigError, Settings, load_config
-from kvapp.progress import bar
-from kvapp.repository import DatabaseUnusable, StorageError
+from kvapp.store.base import DatabaseUnusable, StorageError
+from kvapp.store.location import redact
+from kvapp.tools import atomicfile, exportformat, sqlitefile, targets, transfer
+from kvapp.tools.progress import bar
 
 Command = Callable[[argparse.Namespace, Settings, transfer.Tally], int]
 
@@ -59,12 +60,12 @@ def _database(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def backup(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
-    source = stores.sqlite_path(_database(args, settings), "backup")
+    source = targets.sqlite_path(_database(args, settings), "backup")
     target = Path(args.file).resolve()
     if target in {source, Path(f"{source}-wal"), Path(f"{source}-shm")}:
-        raise stores.StoreError(f"{target} is the database itself; name a new file")
+        raise targets.StoreError(f"{target} is the database itself; name a new file")
     started = time.monotonic()
-    with bar(None, "page", "backup") as progress, atomic.aside(target) as temp:
+    with bar(None, "page", "backup") as progress, atomicfile.aside(target) as temp:
 
         def step(done: int, total: int) -> None:
             progress.total = total
@@ -82,20 +83,20 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
     url = _database(args, settings)
     started = time.monotonic()
     if args.file != "-":
-        atomic.check_destination(Path(args.file))
-    store = stores.open_store(url, settings)
+        atomicfile.check_destination(Path(args.file))
+    store = targets.open_existing(url, settings)
     try:
         with bar(store.stats()[0], "rec", "export") as progress:
             if args.file == "-":
                 count = transfer.export(store, sys.stdout.buffer, progress)
                 sys.stdout.buffer.flush()
                 return 0
-            with atomic.replacing(Path(args.file)) as out:
+            with atomicfile.replacing(Path(args.file)) as out:
                 count = transfer.export(store, out, progress)
     finally:
         store.close()
     _say(
-        f"exported {count} records from {stores.show(url)} to {args.file}"
+        f"exported {count} records from {redact(url)} to {args.file}"
         f" in {time.monotonic() - started:.1f} s"
     )
     return 0
@@ -107,11 +108,11 @@ def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally)
     source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     try:
         size = os.fstat(source.fileno()).st_size if source.seekable() else None
-        with stores.destination(url, settings, args.merge) as target:
+        with targets.destination(url, settings, args.merge) as target:
             if target.fresh:
                 # A bad line discards the new file, so one pass checks and loads.
                 with bar(size, "B", "import") as progress:
-                    records = exportfile.read(
+                    records = exportformat.read(
                         transfer.lines(source, progress), settings.max_key_bytes
                     )
                     count = transfer.load(records, target, tally)
@@ -122,7 +123,7 @@ def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally)
                     again, count = transfer.check_input(source, settings.max_key_bytes, progress)
                 try:
                     with bar(count, "rec", "import") as progress:
-                        records = exportfile.read(again, settings.max_key_bytes)
+                        records = exportformat.read(again, settings.max_key_bytes)
                         transfer.load(records, target, tally, progress)
                 finally:
                     if again is not source:
@@ -131,33 +132,33 @@ def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally)
         if source is not sys.stdin.buffer:
             source.close()
     _say(
-        f"imported {count} records from {args.file} into {stores.show(url)}"
+        f"imported {count} records from {args.file} into {redact(url)}"
         f" in {time.monotonic() - started:.1f} s"
     )
     return 0
 
 
 def copy(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
-    if stores.same_store(args.source, args.target):
-        raise stores.StoreError("--from and --to name the same store")
+    if targets.same_store(args.source, args.target):
+        raise targets.StoreError("--from and --to name the same store")
     started = time.monotonic()
-    source = stores.open_store(args.source, settings)
+    source = targets.open_existing(args.source, settings)
     try:
         total = source.stats()[0]
-        with stores.destination(args.target, settings, args.merge) as target:
+        with targets.destination(args.target, settings, args.merge) as target:
             with bar(total, "rec", "copy") as progress:
                 transfer.load(transfer.records(source), target, tally, progress)
     finally:
         source.close()
     _say(
-        f"copied {tally.records} records from {stores.show(args.source)}"
-        f" to {stores.show(args.target)} in {time.monotonic() - started:.1f} s"
+        f"copied {tally.records} records from {redact(args.source)}"
+        f" to {redact(args.target)} in {time.monotonic() - started:.1f} s"
     )
     return 0
 
 
 def check(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
-    path = stores.sqlite_path(_database(args, settings), "check")
+    path = targets.sqlite_path(_database(args, settings), "check")
     problems = sqlitefile.check(path)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -170,7 +171,7 @@ def check(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -
 
 
 def stats(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
-    figures = sqlitefile.stats(stores.sqlite_path(_database(args, settings), "stats"))
+    figures = sqlitefile.stats(targets.sqlite_path(_database(args, settings), "stats"))
     if args.json:
         _say(json.dumps(figures))
     else:
@@ -209,8 +210,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         export,
         "write every live key to FILE as JSON Lines",
         "Write every live key, with its value, content type, revision and expiry, to FILE in"
-        " kvapp's export format (JSON Lines, version 1; see kvapp/exportfile.py). FILE appears"
-        " only when complete; - writes to stdout.",
+        " kvapp's export format (JSON Lines, version 1; see kvapp/tools/exportformat.py)."
+        " FILE appears only when complete; - writes to stdout.",
     )
     parser.add_argument("file", metavar="FILE", help="the export file to write, or - for stdout")
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
@@ -290,12 +291,12 @@ def run(command: Command, args: argparse.Namespace) -> int:
         ConfigError,
         DatabaseUnusable,
         StorageError,
-        stores.StoreError,
+        targets.StoreError,
         sqlitefile.NotUsable,
-        exportfile.FormatError,
+        exportformat.FormatError,
     ) as exc:
         reason = str(exc)
-        if isinstance(exc, exportfile.FormatError):
+        if isinstance(exc, exportformat.FormatError):
             reason += "; nothing was imported"
     except OSError as exc:
         reason = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)

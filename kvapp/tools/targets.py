@@ -3,48 +3,39 @@
 The data tools reach every backend through the same repository methods
 (dump, load, apply, stats), so export, import and copy work between any
 two of them.  A destination SQLite file that does not exist yet is built
-beside its final name and renamed into place when complete (kvapp.atomic):
+beside its final name and renamed into place when complete (kvapp.tools.atomicfile):
 a failed or killed run never leaves a database there.
 """
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from kvapp import atomic, postgres_repository_class
 from kvapp.config import Settings
-from kvapp.repository import DatabaseUnusable, Repository
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+from kvapp.store import open_store
+from kvapp.store.base import Store
+from kvapp.store.location import LocationError, check_location, is_postgres_url, redact
+from kvapp.tools import atomicfile
 
 
 class StoreError(Exception):
     """A store that cannot be used as asked; the message is one line."""
 
 
-def is_postgres(url: str) -> bool:
-    return url.startswith(POSTGRES_SCHEMES)
-
-
-def show(url: str) -> str:
-    """Return url fit for a message: a password in it replaced by ***."""
-    if not is_postgres(url):
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+def location(url: str) -> str:
+    """Return url if it names an SQLite file or a PostgreSQL database; else StoreError."""
+    try:
+        return check_location(url)
+    except LocationError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def sqlite_path(url: str, command: str) -> Path:
     """Return the SQLite file that url names; StoreError for a PostgreSQL URL."""
-    if is_postgres(url):
+    if is_postgres_url(location(url)):
         raise StoreError(
             f"{command} works on SQLite files; for PostgreSQL use its own tools"
             " (pg_dump, amcheck) or kvapp export"
@@ -53,41 +44,30 @@ def sqlite_path(url: str, command: str) -> Path:
 
 
 def same_store(a: str, b: str) -> bool:
-    if is_postgres(a) or is_postgres(b):
+    if is_postgres_url(location(a)) or is_postgres_url(location(b)):
         return a == b
     return Path(a).resolve() == Path(b).resolve()
 
 
-def open_store(url: str, settings: Settings, synchronous: str | None = None) -> Any:
-    """Return the repository for an existing store at url; StoreError if there is none."""
-    if is_postgres(url):
-        try:
-            repository_class = postgres_repository_class()
-        except DatabaseUnusable as exc:
-            raise StoreError(str(exc)) from None
-        return repository_class(
-            url,
-            busy_timeout_ms=settings.busy_timeout_ms,
-            synchronous=synchronous or settings.synchronous,
-        )
-    path = Path(url).resolve()
-    if not path.is_file():
-        raise StoreError(f"no database file at {path}")
-    return _sqlite(path, settings, synchronous)
+def open_existing(url: str, settings: Settings, synchronous: str | None = None) -> Store:
+    """Return the store at url, which must exist; StoreError if there is none."""
+    if not is_postgres_url(location(url)) and not Path(url).resolve().is_file():
+        raise StoreError(f"no database file at {Path(url).resolve()}")
+    return _open(url, settings, synchronous)
 
 
-def _sqlite(path: Path, settings: Settings, synchronous: str | None) -> Repository:
+def _open(url: str, settings: Settings, synchronous: str | None) -> Store:
     # startup_check_max_bytes=0: the tools read every row anyway, and `check`
     # is the full check; a quick_check at every open would double the reads.
-    return Repository(
-        str(path),
-        busy_timeout_ms=settings.busy_timeout_ms,
-        synchronous=synchronous or settings.synchronous,
+    return open_store(
+        settings,
+        url if is_postgres_url(url) else str(Path(url).resolve()),
+        synchronous=synchronous,
         startup_check_max_bytes=0,
     )
 
 
-def is_empty(store: Any) -> bool:
+def is_empty(store: Store) -> bool:
     return not store.dump(None, 1)
 
 
@@ -100,7 +80,7 @@ class Target:
     neither: keys were merged in, and stay on failure.
     """
 
-    store: Any
+    store: Store
     fresh: bool
     empty: bool
 
@@ -111,23 +91,23 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
 
     An existing store must hold no keys unless merge.
     """
-    if not is_postgres(url) and not Path(url).exists():
+    if not is_postgres_url(location(url)) and not Path(url).exists():
         path = Path(url).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.aside(path) as temp:
+        with atomicfile.aside(path) as temp:
             # synchronous=OFF: the file is fsynced once, whole, before the rename.
-            store = _sqlite(temp, settings, "OFF")
+            store = _open(str(temp), settings, "OFF")
             try:
                 yield Target(store, fresh=True, empty=True)
             finally:
                 store.close()  # the last connection's close checkpoints and removes the WAL
         return
-    store = open_store(url, settings)
+    store = open_existing(url, settings)
     try:
         empty = is_empty(store)
         if not empty and not merge:
             raise StoreError(
-                f"{show(url)} already holds keys; give --merge to add to them"
+                f"{redact(url)} already holds keys; give --merge to add to them"
                 " (keys in both are replaced)"
             )
         yield Target(store, fresh=False, empty=empty)

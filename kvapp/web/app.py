@@ -9,11 +9,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvapp.config import Settings
-from kvapp.decoding import show
-from kvapp.guard import Guard
-from kvapp.handlers import Handlers
-from kvapp.http import (
+from kvapp.store.base import ConditionFailed, InvalidInput, StorageError, StorageFull, Store, show
+from kvapp.store.metricsfile import MetricsStore, metrics_path
+from kvapp.store.sweeper import Sweeper
+from kvapp.web.guard import Guard
+from kvapp.web.kv_routes import Resources
+from kvapp.web.logs import log_request, target
+from kvapp.web.metrics import Metrics
+from kvapp.web.ops_routes import Operations
+from kvapp.web.request import Request
+from kvapp.web.responses import (
     COMMON_HEADERS,
+    BadRequest,
     HTTPError,
     InsufficientStorage,
     InternalServerError,
@@ -25,15 +32,7 @@ from kvapp.http import (
     prefers_json,
     status_line,
 )
-from kvapp.logs import log_request, target
-from kvapp.metrics import Metrics
-from kvapp.metrics_store import MetricsStore, metrics_path
-from kvapp.operations import Operations
-from kvapp.repository import Repository, StorageError, StorageFull
-from kvapp.request import Request
-from kvapp.resources import Resources
-from kvapp.sweeper import Sweeper
-from kvapp.writes import ConditionFailed
+from kvapp.web.seed_routes import Handlers
 
 log = logging.getLogger("kvapp")
 
@@ -63,7 +62,7 @@ os.register_at_fork(after_in_child=_forked)
 class App:
     """kvapp's WSGI application."""
 
-    def __init__(self, settings: Settings, repository: Repository) -> None:
+    def __init__(self, settings: Settings, repository: Store) -> None:
         self.settings = settings
         self.repository = repository
         self.guard = Guard(settings.allowed_hosts, settings.auth_token)
@@ -122,6 +121,8 @@ class App:
             return self.match(request.method, request.path)(request)
         except HTTPError as exc:
             error = exc
+        except InvalidInput as exc:
+            error = BadRequest(str(exc))
         except ConditionFailed as exc:
             error = PreconditionFailed(
                 f"precondition failed: the key {show(exc.key)} is not at the version that"

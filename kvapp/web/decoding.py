@@ -1,4 +1,4 @@
-"""Strict application/x-www-form-urlencoded decoding and key rules.
+"""Strict application/x-www-form-urlencoded decoding of paths, queries and bodies.
 
 The WHATWG URL standard (section 5.1) is the reference, with every lenient
 corner turned into a 400: a malformed %-escape or bytes that are not UTF-8
@@ -7,25 +7,13 @@ are errors here, where urllib.parse would keep '%zz' or write U+FFFD.
 
 from __future__ import annotations
 
-import re
 from string import hexdigits
 
-from kvapp.http import BadRequest
+from kvapp.web.responses import BadRequest
 
 _HEX_PAIRS = {
     (a + b).encode("ascii"): bytes([int(a + b, 16)]) for a in hexdigits for b in hexdigits
 }
-
-# C0 controls, DEL and C1 controls: never part of a key (they break logs,
-# terminals and line-based listings).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def show(text: str, limit: int = 40) -> str:
-    """Return text as a short quoted one-line excerpt for an error message."""
-    if len(text) > limit:
-        return repr(text[:limit]) + "..."
-    return repr(text)
 
 
 def unquote(data: bytes, plus: bool = True) -> bytes:
@@ -102,20 +90,3 @@ def parse_pairs(data: bytes) -> list[tuple[str, bytes]]:
             raise BadRequest("each pair must have the form key=value (a pair has no '=')")
         pairs.append((utf8(unquote(name), "a key"), unquote(value)))
     return pairs
-
-
-def check_key(key: str, max_key_bytes: int) -> str:
-    """Return key if it is a valid key; raise BadRequest saying why not."""
-    if not key:
-        raise BadRequest("the key is empty")
-    if key.isascii() and key.isprintable():  # the common case: no control character
-        size = len(key)
-    elif _CONTROL.search(key):
-        raise BadRequest(f"the key {show(key)} contains a control character")
-    else:
-        size = len(key.encode("utf-8"))
-    if size > max_key_bytes:
-        raise BadRequest(
-            f"the key is {size} bytes long; the limit is {max_key_bytes} bytes of UTF-8"
-        )
-    return key

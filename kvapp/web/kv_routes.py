@@ -12,24 +12,23 @@ import re
 from urllib.parse import quote, urlencode
 
 from kvapp.config import Settings
-from kvapp.decoding import (
-    check_key,
-    environ_bytes,
-    parse_pairs,
-    request_path,
-    show,
-    utf8,
+from kvapp.store.base import MAX_CONTENT_TYPE, Condition, Delete, Put, Store, Write, check_key, show
+from kvapp.web.decoding import environ_bytes, parse_pairs, request_path, utf8
+from kvapp.web.etags import condition, etag
+from kvapp.web.request import Request
+from kvapp.web.responses import (
+    JSON,
+    TEXT,
+    BadRequest,
+    NotFound,
+    PreconditionFailed,
+    Response,
+    prefers_json,
 )
-from kvapp.etags import condition, etag
-from kvapp.http import JSON, TEXT, BadRequest, NotFound, PreconditionFailed, Response, prefers_json
-from kvapp.repository import Repository
-from kvapp.request import Request
-from kvapp.writes import Condition, Delete, Put, Write
 
 OCTET_STREAM = "application/octet-stream"
 MAX_TTL_SECONDS = 2**31 - 1
 DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
-MAX_CONTENT_TYPE = 255
 
 # type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -80,7 +79,7 @@ def positive_int(value: bytes, name: str, maximum: int) -> int:
 class Resources:
     """The /kv/ route functions, bound to one repository and one Settings."""
 
-    def __init__(self, repository: Repository, settings: Settings) -> None:
+    def __init__(self, repository: Store, settings: Settings) -> None:
         self.repository = repository
         self.max_key_bytes = settings.max_key_bytes
         self.max_value_bytes = settings.max_value_bytes

@@ -54,7 +54,7 @@ Races, each harmless:
 Outside the contract: another program writing the SQLite file directly
 (the sqlite3 shell) bypasses the counters, so a kvapp process may keep
 serving a cached value it replaced: stop kvapp first (or give every
-process's Repository read_cache_bytes=0).  Deleting or replacing the -gen
+process's SQLiteStore read_cache_bytes=0).  Deleting or replacing the -gen
 file while kvapp runs is like deleting the -shm file: do not.
 
 Memory: the cache is bounded by bytes (keys, values, content types and a

@@ -4,7 +4,7 @@ Design, for several worker processes serving one database:
 - On the request path a process only adds to dicts in its own memory, under
   one lock: a bisect and three dict updates per request, no I/O.
 - A daemon thread adds those deltas to the shared metrics file (see
-  kvapp.metrics_store) once a second, in one small transaction, and clears
+  kvapp.store.metricsfile) once a second, in one small transaction, and clears
   them; if that fails it keeps them and tries again.
 - A scrape, on whichever worker it lands, first adds its own deltas, then
   reads the file: the sums of every process, at most one flush interval
@@ -23,8 +23,8 @@ import threading
 from bisect import bisect_left
 from collections import defaultdict
 
-from kvapp.metrics_store import MetricsStore, Row
-from kvapp.repository import StorageError
+from kvapp.store.base import StorageError
+from kvapp.store.metricsfile import MetricsStore, Row
 
 log = logging.getLogger("kvapp.metrics")
 

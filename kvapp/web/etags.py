@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from kvapp.writes import ANY, Condition, Tag
+from kvapp.store.base import ANY, Condition, Tag
 
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
 # (RFC 9110 section 8.8.3); WSGI hands obs-text over as latin-1 characters.

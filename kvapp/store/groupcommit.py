@@ -1,7 +1,7 @@
 """Group commit: the Writes of many threads share one transaction and one fsync.
 
 Any storage with an `apply_batch(writes) -> results` that applies its writes
-in one transaction (kvapp.repository.Repository, a PostgreSQL repository)
+in one transaction (every backend of kvapp.store)
 gets group commit by sending every write through GroupCommit.submit().
 
 Leader and followers, no committer thread and no timer:
@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from kvapp.writes import ConditionFailed, Outcome, Put, Write
+from kvapp.store.base import ConditionFailed, Outcome, Put, Write
 
 Result = Outcome | ConditionFailed
 ApplyBatch = Callable[[Sequence[Write]], Sequence[Result]]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvapp.http import JSON, Response, ServiceUnavailable, text
-from kvapp.metrics import CONTENT_TYPE, Metrics
-from kvapp.repository import Repository, StorageError
-from kvapp.request import Request
+from kvapp.store.base import StorageError, Store
+from kvapp.web.metrics import CONTENT_TYPE, Metrics
+from kvapp.web.request import Request
+from kvapp.web.responses import JSON, Response, ServiceUnavailable, text
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 
@@ -15,7 +15,7 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 class Operations:
     """The operator route functions, bound to one repository and the process's Metrics."""
 
-    def __init__(self, repository: Repository, metrics: Metrics) -> None:
+    def __init__(self, repository: Store, metrics: Metrics) -> None:
         self.repository = repository
         self.metrics = metrics
         self.openapi_document = OPENAPI.read_bytes()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 # SQLite's companions of a database file (https://sqlite.org/tempfiles.html),
-# and kvapp's own -gen file of read-cache counters (kvapp.readcache).
+# and kvapp's own -gen file of read-cache counters (kvapp.store.readcache).
 SQLITE_SUFFIXES = ("", "-journal", "-wal", "-shm", "-gen")
 
 

@@ -1,6 +1,6 @@
 """The guard: which requests may reach a route at all.
 
-kvapp.app calls Guard.check once per request, before routing.  It checks, in order:
+kvapp.web.app calls Guard.check once per request, before routing.  It checks, in order:
 
 1. Host, against DNS rebinding.  A page on evil.example can point its own name at
    127.0.0.1 and then read our answers as its own; the browser still sends
@@ -27,9 +27,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from kvapp.decoding import show
-from kvapp.http import BadRequest, Forbidden, Unauthorized
-from kvapp.request import Request
+from kvapp.store.base import show
+from kvapp.web.request import Request
+from kvapp.web.responses import BadRequest, Forbidden, Unauthorized
 
 # Exempt from the token so that a load balancer or systemd can probe it.
 HEALTH_PATH = "/healthz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from kvapp.repository import Repository, StorageError
+from kvapp.store.base import StorageError, Store
 
 log = logging.getLogger("kvapp.sweeper")
 
@@ -22,7 +22,7 @@ MAX_BATCHES_PER_SWEEP = 100
 class Sweeper:
     """A daemon thread that calls sweep() every interval seconds."""
 
-    def __init__(self, repository: Repository, interval: float) -> None:
+    def __init__(self, repository: Store, interval: float) -> None:
         self.repository = repository
         self.interval = interval
         self._stop = threading.Event()

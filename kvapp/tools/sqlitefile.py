@@ -2,8 +2,8 @@
 
 These read a database file that may be live (a server writing it), damaged,
 or not kvapp's at all, so they open it themselves, read-only where they can,
-instead of through Repository, whose startup would refuse a damaged file or
-change a foreign one.  Their SQL reads kvapp's schema, which kvapp.repository
+instead of through SQLiteStore, whose startup would refuse a damaged file or
+change a foreign one.  Their SQL reads kvapp's schema, which kvapp.store.sqlite
 owns: the expected shape comes from its SCHEMA statements, not a copy.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvapp.repository import SCHEMA, SCHEMA_VERSION, SQLITE_MAGIC
+from kvapp.store.sqlite import SCHEMA, SCHEMA_VERSION, SQLITE_MAGIC
 
 # Pages copied per backup step: each step returns to Python, for the progress
 # bar and so that a signal can stop the backup between steps.
@@ -74,7 +74,7 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def _expected_columns() -> dict[str, list[tuple]]:
-    """Return PRAGMA table_info of each of kvapp's tables, as kvapp.repository creates them."""
+    """Return PRAGMA table_info of each of kvapp's tables, as kvapp.store.sqlite creates them."""
     reference = sqlite3.connect(":memory:")
     try:
         for statement in SCHEMA:
@@ -212,7 +212,7 @@ def _copy(
 ) -> int:
     """Back conn's snapshot up into the empty database copy; return the copy's pages."""
     # The target is a new temporary file, fsynced as a whole at the end
-    # (kvapp.atomic), so it needs no journal and no fsync per step.
+    # (kvapp.tools.atomicfile), so it needs no journal and no fsync per step.
     copy.execute("PRAGMA journal_mode = OFF")
     copy.execute("PRAGMA synchronous = OFF")
 

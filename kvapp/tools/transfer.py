@@ -13,7 +13,7 @@ Import and copy into an existing store are resumable: records keep their
 revisions, so loading the same records again changes nothing, and a run
 that failed part-way is finished by running it again with --merge.  Into an
 empty store, a failed run deletes what it loaded, and a new SQLite file
-appears only when complete (kvapp.stores.destination).
+appears only when complete (kvapp.tools.targets.destination).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from kvapp import exportfile
-from kvapp.progress import NoBar
-from kvapp.stores import Target
-from kvapp.writes import Delete, Record, Write
+from kvapp.store.base import Delete, Record, Write
+from kvapp.tools import exportformat
+from kvapp.tools.progress import NoBar
+from kvapp.tools.targets import Target
 
 # Records per dump() page and per load() transaction: large enough that the
 # per-transaction fsync costs little, small enough that a batch takes a
@@ -57,15 +57,15 @@ def records(store: Any, page: int = PAGE) -> Iterator[Record]:
 def export(store: Any, out: IO[bytes], bar: Any = None) -> int:
     """Write store's records to out in the export format; return how many."""
     bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
-    out.write(exportfile.header())
+    out.write(exportformat.header())
     count = 0
     for record in records(store):
-        out.write(exportfile.encode(record))
+        out.write(exportformat.encode(record))
         count += 1
         if count % PAGE == 0:
             bar.update(PAGE)
     bar.update(count % PAGE)
-    out.write(exportfile.trailer(count))
+    out.write(exportformat.trailer(count))
     return count
 
 
@@ -126,15 +126,14 @@ def spooled(source: IO[bytes]) -> tuple[IO[bytes], bool]:
 def check_input(source: IO[bytes], max_key_bytes: int, bar: Any = None) -> tuple[IO[bytes], int]:
     """Read the whole export file once; return (the file again, at its start, and its records).
 
-    Raises exportfile.FormatError at the first bad line.  The caller closes
+    Raises exportformat.FormatError at the first bad line.  The caller closes
     the returned file if it is not source.
     """
     spool, copied = spooled(source)
     start = 0 if copied else source.tell()
     try:
-        count = sum(
-            1 for _ in exportfile.read(lines(source, bar, spool if copied else None), max_key_bytes)
-        )
+        records = exportformat.read(lines(source, bar, spool if copied else None), max_key_bytes)
+        count = sum(1 for _ in records)
         spool.flush()
         spool.seek(start)
     except BaseException:

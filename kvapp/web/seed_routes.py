@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from kvapp.config import Settings
-from kvapp.decoding import check_key, parse_pairs, show, utf8
-from kvapp.etags import etag
-from kvapp.http import TEXT, BadRequest, NotFound, PayloadTooLarge, Response, text
-from kvapp.repository import Repository
-from kvapp.request import Request
-from kvapp.resources import read_conditions
-from kvapp.writes import Delete, Write
+from kvapp.store.base import Delete, Store, Write, check_key, show
+from kvapp.web.decoding import parse_pairs, utf8
+from kvapp.web.etags import etag
+from kvapp.web.kv_routes import read_conditions
+from kvapp.web.request import Request
+from kvapp.web.responses import TEXT, BadRequest, NotFound, PayloadTooLarge, Response, text
 
 USAGE = """\
 kvapp: a durable key-value store over HTTP.
@@ -34,7 +33,7 @@ The whole API: localhost:4000/openapi.json
 class Handlers:
     """The route functions, bound to one repository and one Settings."""
 
-    def __init__(self, repository: Repository, settings: Settings) -> None:
+    def __init__(self, repository: Store, settings: Settings) -> None:
         self.repository = repository
         self.max_key_bytes = settings.max_key_bytes
         self.max_value_bytes = settings.max_value_bytes

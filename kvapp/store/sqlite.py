@@ -7,10 +7,10 @@ wait for the writer (https://sqlite.org/wal.html).  Writes in this process take
 one lock and one connection, so threads queue in Python instead of spinning in
 SQLite's busy handler; busy_timeout only covers other processes.
 
-Group commit (kvapp.batching): apply() hands each Write to a GroupCommit, so
+Group commit (kvapp.store.groupcommit): apply() hands each Write to a GroupCommit, so
 the writes of concurrent requests share one transaction and one fsync.
 Reads are served from a per-process cache when the shared generation
-counters say it is current (kvapp.readcache, which explains why that is
+counters say it is current (kvapp.store.readcache, which explains why that is
 exact across processes).
 """
 
@@ -25,10 +25,24 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
-from kvapp.batching import GroupCommit
-from kvapp.readcache import (
+from kvapp.store.base import (
+    DatabaseUnusable,
+    Item,
+    Outcome,
+    Put,
+    Record,
+    Result,
+    StorageBusy,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+    Write,
+    key_range,
+)
+from kvapp.store.groupcommit import GroupCommit
+from kvapp.store.plan import plan
+from kvapp.store.readcache import (
     MISS,
     Generations,
     GenerationsUnavailable,
@@ -36,7 +50,6 @@ from kvapp.readcache import (
     ReadCache,
     generations_path,
 )
-from kvapp.writes import ConditionFailed, Delete, Outcome, Put, Record, Write
 
 SCHEMA_VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -68,7 +81,7 @@ INDEXES = (
 # The disk space /healthz asks for before it calls the database writable.
 HEALTH_MIN_FREE_BYTES = 1024 * 1024
 
-# Bytes of memory each process's read cache may hold (kvapp.readcache); 0: no cache.
+# Bytes of memory each process's read cache may hold (kvapp.store.readcache); 0: no cache.
 READ_CACHE_BYTES = 32 * 1024 * 1024
 
 # SQLite's page cache of each reader connection, in KiB (SQLite's default is
@@ -82,32 +95,6 @@ READER_PAGE_CACHE_KIB = 256
 # power of two (repeating a key changes no answer), so that a handful of
 # statements serve every batch from the statement cache.
 _MAX_IN = 512
-
-
-class Item(NamedTuple):
-    value: bytes
-    content_type: str
-    revision: int
-
-
-class StorageError(Exception):
-    """The database could not serve a request; the message is one line."""
-
-
-class StorageFull(StorageError):
-    """The disk or the database's size limit is full (SQLITE_FULL)."""
-
-
-class StorageBusy(StorageError):
-    """Another connection held the lock past the busy timeout (SQLITE_BUSY)."""
-
-
-class StorageUnavailable(StorageError):
-    """The database cannot be written or read now: read-only, I/O error, damaged."""
-
-
-class DatabaseUnusable(Exception):
-    """At startup: the file cannot serve as kvapp's database; the message says what to do."""
 
 
 # Primary result codes, https://sqlite.org/rescode.html
@@ -145,35 +132,8 @@ def translated() -> Iterator[None]:
         raise storage_error(exc) from exc
 
 
-def successor(prefix: str) -> str | None:
-    """Return the least string above every string that starts with prefix, or None if none is.
-
-    UTF-8 byte order is code point order, so bumping the last code point that
-    can be bumped gives the exclusive upper bound of a prefix range.
-    """
-    chars = list(prefix)
-    while chars:
-        last = ord(chars.pop())
-        if last < 0x10FFFF:
-            # Surrogates cannot be stored as UTF-8; the next code point above them is U+E000.
-            chars.append(chr(0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1))
-            return "".join(chars)
-    return None
-
-
-def key_range(prefix: str, after: str | None) -> tuple[str, str, str | None]:
-    """Return (operator, lower bound, exclusive upper bound or None) of a listing's key range.
-
-    Both backends list with `key <operator> lower AND key < upper`: one range
-    scan of the primary key's index, never a full scan.
-    """
-    if after is not None and after >= prefix:
-        return ">", after, successor(prefix)
-    return ">=", prefix, successor(prefix)
-
-
-class Repository:
-    """The key-value store in one SQLite file."""
+class SQLiteStore:
+    """The key-value store in one SQLite file (a kvapp.store.base.Store)."""
 
     def __init__(
         self,
@@ -513,7 +473,7 @@ class Repository:
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the writers' lock on the generation counters; see kvapp.readcache."""
+        """Hold the writers' lock on the generation counters; see kvapp.store.readcache."""
         try:
             with self._generations.writing():
                 yield
@@ -534,46 +494,31 @@ class Repository:
         """
         return self._group_commit.submit(write)
 
-    def apply_batch(self, writes: Sequence[Write]) -> list[Outcome | ConditionFailed]:
-        """Apply writes in one transaction and one commit; return each one's result, in order.
+    def apply_batch(self, writes: Sequence[Write]) -> list[Result]:
+        """Apply writes in one transaction and one commit; return each one's Result, in order.
 
-        Each applied Write gets the next revision, so every write of a key gets
-        a new ETag even when one batch writes it twice.  A Write whose condition
-        fails is skipped alone; a StorageError fails the whole batch, and then
-        nothing of it is stored.  The batch's effect on each key is worked out
-        in Python first, so the SQL is one lookup, one upsert and one delete
-        statement for the whole batch.
+        The rules are kvapp.store.plan's; here they cost one lookup, one
+        upsert and one delete statement for the whole batch.  A StorageError
+        fails the whole batch, and then nothing of it is stored.
         """
-        results: list[Outcome | ConditionFailed] = []
         with self._transaction() as conn:
-            now = self._now_ms()
-            start = revision = conn.execute(
-                "SELECT value FROM meta WHERE name = 'revision'"
-            ).fetchone()[0]
+            start = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
             keys = list(dict.fromkeys(change.key for write in writes for change in write.changes))
-            rows = _rows(conn, keys)
-            live = {key: rev for key, (rev, until) in rows.items() if until is None or until > now}
-            batch = _Batch(present=set(rows), live=live, now=now)
-            for write in writes:
-                try:
-                    outcome = batch.apply(write, revision + 1)
-                except ConditionFailed as exc:
-                    results.append(exc)
-                    continue
-                revision = outcome.revision
-                results.append(outcome)
-            if revision != start:
-                upserts = [row for row in batch.final.values() if row is not None]
-                deletes = [(key,) for key, row in batch.final.items() if row is None]
-                if upserts:
-                    conn.executemany(_UPSERT, upserts)
-                if deletes:
-                    conn.executemany("DELETE FROM kv WHERE key = ?", deletes)
-                conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (revision,))
+            planned = plan(_rows(conn, keys), writes, start, self._now_ms())
+            if planned.revision != start:
+                if planned.puts:
+                    conn.executemany(_UPSERT, planned.puts.values())
+                if planned.deletes:
+                    conn.executemany(
+                        "DELETE FROM kv WHERE key = ?", [(key,) for key in planned.deletes]
+                    )
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'revision'", (planned.revision,)
+                )
                 # Last before COMMIT: readers stop trusting cached values of these keys.
-                self._generations.begin(batch.final)
+                self._generations.begin([*planned.puts, *planned.deletes])
         self.on_commit(len(writes))
-        return results
+        return planned.results
 
     def purge_expired(self, limit: int = 500) -> int:
         """Delete up to limit expired rows in one short transaction; return how many."""
@@ -584,7 +529,7 @@ class Repository:
                 (self._now_ms(), limit),
             ).rowcount
 
-    # -- the data tools' interface (kvapp.transfer), shared by every backend -
+    # -- the data tools' interface (kvapp.tools.transfer) -
 
     def dump(self, after: str | None, limit: int) -> list[Record]:
         """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
@@ -635,7 +580,7 @@ class Repository:
                 conn.execute("PRAGMA cache_size = -262144")  # 256 MiB for the key index
                 batch = list(itertools.islice(items, batch_size))
                 while batch:
-                    # Every process's read cache forgets everything (kvapp.readcache).
+                    # Every process's read cache forgets everything (kvapp.store.readcache).
                     with self._write_lock, self._writing():
                         conn.execute("BEGIN IMMEDIATE")
                         try:
@@ -683,56 +628,6 @@ def _rows(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, int
         for key, revision, expires_at in conn.execute(sql, chunk):
             found[key] = (revision, expires_at)
     return found
-
-
-class _Batch:
-    """The effect of a batch's writes so far on each key, worked out before any SQL runs."""
-
-    def __init__(self, present: set[str], live: dict[str, int], now: int) -> None:
-        self.present = present  # keys that have a row, live or expired
-        self.live = live  # key -> revision of its live value
-        self.now = now
-        # key -> the row to upsert, or None to delete it; the last write of a key wins.
-        self.final: dict[str, tuple[str, bytes, str, int, int | None] | None] = {}
-
-    def apply(self, write: Write, revision: int) -> Outcome:
-        """Apply write at revision; raise ConditionFailed first if due.
-
-        Every condition is checked before any change is made, so a failed one
-        leaves nothing to undo.
-        """
-        changes = write.changes
-        if len(changes) != len({change.key for change in changes}):
-            raise ValueError("a Write changes each key at most once")
-        current = [self.live.get(change.key) for change in changes]
-        for change, live in zip(changes, current, strict=True):
-            # A Delete of an absent key answers 404 whatever its condition says: RFC 9110
-            # section 13.2.1 ignores preconditions when the answer would not be 2xx anyway.
-            if change.condition is None or (live is None and isinstance(change, Delete)):
-                continue
-            if not change.condition.holds(live):
-                raise ConditionFailed(change.key)
-        changed = False
-        for change in changes:
-            key = change.key
-            if isinstance(change, Put):
-                expires_at = None if change.ttl is None else self.now + change.ttl * 1000
-                self.final[key] = (key, change.value, change.content_type, revision, expires_at)
-                self.present.add(key)
-                if expires_at is None or expires_at > self.now:
-                    self.live[key] = revision
-                else:
-                    self.live.pop(key, None)
-                changed = True
-            elif key in self.present:
-                # An expired row is deleted too, but reported as absent.
-                self.final[key] = None
-                self.present.discard(key)
-                self.live.pop(key, None)
-                changed = True
-        return Outcome(
-            revision if changed else revision - 1, tuple(live is not None for live in current)
-        )
 
 
 def _describe(exc: sqlite3.Error) -> str:

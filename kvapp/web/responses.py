@@ -1,6 +1,6 @@
 """Responses and the HTTP errors that know their status.
 
-Handlers return a Response or raise an HTTPError; kvapp.app turns either into
+Handlers return a Response or raise an HTTPError; kvapp.web.app turns either into
 the WSGI start_response call, adding the headers every response carries.
 """
 

@@ -1,0 +1,296 @@
+"""The store contract: what every backend keeps, and the values that cross it.
+
+A backend (kvapp.store.sqlite, kvapp.store.postgres) implements Store.  The
+web edge and the data tools hold a Store and nothing more specific, so a
+new backend is one new module that keeps these promises:
+
+- Every change to the store is one Write: Put and Delete changes of
+  distinct keys, each with an optional Condition on the key's current
+  version.  A Write is applied all or nothing, in one transaction.
+- apply_batch applies many Writes in one transaction and one commit (group
+  commit, kvapp.store.groupcommit) and still gives each its own result: a
+  Write whose condition fails changes nothing and fails alone.  The rules
+  that decide each result live in one pure function, kvapp.store.plan.plan;
+  a backend reads the rows a batch touches, calls it, and writes what it
+  returns.
+- Revisions: one counter per store; every applied Write that changes
+  something takes the next one, and each key it puts carries it as its
+  ETag.  A revision is never reused, even across dump and load.
+- Durable: apply and apply_batch return only once the commit is on disk
+  (or, for PostgreSQL, acknowledged by the server's WAL flush).
+- Errors: StorageError and its subclasses, whose messages are one line a
+  client may read.  StorageFull maps to 507, the others to 503; the web edge
+  alone does that mapping.  DatabaseUnusable is raised at startup only.
+- Keys are text whose UTF-8 order is their listing order; check_key holds
+  the rule for what a key may be.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+ANY = "*"
+"""A Condition tag that matches any current version (If-Match: * / If-None-Match: *)."""
+
+Tag = frozenset[int] | str
+"""ANY, or the set of revisions an If-Match / If-None-Match header named."""
+
+
+class Condition(NamedTuple):
+    """What the key's current live version must be for a change to apply (RFC 9110 13.1).
+
+    revision is None when the key is absent or expired.
+    """
+
+    if_match: Tag | None = None
+    if_none_match: Tag | None = None
+
+    def holds(self, revision: int | None) -> bool:
+        """Return True if a key whose live version is revision satisfies this condition."""
+        if self.if_match is not None:
+            if revision is None:
+                return False
+            if self.if_match != ANY and revision not in self.if_match:
+                return False
+        if self.if_none_match is not None and revision is not None:
+            if self.if_none_match == ANY or revision in self.if_none_match:
+                return False
+        return True
+
+
+class Put(NamedTuple):
+    """Store value under key; ttl in seconds, or None to keep it until changed."""
+
+    key: str
+    value: bytes
+    content_type: str
+    ttl: int | None = None
+    condition: Condition | None = None
+
+
+class Delete(NamedTuple):
+    """Remove key; a Delete of an absent key changes nothing, whatever its condition."""
+
+    key: str
+    condition: Condition | None = None
+
+
+Change = Put | Delete
+
+
+class Write(NamedTuple):
+    """Changes of distinct keys, applied together or not at all."""
+
+    changes: tuple[Change, ...]
+
+    @classmethod
+    def of(cls, *changes: Change) -> Write:
+        return cls(tuple(changes))
+
+
+class Outcome(NamedTuple):
+    """What an applied Write did.
+
+    revision: the revision the Write's puts carry (their ETag), or the store's
+    current revision when it changed nothing.  existed: for each change, whether
+    its key had a live value before.
+    """
+
+    revision: int
+    existed: tuple[bool, ...]
+
+
+class ConditionFailed(Exception):
+    """A change's Condition did not hold; nothing of its Write was applied."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__("the condition on the key's current version does not hold")
+        self.key = key
+
+
+class Record(NamedTuple):
+    """One stored key as the data tools move it between stores: dump() gives, load() takes.
+
+    revision is the key's ETag; expires_at is in unix milliseconds, or None
+    for a key that never expires.
+    """
+
+    key: str
+    value: bytes
+    content_type: str
+    revision: int
+    expires_at: int | None
+
+
+class Item(NamedTuple):
+    """A live value as get() returns it; revision is its ETag."""
+
+    value: bytes
+    content_type: str
+    revision: int
+
+
+Result = Outcome | ConditionFailed
+"""What apply_batch gives for one Write: its Outcome, or the ConditionFailed that skipped it."""
+
+
+class StorageError(Exception):
+    """The database could not serve a request; the message is one line."""
+
+
+class StorageFull(StorageError):
+    """The disk or the database's size limit is full; nothing of the write was stored."""
+
+
+class StorageBusy(StorageError):
+    """Another connection held the lock past the busy timeout; retry."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be written or read now: read-only, unreachable, I/O error, damaged."""
+
+
+class DatabaseUnusable(Exception):
+    """At startup: the database cannot serve as kvapp's store; the message says what to do."""
+
+
+class InvalidInput(ValueError):
+    """A key or content type that breaks the store's rules; the message says which rule."""
+
+
+# C0 controls, DEL and C1 controls: never part of a key (they break logs,
+# terminals and line-based listings).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# The longest content type stored with a value, in printable ASCII characters.
+MAX_CONTENT_TYPE = 255
+
+
+def show(text: str, limit: int = 40) -> str:
+    """Return text as a short quoted one-line excerpt for an error message."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+def check_key(key: str, max_key_bytes: int) -> str:
+    """Return key if it is a valid key; raise InvalidInput saying why not."""
+    if not key:
+        raise InvalidInput("the key is empty")
+    if key.isascii() and key.isprintable():  # the common case: no control character
+        size = len(key)
+    elif _CONTROL.search(key):
+        raise InvalidInput(f"the key {show(key)} contains a control character")
+    else:
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidInput("the key holds a lone surrogate escape") from None
+    if size > max_key_bytes:
+        raise InvalidInput(
+            f"the key is {size} bytes long; the limit is {max_key_bytes} bytes of UTF-8"
+        )
+    return key
+
+
+def successor(prefix: str) -> str | None:
+    """Return the least string above every string that starts with prefix, or None if none is.
+
+    UTF-8 byte order is code point order, so bumping the last code point that
+    can be bumped gives the exclusive upper bound of a prefix range.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            # Surrogates cannot be stored as UTF-8; the next code point above them is U+E000.
+            chars.append(chr(0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1))
+            return "".join(chars)
+    return None
+
+
+def key_range(prefix: str, after: str | None) -> tuple[str, str, str | None]:
+    """Return (operator, lower bound, exclusive upper bound or None) of a listing's key range.
+
+    Every backend lists with `key <operator> lower AND key < upper`: one range
+    scan of the primary key's index, never a full scan.
+    """
+    if after is not None and after >= prefix:
+        return ">", after, successor(prefix)
+    return ">=", prefix, successor(prefix)
+
+
+class Store(Protocol):
+    """A key-value store as the web edge, the sweeper and the data tools use it.
+
+    path names the store in messages and logs (a URL's password redacted).
+    Every method may raise StorageError unless it says otherwise.
+    """
+
+    path: str
+    synchronous: str
+    on_commit: Callable[[int], None]
+    """Called after every commit of apply_batch with the number of Writes it held."""
+
+    def get(self, key: str) -> Item | None:
+        """Return the live item stored under key, or None; an expired key is None."""
+        ...
+
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """Return up to limit live keys that start with prefix and sort above after.
+
+        In UTF-8 byte order, from one range scan (key_range).
+        """
+        ...
+
+    def apply(self, write: Write) -> Outcome:
+        """Apply one Write, all or nothing, through group commit; return once it is durable.
+
+        Raises ConditionFailed (nothing of the Write stored) or the
+        StorageError that failed its batch (nothing of the batch stored).
+        """
+        ...
+
+    def apply_batch(self, writes: Sequence[Write]) -> list[Result]:
+        """Apply writes in one transaction and one commit; return each one's Result, in order.
+
+        A StorageError fails the whole batch and stores nothing of it.
+        """
+        ...
+
+    def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
+        """Store (key, value, content_type) items as one Write; return its revision."""
+        ...
+
+    def purge_expired(self, limit: int = 500) -> int:
+        """Delete up to limit expired rows in one short transaction; return how many."""
+        ...
+
+    def stats(self) -> tuple[int, int]:
+        """Return (number of live keys, bytes the store takes on disk)."""
+        ...
+
+    def check_health(self) -> None:
+        """Return if the store answers a read and would accept a write; else StorageError.
+
+        Writes nothing.
+        """
+        ...
+
+    def dump(self, after: str | None, limit: int) -> list[Record]:
+        """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
+        ...
+
+    def load(self, records: list[Record]) -> None:
+        """Insert or replace records as they are, revisions included, in one transaction.
+
+        The revision counter rises to the highest revision loaded, so no later
+        write reuses an ETag that a loaded key carries.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close every connection this store opened in this process."""
+        ...

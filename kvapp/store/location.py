@@ -1,0 +1,54 @@
+"""Where a store lives: an SQLite file path or a postgresql:// URL, told apart by one rule.
+
+A location that starts with a URL scheme (RFC 3986 section 3.1: a letter,
+then letters, digits, '+', '-' or '.', then ':') is a URL.  Only
+postgresql:// and postgres:// URLs name a store; any other URL is refused,
+never taken as a file name (`pgsql://host/db` would otherwise create the
+folders `pgsql:/host/` and an SQLite file `db` in them).  A file whose name
+starts like a scheme can still be named as `./name:...`.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+class LocationError(ValueError):
+    """A database location that names no store kvapp can use; the message is one line."""
+
+
+def is_postgres_url(location: str) -> bool:
+    """Return True if location names a PostgreSQL database rather than an SQLite file."""
+    return location.startswith(POSTGRES_SCHEMES)
+
+
+def check_location(location: str) -> str:
+    """Return location if it is an SQLite file path or a postgresql:// URL; else LocationError."""
+    if not location.strip():
+        raise LocationError("the database location is empty")
+    if is_postgres_url(location) or not _SCHEME.match(location):
+        return location
+    raise LocationError(
+        f"{redact(location)!r} is not a supported database: only postgresql:// URLs"
+        " and file paths are supported"
+    )
+
+
+def redact(location: str) -> str:
+    """Return location fit for a message or a log line: a URL's password replaced by ***."""
+    if "://" not in location:
+        return location
+    try:
+        parts = urllib.parse.urlsplit(location)
+        password = parts.password
+    except ValueError:
+        return location.partition("://")[0] + "://***"
+    if password is None:
+        return location
+    user = urllib.parse.quote(urllib.parse.unquote(parts.username or ""), safe="")
+    netloc = f"{user}:***@{parts.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
