@@ -14,7 +14,7 @@ import webtest
 from conftest import ROOT
 
 from kvapp import create_app
-from kvapp.logs import PIPE_BUF, LineWriter, redact, setup_logging, target
+from kvapp.web.logs import PIPE_BUF, LineWriter, redact, setup_logging, target
 
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
 FORM = "application/x-www-form-urlencoded"
@@ -174,7 +174,7 @@ OWN_OUTPUT = """
 import logging, sys, webtest
 from kvapp import create_app
 from kvapp.config import load_config
-from kvapp.logs import setup_logging
+from kvapp.web.logs import setup_logging
 settings = load_config(environ={"KVAPP_DATABASE": sys.argv[1]})
 setup_logging(settings)
 client = webtest.TestApp(create_app(settings), extra_environ={"REMOTE_ADDR": "192.0.2.7"})
@@ -232,6 +232,15 @@ def test_a_line_after_a_quiet_spell_is_written_at_once():
     assert recorder.calls == [b"first\n"]
 
 
+@pytest.mark.parametrize("uptime", [0.0, 0.5, 59.0, 3599.0, 1e9])
+def test_the_first_line_is_written_at_once_whatever_the_machine_uptime(uptime):
+    # time.monotonic() counts from boot: a fresh CI machine reads a few seconds.
+    recorder = Recorder()
+    writer = LineWriter(99, flush_interval=3600, _write=recorder, _monotonic=lambda: uptime)
+    writer.write("first\n")
+    assert recorder.calls == [b"first\n"]
+
+
 def test_a_burst_is_written_in_few_calls_of_whole_lines_none_lost():
     recorder = Recorder()
     writer = LineWriter(99, flush_interval=0.05, _write=recorder)
@@ -272,7 +281,7 @@ def test_a_warning_is_written_at_once_after_the_lines_queued_before_it():
 BURST_AT_EXIT = """
 import sys
 from kvapp.config import load_config
-from kvapp.logs import log_request, setup_logging
+from kvapp.web.logs import log_request, setup_logging
 setup_logging(load_config(environ={"KVAPP_DATABASE": sys.argv[1]}))
 for n in range(300):
     log_request({"REQUEST_METHOD": "GET", "PATH_INFO": f"/n{n}"}, 200, 0, 0.0)
