@@ -11,7 +11,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,9 +338,9 @@ def load_config(
 
     Raises ConfigError for a missing file, an unknown setting or a bad value.
     """
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     if path is None:
-        path = environ.get("KVAPP_CONFIG") or DEFAULT_CONFIG
+        path = env.get("KVAPP_CONFIG") or DEFAULT_CONFIG
     config_path = Path(path).resolve()
     raw = {name: default for name, (_, _, default) in _BY_NAME.items()}
     origin = {name: "default" for name in raw}
@@ -368,7 +368,7 @@ def load_config(
             raw[name] = value
             origin[name] = f"{config_path} [{section}] {name}"
 
-    for key, value in environ.items():
+    for key, value in env.items():
         if not key.startswith("KVAPP_") or key == "KVAPP_CONFIG":
             continue
         name = key[len("KVAPP_") :].lower()

@@ -105,6 +105,14 @@ _UPSERT = (
 )
 
 
+def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
+    """Return the first column of the one row a statement that always gives one row returned."""
+    row = cursor.fetchone()
+    if row is None:
+        raise psycopg.ProgrammingError("the statement returned no row")
+    return row[0]
+
+
 def _columns(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
     """Return the five columns of kv rows, as the arrays _UPSERT takes."""
     columns: list[list[Any]] = [[], [], [], [], []]
@@ -209,7 +217,7 @@ class PostgresStore:
     def _configure(self, conn: psycopg.Connection) -> None:
         """Set what kvapp relies on in a new session, whatever the server's defaults."""
         if self.synchronous == "FULL":
-            current = conn.execute("SHOW synchronous_commit").fetchone()[0]
+            current = _scalar(conn.execute("SHOW synchronous_commit"))
             # remote_apply waits for more than on does: keep it.
             if current != "remote_apply":
                 conn.execute("SET synchronous_commit = on")
@@ -302,7 +310,7 @@ class PostgresStore:
             with suppress(Exception):
                 pool.check()
 
-    def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple]:
+    def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple[Any, ...]]:
         """Return the rows of one query run outside any transaction."""
 
         return self._run(lambda conn: conn.execute(sql, params, binary=binary).fetchall())
@@ -363,12 +371,12 @@ class PostgresStore:
             ) from None
         try:
             self._configure(conn)
-            encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+            encoding = _scalar(conn.execute("SHOW server_encoding"))
             if encoding.upper().replace("-", "") != "UTF8":
                 raise self._refuse(
                     f"its encoding is {encoding}", "create the database with ENCODING 'UTF8'"
                 )
-            if conn.execute("SHOW transaction_read_only").fetchone()[0] == "on":
+            if _scalar(conn.execute("SHOW transaction_read_only")) == "on":
                 raise self._refuse(
                     "it is read-only (a standby, or default_transaction_read_only)",
                     "point kvapp at the primary",
@@ -382,7 +390,7 @@ class PostgresStore:
                     if attempt == 2:
                         raise
         except psycopg.Error as exc:
-            first = str(exc).splitlines()[0] if str(exc) else exc.sqlstate
+            first = str(exc).splitlines()[0] if str(exc) else (exc.sqlstate or type(exc).__name__)
             raise self._refuse(f"it failed ({first})", "check the server and its log") from None
         finally:
             conn.close()
@@ -521,7 +529,7 @@ class PostgresStore:
                 current = conn.execute(
                     "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
                 )
-                start = lock.fetchone()[0]  # the first round trip
+                start = _scalar(lock)  # the first round trip
                 rows = {key: (revision, expires) for key, revision, expires in current.fetchall()}
                 planned = plan(rows, writes, start, now)
                 if planned.puts:

@@ -25,6 +25,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from kvapp.store.base import (
     DatabaseUnusable,
@@ -356,9 +357,9 @@ class SQLiteStore:
     def get(self, key: str) -> Item | None:
         """Return the live item stored under key, or None."""
         now = int(self._clock() * 1000)
-        item = self._cache.lookup(key, now)
-        if item is not MISS:
-            return item
+        cached = self._cache.lookup(key, now)
+        if cached is not MISS:
+            return cast(Item | None, cached)
         slot, generation = self._cache.before_query(key)
         with translated():
             row = (

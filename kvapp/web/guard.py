@@ -96,9 +96,10 @@ def split_host(authority: str) -> tuple[str, str] | None:
     else:
         name, _, _ = authority.partition(":")
         rest = authority[len(name) :]
-        host = _host_name(name)
-        if host is None:
+        named = _host_name(name)
+        if named is None:
             return None
+        host = named
     if not rest:
         return host, ""
     port = rest[1:]

@@ -77,8 +77,8 @@ class _Deltas:
     def merge(self, other: _Deltas) -> None:
         for key, count in other.requests.items():
             self.requests[key] += count
-        for key, count in other.durations.items():
-            self.durations[key] += count
+        for bucket_key, count in other.durations.items():
+            self.durations[bucket_key] += count
         for route, total in other.duration_sums.items():
             self.duration_sums[route] += total
         for bucket, count in other.batches.items():
@@ -98,9 +98,9 @@ class _Deltas:
             rows.append((DURATION, f'route="{_escape(route)}"', "sum", total))
         if self.batches:
             rows.append((COMMITS, "", "", sum(self.batches.values())))
-            bounds = (*BATCH_BUCKETS, float("inf"))
+            batch_bounds = (*BATCH_BUCKETS, float("inf"))
             for bucket, count in self.batches.items():
-                rows.append((BATCH, "", _le(bounds[bucket]), count))
+                rows.append((BATCH, "", _le(batch_bounds[bucket]), count))
             rows.append((BATCH, "", "sum", self.batch_sum))
         return rows
 
