@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import pgcluster, report, servers, wrk
+from bench import report, servers, wrk
 from bench.servers import Running, Spec
 from kvapp.config import load_config
+from tests import pgcluster
 
 SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix")
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
@@ -76,8 +77,12 @@ def default_backends(bindir: Path | None) -> tuple[tuple[str, ...], str | None]:
     )
 
 
-def parse_args(argv: list[str] | None, bindir: Path | None | bool = True) -> argparse.Namespace:
-    """Return the options; bindir: PostgreSQL's binaries (True: look for them)."""
+def bindir_option(text: str) -> Path | None:
+    return None if text == "none" else Path(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the options."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
@@ -113,8 +118,21 @@ def parse_args(argv: list[str] | None, bindir: Path | None | bool = True) -> arg
         help="extra granian options for kvapp and the ceiling alike, e.g. '--blocking-threads 4'",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
+    parser.add_argument(
+        "--pg-bindir",
+        type=bindir_option,
+        default=True,
+        help="folder of PostgreSQL's initdb and pg_ctl (default: the newest"
+        " /usr/lib/postgresql/*/bin, or PATH); none: as if PostgreSQL were not installed",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the servers, backends and scenarios a run would measure, and exit",
+    )
     args = parser.parse_args(argv)
-    args.pg_bindir = pgcluster.find_bindir() if bindir is True else bindir
+    if args.pg_bindir is True:
+        args.pg_bindir = pgcluster.find_bindir()
     args.note = None
     if args.backends is None:
         args.backends, args.note = default_backends(args.pg_bindir)
@@ -368,11 +386,18 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    matrix = not (args.scale or args.profile)
+    if args.dry_run:
+        if matrix and args.note:
+            print(f"bench: {args.note}", file=sys.stderr)
+        print(f"servers: {', '.join(args.servers)}")
+        print(f"backends: {', '.join(args.backends)}")
+        print(f"scenarios: {', '.join(args.scenarios)}")
+        return 0
     problem = check_tools(args)
     if problem:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    matrix = not (args.scale or args.profile)
     if matrix and args.note:
         print(f"bench: {args.note}", file=sys.stderr)
     env = report.environment(args.pg_bindir)

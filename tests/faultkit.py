@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import server_environ
+from helpers import server_environ
 
 from kvapp.store.sqlite import SQLiteStore
 

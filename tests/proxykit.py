@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, free_port, server_environ
+from helpers import ROOT, free_port, server_environ
 
 from kvapp.web.logs import FLUSH_INTERVAL
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import curl, stored
+from helpers import curl, stored
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite", "postgres")]
 

@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
+from pgcluster import find_bindir
 
-from bench import __main__ as bench
-from bench.pgcluster import find_bindir
 from kvapp.store.sqlite import SQLiteStore
 
 SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix"]
@@ -101,16 +100,33 @@ def test_quick_run_has_a_postgresql_column_when_postgresql_is_installed(quick):
     assert "fsync on" in table and "synchronous_commit = on" in table
 
 
+def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_postgresql_is_measured_by_default_only_when_installed(tmp_path):
-    args = bench.parse_args([], bindir=tmp_path)
-    assert args.backends == ("sqlite", "postgresql") and args.note is None
-    args = bench.parse_args([], bindir=None)
-    assert args.backends == ("sqlite",)
-    assert "apt-get install postgresql" in args.note
+    found = bench("--dry-run", "--pg-bindir", str(tmp_path))
+    assert found.returncode == 0, found.stderr
+    assert "backends: sqlite, postgresql" in found.stdout.splitlines()
+    assert found.stderr == ""
+    missing = bench("--dry-run", "--pg-bindir", "none")
+    assert missing.returncode == 0, missing.stderr
+    assert "backends: sqlite" in missing.stdout.splitlines()
+    assert "apt-get install postgresql" in missing.stderr
     # Asked for explicitly, PostgreSQL must be there (wrk is checked first).
-    asked = bench.parse_args(["--backends", "postgresql"], bindir=None)
+    asked = bench(
+        "--quick", "--backends", "postgresql", "--pg-bindir", "none", "--out", str(tmp_path)
+    )
     expected = "apt-get install postgresql" if shutil.which("wrk") else "apt-get install wrk"
-    assert expected in bench.check_tools(asked)
+    assert asked.returncode == 2 and expected in asked.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_wrk_it_says_how_to_install_it(tmp_path):

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, free_port
+from helpers import ROOT, curl, free_port
 
 from kvapp.config import SETTINGS, ConfigError, Settings, load_config
 

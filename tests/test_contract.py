@@ -16,7 +16,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 import webtest
-from conftest import stored
+from helpers import stored
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, free_port, server_environ
+from helpers import ROOT, curl, free_port, server_environ
 from proxykit import SITE, wait_listening
 
 from kvapp.config import load_config

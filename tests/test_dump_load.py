@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import stored
+from helpers import stored
 
 from kvapp.store import open_store
 from kvapp.store.base import Put, Record, StorageError, Write

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, stored
+from helpers import ROOT, curl, stored
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite", "postgres")]
 

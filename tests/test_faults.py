@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import curl, free_port
 from faultkit import (
     NO_DAC,
     Client,
@@ -36,6 +35,7 @@ from faultkit import (
     require_tool,
     run_entry_point,
 )
+from helpers import curl, free_port
 
 pytestmark = pytest.mark.slow
 

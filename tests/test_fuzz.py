@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import GranianServer, child_pids, curl
+from helpers import GranianServer, child_pids, curl
 
 pytestmark = [
     pytest.mark.slow,

@@ -6,7 +6,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 import webtest
-from conftest import ROOT
+from helpers import ROOT
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from conftest import KvappServer, Server
+from helpers import KvappServer, Server
 
 pytestmark = pytest.mark.slow
 

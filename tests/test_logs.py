@@ -11,7 +11,7 @@ import time
 
 import pytest
 import webtest
-from conftest import ROOT
+from helpers import ROOT
 
 from kvapp import create_app
 from kvapp.web.logs import PIPE_BUF, LineWriter, redact, setup_logging, target

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import curl, free_port
+from helpers import curl, free_port
 from proxykit import (
     NGINX,
     NGINX_WORKERS,

@@ -22,12 +22,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import webtest
-from conftest import ROOT, server_environ, stored
 from faultkit import Client, needs_root, require_tool
+from helpers import ROOT, running_cluster, server_environ, stored
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from pgcluster import running_cluster, server_owner
+from pgcluster import server_owner
 
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
@@ -208,7 +208,7 @@ def test_a_read_only_database_is_refused_at_start(admin, database):
 
 
 def test_an_unreachable_server_is_refused_with_one_line():
-    from conftest import free_port
+    from helpers import free_port
 
     url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
     with pytest.raises(DatabaseUnusable) as caught:
@@ -223,7 +223,7 @@ def test_an_unreachable_server_is_refused_with_one_line():
 
 @pytest.mark.slow
 def test_waitress_serve_refuses_an_unreachable_server_with_one_line(tmp_path):
-    from conftest import free_port
+    from helpers import free_port
 
     url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
     env = {**server_environ(), "KVAPP_DATABASE": url}

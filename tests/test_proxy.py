@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from conftest import curl
+from helpers import curl
 from proxykit import Kvapp
 from waitress.adjustments import Adjustments
 

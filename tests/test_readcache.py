@@ -20,7 +20,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Clock, curl
+from helpers import ROOT, Clock, curl
 from webtest import TestApp
 
 from kvapp import create_app

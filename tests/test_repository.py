@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import stored
+from helpers import stored
 
 from kvapp.store import open_store
 from kvapp.store.base import DatabaseUnusable, StorageBusy, StorageError, StorageFull

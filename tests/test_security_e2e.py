@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, curl, free_port, server_environ
+from helpers import ROOT, curl, free_port, server_environ
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import socket
 import time
 
 import pytest
-from conftest import KvappServer
+from helpers import KvappServer
 
 pytestmark = pytest.mark.slow
 

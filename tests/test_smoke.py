@@ -1,5 +1,5 @@
 import pytest
-from conftest import curl
+from helpers import curl
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from hypothesis import note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

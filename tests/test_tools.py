@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from bulk import TEXT, fill, sample
-from conftest import ROOT, curl, server_environ
 from faultkit import overwrite, pages_of
+from helpers import ROOT, curl, server_environ
 from tools import (
     Writers,
     kvapp,

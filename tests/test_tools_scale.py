@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bulk import fill, sample
-from conftest import ROOT, server_environ
+from helpers import ROOT, server_environ
 from tools import Writers, kvapp, kvapp_command, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.scale]
@@ -168,7 +168,7 @@ def test_a_million_keys_end_to_end(server_factory, db_path, tmp_path):
 
 @pytest.mark.backends("postgres")
 def test_a_million_keys_copied_to_postgresql_and_back(database, pg_cluster, tmp_path):
-    from conftest import stored
+    from helpers import stored
 
     times: dict[str, float] = {}
     source, back = tmp_path / "source.sqlite3", tmp_path / "back.sqlite3"

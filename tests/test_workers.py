@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, KvappServer, child_pids, curl
+from helpers import ROOT, KvappServer, child_pids, curl
 
 from kvapp.config import ConfigError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import stored
+from helpers import stored
 
 from kvapp.store import open_store
 from kvapp.store.base import ANY, Condition, ConditionFailed, Delete, Put, Write, successor

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ROOT, server_environ
+from helpers import ROOT, server_environ
 
 Row = tuple[str, bytes, str, int, int | None]
 
