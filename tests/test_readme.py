@@ -1,4 +1,4 @@
-"""The README says what the code does: its settings table and its test command."""
+"""The README and docs/ say what the code does: the test command and the settings table."""
 
 import re
 from pathlib import Path
@@ -7,6 +7,7 @@ from kvapp.config import SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
 
 
 def quick_start_commands() -> list[str]:
@@ -27,7 +28,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_every_setting_is_documented_with_its_default():
-    rows = dict(re.findall(r"^\| `(\w+)` \| `\[\w+\]` \| `([^`]*)` \|", README, re.M))
+    rows = dict(re.findall(r"^\| `(\w+)` \| `\[\w+\]` \| `([^`]*)` \|", CONFIGURATION, re.M))
     for _section, name, _convert, default, _help in SETTINGS:
-        assert name in rows, f"README's configuration table lacks {name}"
-        assert rows[name] == default, f"README gives {name} = {rows[name]!r}, the code {default!r}"
+        assert name in rows, f"docs/configuration.md's settings table lacks {name}"
+        assert rows[name] == default, (
+            f"docs/configuration.md gives {name} = {rows[name]!r}, the code {default!r}"
+        )
