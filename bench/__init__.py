@@ -1,1 +1,1 @@
-"""The kvapp benchmark: `python -m bench` (see bench/__main__.py and README.md)."""
+"""The kvapp benchmark: `python -m bench` (see bench/__main__.py and docs/performance.md)."""

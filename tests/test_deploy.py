@@ -103,7 +103,7 @@ def test_unit_keeps_the_data_folder_writable_and_runs_kvapp():
 
 
 def install_config(folder: Path, data: Path, port: int) -> Path:
-    """Return /etc/kvapp/config.ini as the README's install steps make it."""
+    """Return /etc/kvapp/config.ini as docs/deployment.md's install steps make it."""
     text = (ROOT / "config.ini").read_text(encoding="utf-8")
     edits = {
         "database = data/kvapp.sqlite3": f"database = {data}/kvapp.sqlite3",

@@ -2,8 +2,8 @@
 
 The server is the project's own run command, `python -m kvapp serve`, with
 small limits from the environment, so these tests also show that the run
-command hands kvapp's settings to waitress.  Every row of the README's
-"Guarantees and limits" table is one case here.
+command hands kvapp's settings to waitress.  Every row of the "Malformed
+requests" table in docs/guarantees.md is one case here.
 """
 
 from __future__ import annotations

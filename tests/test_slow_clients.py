@@ -11,7 +11,7 @@ The bound that holds: a waiting request is answered while fewer than
 connection_limit clients trickle, and once the tricklers fall silent it is
 answered within about 1.5 x channel_timeout (+ 1 s of event loop) for each
 full set of connections queued ahead of it.  nginx in front closes the gap
-(see the README); these tests pin waitress's side with a small configuration.
+(see docs/guarantees.md); these tests pin waitress's side with a small configuration.
 """
 
 from __future__ import annotations
