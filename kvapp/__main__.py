@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kvapp import create_app, workers
-from kvapp.config import SETTINGS, ConfigError, load_config
+from kvapp.config import SETTINGS, ConfigError, describe_config, load_config
 from kvapp.store.base import DatabaseUnusable
 from kvapp.store.location import redact
 from kvapp.tools.commands import OneLineParser, add_commands
@@ -31,12 +32,19 @@ def serve(args: argparse.Namespace) -> int:
         settings.waitress_options(),
         settings.workers,
         banner=f"serving {redact(settings.database)}",
+        notes=[describe_config(settings.source, os.environ)],
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m kvapp", description=__doc__)
-    parser.add_argument("--config", help="config file (default: $KVAPP_CONFIG or config.ini)")
+    # The `kvapp` command that pip installs, or python -m kvapp.
+    prog = "kvapp" if os.path.basename(sys.argv[0]) == "kvapp" else "python -m kvapp"
+    parser = OneLineParser(prog=prog, description=__doc__)
+    parser.add_argument(
+        "--config",
+        help="config file (default: $KVAPP_CONFIG, else the checkout's config.ini;"
+        " installed: ~/.config/kvapp/config.ini if it exists, else built-in defaults)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve the HTTP API with waitress")
     shipped = {name: default for _, name, _, default, _ in SETTINGS}

@@ -4,6 +4,14 @@ Every setting is declared once in SETTINGS as (section, name, converter,
 default, help).  config.ini holds strings; each converter turns one into a
 value or raises ValueError.  KVAPP_<NAME> in the environment overrides the
 file, and KVAPP_CONFIG names another config file.
+
+Where the defaults live depends on how kvapp runs.  From a checkout (config.ini
+beside the kvapp package's folder) the config file is that config.ini and the
+database data/kvapp.sqlite3 beside it.  Installed (pip install), kvapp follows
+the XDG Base Directory Specification: the config file is
+$XDG_CONFIG_HOME/kvapp/config.ini if it exists, else there is none and the
+built-in defaults apply; the database is $XDG_DATA_HOME/kvapp/kvapp.sqlite3.
+docs/install.md tells the same to users.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from kvapp.store.location import LocationError, check_location, is_postgres_url
 from kvapp.web.guard import parse_allowed_hosts, parse_token
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "config.ini"
+# In a checkout, config.ini sits beside the kvapp package; an installed kvapp's
+# ROOT is site-packages, which holds none.
+CHECKOUT_CONFIG = ROOT / "config.ini"
+# Settings.source when no config file was read.
+BUILT_IN = "built-in defaults"
 
 
 class ConfigError(Exception):
@@ -260,6 +272,49 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
 _BY_NAME = {name: (section, convert, default) for section, name, convert, default, _ in SETTINGS}
 
 
+def is_checkout(checkout_config: Path = CHECKOUT_CONFIG) -> bool:
+    """Return True when kvapp runs from a checkout: config.ini beside the package's folder."""
+    return checkout_config.is_file()
+
+
+def xdg_home(environ: Mapping[str, str], variable: str, fallback: str) -> Path:
+    """Return the folder $variable names, or ~/fallback when it is unset, empty or relative.
+
+    The XDG Base Directory Specification: "If an implementation encounters a
+    relative path in any of these variables it should consider the path
+    invalid and ignore it."
+    """
+    value = environ.get(variable, "")
+    if os.path.isabs(value):
+        return Path(value)
+    return Path(environ.get("HOME") or os.path.expanduser("~")) / fallback
+
+
+def user_config(environ: Mapping[str, str]) -> Path:
+    """Return where an installed kvapp looks for its config file: ~/.config/kvapp/config.ini."""
+    return xdg_home(environ, "XDG_CONFIG_HOME", ".config") / "kvapp" / "config.ini"
+
+
+def user_database(environ: Mapping[str, str]) -> Path:
+    """Return an installed kvapp's default database: ~/.local/share/kvapp/kvapp.sqlite3."""
+    return xdg_home(environ, "XDG_DATA_HOME", ".local/share") / "kvapp" / "kvapp.sqlite3"
+
+
+def default_config(environ: Mapping[str, str], installed: bool | None = None) -> Path | None:
+    """Return the config file to read when none is named, or None for the built-in defaults.
+
+    installed: None finds out (is_checkout); tests pass True or False.
+    """
+    if environ.get("KVAPP_CONFIG"):
+        return Path(environ["KVAPP_CONFIG"])
+    if installed is None:
+        installed = not is_checkout()
+    if not installed:
+        return CHECKOUT_CONFIG
+    found = user_config(environ)
+    return found if found.is_file() else None
+
+
 @dataclass(frozen=True)
 class Settings:
     database: str
@@ -286,7 +341,7 @@ class Settings:
     auth_token: str = field(repr=False)  # a secret: never in a log or traceback
     log_level: str
     access_log: bool
-    source: str = field(default="defaults", compare=False)
+    source: str = field(default=BUILT_IN, compare=False)  # the config file read
 
     def waitress_options(self) -> dict[str, Any]:
         """Return the keyword arguments for waitress.serve().
@@ -329,21 +384,35 @@ class Settings:
         return options
 
 
+def describe_config(source: str, environ: Mapping[str, str]) -> str:
+    """Return serve's startup line about Settings.source: the file read, or none and why."""
+    if source != BUILT_IN:
+        return f"config {source}"
+    return f"config {BUILT_IN} (no {user_config(environ)}, no KVAPP_CONFIG)"
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    installed: bool | None = None,
     **overrides: Any,
 ) -> Settings:
     """Return the Settings from defaults, the config file, the environment and overrides.
 
+    path None: the file default_config() finds, if any.  installed: None finds
+    out (is_checkout); tests pass True or False.
     Raises ConfigError for a missing file, an unknown setting or a bad value.
     """
     env: Mapping[str, str] = os.environ if environ is None else environ
-    if path is None:
-        path = env.get("KVAPP_CONFIG") or DEFAULT_CONFIG
-    config_path = Path(path).resolve()
+    if installed is None:
+        installed = not is_checkout()
+    found = default_config(env, installed) if path is None else Path(path)
+    config_path = None if found is None else found.resolve()
     raw = {name: default for name, (_, _, default) in _BY_NAME.items()}
     origin = {name: "default" for name in raw}
+    if installed:
+        # Data belongs under XDG_DATA_HOME, not beside a config file in ~/.config.
+        raw["database"] = str(user_database(env))
 
     # default_section: a [DEFAULT] section is a section like any other (and so
     # unknown), instead of being merged silently into every other section.
@@ -353,14 +422,15 @@ def load_config(
     parser = configparser.ConfigParser(
         interpolation=None, default_section="\0none", inline_comment_prefixes=("#", ";")
     )
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {config_path} does not exist") from None
-    except (configparser.Error, UnicodeDecodeError, OSError) as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {config_path} cannot be read: {first}") from None
+    if config_path is not None:
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                parser.read_file(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_path} does not exist") from None
+        except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {config_path} cannot be read: {first}") from None
     for section in parser.sections():
         for name, value in parser.items(section):
             if name not in _BY_NAME or _BY_NAME[name][0] != section:
@@ -397,8 +467,12 @@ def load_config(
         check_location(database)
     except LocationError as exc:
         raise ConfigError(f"bad value for database ({origin['database']}): {exc}") from None
+    # Relative paths are relative to the config file's folder, or with no
+    # file to the working directory.
+    base = Path.cwd() if config_path is None else config_path.parent
     if not is_postgres_url(database):
-        values["database"] = str((config_path.parent / database).resolve())
+        values["database"] = str((base / database).resolve())
     if values["metrics_path"]:
-        values["metrics_path"] = str((config_path.parent / values["metrics_path"]).resolve())
-    return Settings(source=str(config_path), **values)
+        values["metrics_path"] = str((base / values["metrics_path"]).resolve())
+    source = BUILT_IN if config_path is None else str(config_path)
+    return Settings(source=source, **values)

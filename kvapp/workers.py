@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # A worker that dies is replaced, unless this many died within the window:
@@ -51,12 +51,14 @@ def serve(
     workers: int = 1,
     banner: str = "serving",
     log: Callable[[str], None] | None = None,
+    notes: Sequence[str] = (),
 ) -> int:
     """Serve make_app() with waitress in `workers` processes; return the exit status.
 
     options are waitress.serve() keywords including host and port.  The app is
     built once here first, so that an unusable database stops the command
     with one message before any worker starts; so does a port in use (status 1).
+    Once listening, the banner line is logged, then each of notes.
     """
     log = log or _stderr
     options = dict(options)
@@ -73,6 +75,8 @@ def serve(
     try:
         port = sock.getsockname()[1]
         log(f"{banner} on http://{host}:{port} with {workers} worker{'s' * (workers > 1)}")
+        for note in notes:
+            log(note)
         if workers == 1:
             _stop_on_sigterm()
             _serve_one(app, sock, options)

@@ -362,6 +362,7 @@ def test_python_m_kvapp_serve_listens_on_loopback_and_serves(tmp_path: Path, kva
     proc.wait(timeout=15)
     first_line = proc.stderr.readline().decode()
     assert str(database) in first_line and f"127.0.0.1:{port}" in first_line
+    assert proc.stderr.readline().decode() == f"kvapp: config {config.resolve()}\n"
 
 
 def test_python_m_kvapp_serve_uses_kvapp_database(tmp_path: Path, kvapp_serve):
