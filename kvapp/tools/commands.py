@@ -278,6 +278,12 @@ def run(command: Command, args: argparse.Namespace) -> int:
     tally = transfer.Tally()
     status = 1
     try:
+        # Every location named on the command line is checked before any
+        # command opens, reads or creates anything: a URL kvapp cannot use
+        # must not turn into a file of that name, nor fail only half-way.
+        for name in ("database", "source", "target"):
+            if getattr(args, name, None) is not None:
+                targets.location(getattr(args, name))
         return command(args, load_config(args.config), tally)
     except KeyboardInterrupt:
         reason, status = "interrupted by SIGINT", 128 + signal.SIGINT
