@@ -264,19 +264,23 @@ def test_serve_database_option_is_relative_to_the_working_directory(tmp_path):
     assert rows(cwd / "here.sqlite3")[0][:2] == ("a", b"1")
 
 
-def test_serve_on_a_taken_port_is_one_line(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_is_one_line_that_says_how_to_choose_another(tmp_path, workers):
     config = tmp_path / "serve.ini"
     config.write_text(f"[storage]\ndatabase = {tmp_path / 'kv.sqlite3'}\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        result = kvapp("--config", str(config), "serve", "--port", port, config=None)
+        result = kvapp(
+            "--config", str(config), "serve", "--port", port, "--workers", workers, config=None
+        )
     assert result.returncode == 1
-    # The failure is one line that names the address, no traceback.
-    err = result.stderr.decode()
-    assert "Traceback" not in err
-    assert err.splitlines() == [f"kvapp: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    # The failure is one line that names the address and the way out, no traceback.
+    assert one_line_error(result).splitlines() == [
+        f"kvapp: cannot listen on 127.0.0.1:{port}: Address already in use;"
+        " choose another port with --port or KVAPP_PORT"
+    ]
 
 
 # -- export and import --------------------------------------------------------
