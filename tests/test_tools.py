@@ -283,6 +283,39 @@ def test_serve_on_a_taken_port_is_one_line_that_says_how_to_choose_another(tmp_p
     ]
 
 
+# -- one rule for destinations that hold data ---------------------------------
+
+
+@pytest.mark.parametrize("command", ["backup", "export", "import", "copy"])
+def test_help_states_the_destination_rule(command):
+    text = " ".join(kvapp(command, "--help").stdout.decode().split())
+    assert (
+        "A destination that holds data is refused: an existing FILE (backup, export) unless"
+        " --force, a database with keys (import, copy) unless --merge."
+    ) in text
+    flag = "--force" if command in ("backup", "export") else "--merge"
+    assert f"[{flag}]" in text
+
+
+@pytest.mark.parametrize("command", ["backup", "export"])
+def test_an_existing_file_is_refused_and_replaced_with_force(tmp_path, source_db, command):
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    dest.write_bytes(b"keep me")
+    result = kvapp(command, "--database", str(source_db), str(dest))
+    error = one_line_error(result)
+    assert result.returncode == 1
+    assert error == f"kvapp {command}: {dest} already exists; give --force to replace it\n"
+    assert dest.read_bytes() == b"keep me" and folder_files(dest.parent) == ["dest"]
+    result = kvapp(command, "--force", "--database", str(source_db), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert folder_files(dest.parent) == ["dest"]
+    if command == "backup":
+        assert rows(dest) == rows(source_db)
+    else:
+        assert dest.read_bytes() == kvapp("export", "--database", str(source_db), "-").stdout
+
+
 # -- export and import --------------------------------------------------------
 
 
@@ -746,7 +779,7 @@ def test_a_new_database_file_is_never_paired_with_an_old_wal(tmp_path, source_db
     before = backup.read_bytes()
     stale = Path(f"{backup}{suffix}")
     stale.write_bytes(b"left by a reader that was killed")
-    result = kvapp("backup", "--database", str(source_db), str(backup))
+    result = kvapp("backup", "--force", "--database", str(source_db), str(backup))
     assert f"backup.sqlite3{suffix} is beside it" in one_line_error(result)
     assert backup.read_bytes() == before
     # A database that was deleted but left its WAL: import and copy refuse too.
