@@ -9,7 +9,7 @@ import sys
 from kvapp import create_app, workers
 from kvapp.config import SETTINGS, ConfigError, describe_config, load_config
 from kvapp.store.base import DatabaseUnusable
-from kvapp.store.location import redact
+from kvapp.store.location import LocationError, check_location, is_postgres_url, redact
 from kvapp.tools.commands import OneLineParser, add_commands
 from kvapp.web.logs import setup_logging
 
@@ -25,6 +25,8 @@ def serve(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
+    if args.database is not None:
+        overrides["database"] = _command_line_database(args.database)
     settings = load_config(args.config, **overrides)
     setup_logging(settings)
     return workers.serve(
@@ -34,6 +36,20 @@ def serve(args: argparse.Namespace) -> int:
         banner=f"serving {redact(settings.database)}",
         notes=[describe_config(settings.source, os.environ)],
     )
+
+
+def _command_line_database(location: str) -> str:
+    """Return --database as load_config takes it: a file path made absolute, or the URL.
+
+    A path on the command line is relative to the working directory, as for
+    the data tools, not to the config file's folder.  It is checked before it
+    is made absolute: /cwd/pgsql:/host/db would pass for a file path.
+    """
+    try:
+        check_location(location)
+    except LocationError as exc:
+        raise ConfigError(f"bad value for database (--database): {exc}") from None
+    return location if is_postgres_url(location) else os.path.abspath(location)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         run.add_argument(
             f"--{flag}", type=kind, help=f"{what} (default from config.ini: {shipped[flag]})"
         )
+    run.add_argument(
+        "--database",
+        metavar="URL",
+        help="SQLite file (relative to the working directory) or postgresql:// URL"
+        " (default from config.ini: its database)",
+    )
     run.set_defaults(func=serve)
     add_commands(commands)
     args = parser.parse_args(argv)

@@ -265,8 +265,14 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "",
         "when set, every request but /healthz needs Authorization: Bearer <token> (401)",
     ),
-    ("logging", "log_level", aslevel, "INFO", "level of kvapp's log records"),
-    ("logging", "access_log", asbool, "on", "one log line per request (logger kvapp.access)"),
+    ("logging", "log_level", aslevel, "INFO", "level of kvapp's log records, the access log aside"),
+    (
+        "logging",
+        "access_log",
+        asbool,
+        "on",
+        "one log line per request (logger kvapp.access), whatever log_level",
+    ),
 )
 
 _BY_NAME = {name: (section, convert, default) for section, name, convert, default, _ in SETTINGS}

@@ -17,6 +17,7 @@ SIGKILL (prctl PR_SET_PDEATHSIG), so no worker outlives its supervisor.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -70,7 +71,11 @@ def serve(
         sock = listen(host, port, options.get("backlog", 1024))
     except OSError as exc:
         _close(app)
-        log(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            # EACCES: a port below 1024 without the privilege (ip(7)).
+            reason += "; choose another port with --port or KVAPP_PORT"
+        log(f"cannot listen on {host}:{port}: {reason}")
         return 1
     try:
         port = sock.getsockname()[1]

@@ -222,6 +222,63 @@ def test_bad_value_in_environment_is_refused(tmp_path: Path, section: str, name:
         assert f"KVAPP_{name.upper()}" in message
 
 
+# Every setting whose converter is asint(...): a count, a size or a port.
+WHOLE_NUMBERS = [
+    (section, name)
+    for section, name, convert, _, _ in SETTINGS
+    if convert.__qualname__.startswith("asint.")
+]
+
+
+def test_the_whole_number_settings_are_found():
+    """They are the settings whose default is a number."""
+    numbers = {name for _, name, _, default, _ in SETTINGS if default.isdigit()}
+    assert {name for _, name in WHOLE_NUMBERS} == numbers
+    assert "port" in numbers
+
+
+@pytest.mark.parametrize("bad", ["soon", "1.5", "4k", "0x10", ""])
+@pytest.mark.parametrize(("section", "name"), WHOLE_NUMBERS)
+def test_a_whole_number_setting_says_so_when_it_is_not_one(
+    tmp_path: Path, section: str, name: str, bad: str
+):
+    config = write_config(tmp_path / "kv.ini", f"[{section}]\n{name} = {bad}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert one_line(str(caught.value)) == (
+        f"bad value for {name} ({config} [{section}] {name}): must be a whole number, got {bad!r}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write_config(tmp_path / "empty.ini", ""), environ={f"KVAPP_{name.upper()}": bad}
+        )
+    assert str(caught.value) == (
+        f"bad value for {name} (environment variable KVAPP_{name.upper()}):"
+        f" must be a whole number, got {bad!r}"
+    )
+
+
+def test_inline_comments_are_not_part_of_the_value(tmp_path: Path):
+    config = write_config(
+        tmp_path / "kv.ini",
+        "[storage]\n"
+        "database = data/kv#1.sqlite3  ; a '#' with no space before it is part of the value\n"
+        "[server]\n"
+        "port = 4411  # my port\n"
+        "threads = 8\t; eight\n"
+        "[proxy]\n"
+        "trusted_proxy = 127.0.0.1   # in [proxy]\n"
+        "[security]\n"
+        "allowed_hosts = localhost kv.example.com # and nothing else\n",
+    )
+    settings = load_config(config, environ={})
+    assert settings.port == 4411
+    assert settings.threads == 8
+    assert settings.trusted_proxy == "127.0.0.1"
+    assert settings.allowed_hosts == ("localhost", "kv.example.com")
+    assert settings.database == str(tmp_path / "data" / "kv#1.sqlite3")
+
+
 @pytest.mark.parametrize(("name", "bad"), [("port", 70000), ("threads", 0), ("port", -1)])
 def test_bad_command_line_value_is_refused(tmp_path: Path, name: str, bad: int):
     config = write_config(tmp_path / "kv.ini", "")

@@ -21,6 +21,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from kvapp.web.request import Request
+from kvapp.web.seed_routes import USAGE, Handlers
+
 TEXT = "text/plain; charset=utf-8"
 FORM = "application/x-www-form-urlencoded"
 MIB = 1024 * 1024
@@ -308,6 +311,31 @@ def test_index_is_plain_text_usage(client):
     assert "/set?" in usage and "/get?key=" in usage
     head = call(client, "HEAD", "/")
     assert head.headerlist == res.headerlist
+
+
+@BEFORE_STORAGE
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        ("localhost:4460", "localhost:4460"),
+        ("127.0.0.1:4000", "127.0.0.1:4000"),
+        ("localhost", "localhost"),  # port 80, or a proxy that dropped it
+        ("LocalHost.:04460", "localhost:4460"),  # as the guard normalized it
+        ("[0:0::1]:4460", "[::1]:4460"),
+    ],
+)
+def test_index_names_the_host_and_port_the_client_used(client, host, shown):
+    usage = call(client, "GET", "/", environ={"HTTP_HOST": host}).body.decode()
+    assert f"  curl '{shown}/set?somekey=somevalue'" in usage
+    assert f"The whole API: {shown}/openapi.json\n" in usage
+    assert usage == USAGE.format(server=shown)  # every example names it
+
+
+@BEFORE_STORAGE
+def test_index_without_a_guarded_host_names_the_configured_address(make_settings):
+    handlers = Handlers(None, make_settings(host="::1", port=4471))
+    usage = handlers.index(Request({"REQUEST_METHOD": "GET"})).body.decode()
+    assert "The whole API: [::1]:4471/openapi.json\n" in usage
 
 
 def test_empty_path_is_the_index(client):

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, curl, stored
+from tools import serving
+
+from kvapp.web.seed_routes import USAGE
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite", "postgres")]
 
@@ -41,6 +44,20 @@ def rows_on_disk(database: str | Path) -> list[tuple[str, bytes]]:
 
 
 # -- the contract through waitress ----------------------------------------------------
+
+
+def test_index_names_the_port_the_server_listens_on(tmp_path):
+    """python -m kvapp serve on a port the kernel picks: the usage text names that port."""
+    with serving("--database", str(tmp_path / "kv.sqlite3")) as (_, port):
+        for host in ("127.0.0.1", "localhost"):
+            # --connect-to: localhost is 127.0.0.1 whatever /etc/hosts says first.
+            to = ("--connect-to", f"localhost:{port}:127.0.0.1:{port}")
+            status, _, body = curl(*to, f"http://{host}:{port}/")
+            assert status == 200
+            usage = body.decode()
+            assert f"  curl '{host}:{port}/get?key=somekey'" in usage
+            assert f"The whole API: {host}:{port}/openapi.json\n" in usage
+            assert usage == USAGE.format(server=f"{host}:{port}")  # every example names it
 
 
 def test_set_get_head_and_index(server):

@@ -150,22 +150,30 @@ def test_access_log_off_writes_nothing(make_client, caplog):
 
 
 @pytest.fixture
-def restore_kvapp_level():
-    logger = logging.getLogger("kvapp")
-    level = logger.level
+def restore_kvapp_levels():
+    loggers = [logging.getLogger(name) for name in ("kvapp", "kvapp.access")]
+    levels = [logger.level for logger in loggers]
     yield
-    logger.setLevel(level)
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
-@pytest.mark.usefixtures("restore_kvapp_level")
-def test_log_level_from_settings_silences_the_access_log(make_client, make_settings, caplog):
-    setup_logging(make_settings(log_level="WARNING"))
-    assert logging.getLogger("kvapp").level == logging.WARNING
-    make_client().get("/")
-    assert [r for r in caplog.records if r.name == "kvapp.access"] == []
-    setup_logging(make_settings(log_level="INFO"))
-    make_client().get("/")
-    assert len(access_lines(caplog)) == 1
+@pytest.mark.usefixtures("restore_kvapp_levels")
+@pytest.mark.parametrize("access_log", [True, False])
+def test_access_log_alone_switches_the_access_log_whatever_log_level(
+    make_client, make_settings, caplog, access_log
+):
+    settings = make_settings(log_level="WARNING", access_log=access_log)
+    setup_logging(settings)
+    client = make_client(log_level="WARNING", access_log=access_log)
+    client.get("/get?key=k", status=404)
+    logging.getLogger("kvapp.sweeper").info("an INFO record of kvapp's own")
+    lines = access_lines(caplog)
+    assert [(m["method"], m["target"], m["status"]) for m in lines] == (
+        [("GET", "/get?key=***", "404")] if access_log else []
+    )
+    # log_level still quiets kvapp's own records below WARNING.
+    assert [r for r in caplog.records if r.name == "kvapp.sweeper"] == []
 
 
 # When kvapp owns the log output (wsgi.py, python -m kvapp serve), access lines

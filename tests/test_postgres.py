@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import webtest
 from faultkit import Client, needs_root, require_tool
-from helpers import ROOT, running_cluster, server_environ, stored
+from helpers import ROOT, free_port, running_cluster, server_environ, stored
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -207,25 +207,54 @@ def test_a_read_only_database_is_refused_at_start(admin, database):
         PostgresStore(database)
 
 
-def test_an_unreachable_server_is_refused_with_one_line():
-    from helpers import free_port
+# free_port() binds port 0 and closes it: a port where nothing listens.
+closed_port = free_port
 
-    url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
+
+def test_an_unreachable_server_is_refused_with_one_clean_line():
+    port = closed_port()
+    url = f"postgresql://kvapp:s3cret@127.0.0.1:{port}/kv"
     with pytest.raises(DatabaseUnusable) as caught:
         PostgresStore(url, busy_timeout_ms=1000)
     message = str(caught.value)
-    assert message.startswith(f"cannot use database {redact(url)}: cannot connect (")
-    assert message.endswith(
-        "check that the server runs and that the URL, user and password are right"
+    # libpq's first line (what failed, where) and its hint, whitespace collapsed.
+    assert message == (
+        f"cannot use database {redact(url)}: cannot connect (connection to server at"
+        f' "127.0.0.1", port {port} failed: Connection refused; Is the server running on'
+        " that host and accepting TCP/IP connections?); check that the server runs and that"
+        " the URL, user and password are right"
     )
-    assert "\n" not in message and "s3cret" not in message
+    assert "s3cret" not in message
+
+
+def test_a_server_unreachable_at_every_address_is_one_line_that_counts_them():
+    ports = closed_port(), closed_port()
+    url = f"postgresql://kvapp@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/kv"
+    with pytest.raises(DatabaseUnusable) as caught:
+        PostgresStore(url, busy_timeout_ms=1000)
+    message = str(caught.value)
+    assert "\n" not in message and "\t" not in message
+    assert f'"127.0.0.1", port {ports[1]} failed: Connection refused; Is the server' in message
+    assert "accepting TCP/IP connections?; 2 connection attempts failed);" in message
+
+
+@pytest.mark.slow
+def test_python_m_kvapp_serve_refuses_an_unreachable_server_with_one_clean_line(tmp_path):
+    port = closed_port()
+    url = f"postgresql://kvapp@127.0.0.1:{port}/kv"
+    result = subprocess.run(
+        [sys.executable, "-m", "kvapp", "serve", "--port", "0", "--database", url],
+        cwd=ROOT, env=server_environ(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "\t" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"kvapp: cannot use database {url}: cannot connect (")
+    assert f'"127.0.0.1", port {port} failed: Connection refused; Is the server' in result.stderr
 
 
 @pytest.mark.slow
 def test_waitress_serve_refuses_an_unreachable_server_with_one_line(tmp_path):
-    from helpers import free_port
-
-    url = f"postgresql://kvapp:s3cret@127.0.0.1:{free_port()}/kv"
+    url = f"postgresql://kvapp:s3cret@127.0.0.1:{closed_port()}/kv"
     env = {**server_environ(), "KVAPP_DATABASE": url}
     waitress = str(Path(sys.executable).with_name("waitress-serve"))
     result = subprocess.run(

@@ -27,6 +27,7 @@ from tools import (
     one_line_error,
     open_files_in,
     rows,
+    serving,
     start_kvapp,
     wait_for,
 )
@@ -166,19 +167,153 @@ def test_postgresql_without_psycopg_is_one_line_naming_it(tmp_path, source_db, a
     assert ".venv/bin/python" in error
 
 
-def test_serve_on_a_taken_port_is_one_line(tmp_path):
+# Locations that look like URLs but name no store kvapp has: each was once
+# taken as a file path (pgsql://h/db became the file ./pgsql:/h/db).
+NOT_DATABASES = [
+    "pgsql://kvapp@127.0.0.1/kvapp",
+    "postgresql+psycopg://kvapp@127.0.0.1/kvapp",
+    "http://localhost:4400/",
+    "postgresql:/kvapp@127.0.0.1/kvapp",
+]
+
+
+def every_command_on(location: str, source: Path, export: Path) -> dict[str, tuple[str, ...]]:
+    """Return each command's arguments with location as its database, source or destination."""
+    return {
+        "serve": ("serve", "--port", "0", "--database", location),
+        "backup": ("backup", "--database", location, "backup.sqlite3"),
+        "export": ("export", "--database", location, "export.jsonl"),
+        "export-stdout": ("export", "--database", location, "-"),
+        # The location is checked first, before the other arguments.
+        "export-to-no-folder": ("export", "--database", location, "none/export.jsonl"),
+        "import": ("import", "--database", location, str(export)),
+        "import-no-file": ("import", "--database", location, "none.jsonl"),
+        "import-merge": ("import", "--merge", "--database", location, str(export)),
+        "copy-from": ("copy", "--from", location, "--to", "copy.sqlite3"),
+        "copy-to": ("copy", "--from", str(source), "--to", location),
+        "check": ("check", "--database", location),
+        "stats": ("stats", "--database", location),
+    }
+
+
+def listing(folder: Path) -> list[str]:
+    """Return every file and folder under folder, recursively, as relative paths."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.fixture
+def export_file(tmp_path: Path) -> Path:
+    path = tmp_path / "source" / "export.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"\n".join(GOOD) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("command", sorted(every_command_on("", Path(), Path())))
+@pytest.mark.parametrize("location", NOT_DATABASES)
+def test_a_url_kvapp_cannot_use_is_refused_and_creates_nothing(
+    tmp_path, source_db, export_file, location, command
+):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = listing(tmp_path)
+    args = every_command_on(location, source_db, export_file)[command]
+    result = kvapp(*args, cwd=cwd, timeout=60)
+    assert result.returncode == 1, result
+    error = one_line_error(result)
+    assert f"{location!r} is not a supported database" in error, error
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("location", NOT_DATABASES)
+@pytest.mark.parametrize("where", ["environment", "config file"])
+def test_serve_refuses_a_url_it_cannot_use_from_the_settings(tmp_path, location, where):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    config = tmp_path / "kv.ini"
+    config.write_text(
+        f"[storage]\ndatabase = {location}\n" if where == "config file" else "[storage]\n"
+    )
+    before = listing(tmp_path)
+    env = {"KVAPP_DATABASE": location} if where == "environment" else {}
+    result = kvapp("serve", "--port", "0", config=config, cwd=cwd, env=env, timeout=60)
+    assert f"{location!r} is not a supported database" in one_line_error(result)
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["data.sqlite3", "./weird:name.sqlite3"])
+def test_relative_file_names_still_work_for_import_and_export(tmp_path, export_file, name):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = kvapp("import", "--database", name, str(export_file), cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(f"imported 3 records from {export_file} into {name}")
+    file = cwd / Path(name).name
+    assert [row[:2] for row in rows(file)] == [("a", b"1"), ("b", b"2"), ("c", b"3")]
+    result = kvapp("export", "--database", name, "out.jsonl", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert (cwd / "out.jsonl").read_bytes() == export_file.read_bytes()
+
+
+def test_serve_database_option_is_relative_to_the_working_directory(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with serving("--database", "here.sqlite3", cwd=cwd) as (_, port):
+        status, _, body = curl(f"http://127.0.0.1:{port}/set?a=1")
+        assert (status, body) == (200, b"stored 1 key\n")
+    assert rows(cwd / "here.sqlite3")[0][:2] == ("a", b"1")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_taken_port_is_one_line_that_says_how_to_choose_another(tmp_path, workers):
     config = tmp_path / "serve.ini"
     config.write_text(f"[storage]\ndatabase = {tmp_path / 'kv.sqlite3'}\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        result = kvapp("--config", str(config), "serve", "--port", port, config=None)
+        result = kvapp(
+            "--config", str(config), "serve", "--port", port, "--workers", workers, config=None
+        )
     assert result.returncode == 1
-    # The failure is one line that names the address, no traceback.
-    err = result.stderr.decode()
-    assert "Traceback" not in err
-    assert err.splitlines() == [f"kvapp: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    # The failure is one line that names the address and the way out, no traceback.
+    assert one_line_error(result).splitlines() == [
+        f"kvapp: cannot listen on 127.0.0.1:{port}: Address already in use;"
+        " choose another port with --port or KVAPP_PORT"
+    ]
+
+
+# -- one rule for destinations that hold data ---------------------------------
+
+
+@pytest.mark.parametrize("command", ["backup", "export", "import", "copy"])
+def test_help_states_the_destination_rule(command):
+    text = " ".join(kvapp(command, "--help").stdout.decode().split())
+    assert (
+        "A destination that holds data is refused: an existing FILE (backup, export) unless"
+        " --force, a database with keys (import, copy) unless --merge."
+    ) in text
+    flag = "--force" if command in ("backup", "export") else "--merge"
+    assert f"[{flag}]" in text
+
+
+@pytest.mark.parametrize("command", ["backup", "export"])
+def test_an_existing_file_is_refused_and_replaced_with_force(tmp_path, source_db, command):
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    dest.write_bytes(b"keep me")
+    result = kvapp(command, "--database", str(source_db), str(dest))
+    error = one_line_error(result)
+    assert result.returncode == 1
+    assert error == f"kvapp {command}: {dest} already exists; give --force to replace it\n"
+    assert dest.read_bytes() == b"keep me" and folder_files(dest.parent) == ["dest"]
+    result = kvapp(command, "--force", "--database", str(source_db), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert folder_files(dest.parent) == ["dest"]
+    if command == "backup":
+        assert rows(dest) == rows(source_db)
+    else:
+        assert dest.read_bytes() == kvapp("export", "--database", str(source_db), "-").stdout
 
 
 # -- export and import --------------------------------------------------------
@@ -644,7 +779,7 @@ def test_a_new_database_file_is_never_paired_with_an_old_wal(tmp_path, source_db
     before = backup.read_bytes()
     stale = Path(f"{backup}{suffix}")
     stale.write_bytes(b"left by a reader that was killed")
-    result = kvapp("backup", "--database", str(source_db), str(backup))
+    result = kvapp("backup", "--force", "--database", str(source_db), str(backup))
     assert f"backup.sqlite3{suffix} is beside it" in one_line_error(result)
     assert backup.read_bytes() == before
     # A database that was deleted but left its WAL: import and copy refuse too.

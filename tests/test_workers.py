@@ -208,7 +208,8 @@ def test_a_port_in_use_is_one_line_and_status_1(server_factory):
     )
     assert result.returncode == 1
     assert result.stderr.decode().strip().splitlines() == [
-        f"kvapp: cannot listen on 127.0.0.1:{server.port}: Address already in use"
+        f"kvapp: cannot listen on 127.0.0.1:{server.port}: Address already in use;"
+        " choose another port with --port or KVAPP_PORT"
     ]
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from helpers import ROOT, server_environ
@@ -21,17 +25,26 @@ def kvapp_command(*args: str, config: Path | None = ROOT / "config.ini") -> list
     return [sys.executable, "-m", "kvapp", *(("--config", str(config)) if config else ()), *args]
 
 
+def kvapp_environ(cwd: Path = ROOT, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment of a `python -m kvapp` run in cwd: this checkout's kvapp, plus env."""
+    # python -m finds kvapp in the working directory; from any other folder, through PYTHONPATH.
+    found = {} if cwd == ROOT else {"PYTHONPATH": str(ROOT)}
+    return {**server_environ(), **found, **(env or {})}
+
+
 def kvapp(
     *args: str,
     input: bytes | None = None,
     timeout: float = 300,
     config: Path | None = ROOT / "config.ini",
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m kvapp ARGS` from the checkout, as a user would; return the finished run."""
+    """Run `python -m kvapp ARGS` in cwd, as a user would; return the finished run."""
     return subprocess.run(
         kvapp_command(*args, config=config),
-        cwd=ROOT,
-        env=server_environ(),
+        cwd=cwd,
+        env=kvapp_environ(cwd, env),
         input=input,
         capture_output=True,
         timeout=timeout,
@@ -40,6 +53,45 @@ def kvapp(
 
 def start_kvapp(*args: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(kvapp_command(*args), cwd=ROOT, env=server_environ(), **popen)
+
+
+BANNER = re.compile(r"kvapp: serving .* on http://(\S+):(\d+) with \d+ workers?$")
+
+
+@contextlib.contextmanager
+def serving(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 30
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Run `python -m kvapp serve --port 0 ARGS`; yield it and the port its banner names.
+
+    The kernel picks the port, so no other test can take it first.  Inside the
+    block, process.stderr reads what the server writes after the banner; the
+    server is stopped with SIGTERM afterwards.
+    """
+    process = subprocess.Popen(
+        kvapp_command("serve", "--port", "0", *args),
+        cwd=cwd,
+        env=kvapp_environ(cwd, env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        timer = threading.Timer(timeout, process.kill)  # a server that never says where it is
+        timer.start()
+        try:
+            line = process.stderr.readline().decode()
+        finally:
+            timer.cancel()
+        found = BANNER.match(line.strip())
+        assert found, f"no banner: {line!r} (exit status {process.poll()})"
+        yield process, int(found[2])
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        finally:
+            process.stderr.close()
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -164,6 +164,36 @@ def storage_error(exc: psycopg.Error) -> StorageError:
     return StorageUnavailable(f"the database failed: {first}")
 
 
+# psycopg.connect() (psycopg/connection.py, 3.3) when every address of the URL failed.
+_MULTIPLE_ATTEMPTS = "Multiple connection attempts failed."
+
+
+def connect_error(exc: psycopg.Error) -> str:
+    """Return libpq's message of a failed connection as one line, each of its lines kept.
+
+    libpq writes what failed on the first line and a hint on the next, indented
+    with a tab ('connection to server at "h", port 1 failed: Connection
+    refused\n\tIs the server running...'); psycopg puts 'connection failed: '
+    in front.  Runs of whitespace become one space and lines are joined with '; '.
+    When a URL's host has several addresses (localhost: ::1 and 127.0.0.1),
+    psycopg adds every attempt's message after the last one's; those are
+    counted, not repeated.
+    """
+    message, several, attempts = str(exc).partition(_MULTIPLE_ATTEMPTS)
+    lines = [" ".join(line.split()) for line in message.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(exc).__name__
+    if several:
+        tried = sum(line.startswith("- ") for line in attempts.splitlines())
+        lines.append(f"{tried} connection attempts failed")
+    lines[0] = lines[0].removeprefix("connection failed: ")
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text.replace("FATAL: ", "")
+
+
 class PostgresStore:
     """The key-value store in one PostgreSQL database (a kvapp.store.base.Store), through a pool."""
 
@@ -364,9 +394,8 @@ class PostgresStore:
         try:
             conn = psycopg.connect(self.url, **self._kwargs)
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise self._refuse(
-                f"cannot connect ({first.removeprefix('FATAL:  ')})",
+                f"cannot connect ({connect_error(exc)})",
                 "check that the server runs and that the URL, user and password are right",
             ) from None
         try:

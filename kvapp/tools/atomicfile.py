@@ -11,6 +11,10 @@ it is complete.  SQLite opens files by name, so a backup is written to a
 named temporary file beside the destination, .NAME.tmp-PID, which is removed
 on any error or catchable signal.  A SIGKILL leaves that file behind, never a
 destination; the next run that writes the same destination removes it.
+
+A caller that must not replace a file already at the destination passes
+replace=False: the complete file is then named with link(2), which fails
+where rename(2) would replace (DestinationExists).
 """
 
 from __future__ import annotations
@@ -44,12 +48,35 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def check_destination(dest: Path) -> None:
-    """Raise OSError now if dest cannot become a file: no folder, or dest is a folder."""
+class DestinationExists(FileExistsError):
+    """There is a file at the destination, and it was not to be replaced."""
+
+    def __init__(self, dest: Path) -> None:
+        super().__init__(errno.EEXIST, "already exists", str(dest))
+
+
+def check_destination(dest: Path, replace: bool = True) -> None:
+    """Raise OSError if dest cannot be written: no folder, a folder, or a file unless replace."""
     if not dest.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(dest.parent))
     if dest.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder", str(dest))
+    if not replace and os.path.lexists(dest):
+        raise DestinationExists(dest)
+
+
+def _put(temp: Path, dest: Path, replace: bool) -> None:
+    """Give temp's file the name dest, replacing a file there or (not replace) failing."""
+    if replace:
+        os.replace(temp, dest)
+        return
+    try:
+        # link(2) fails with EEXIST where rename(2) would replace: the check and
+        # the naming are one step, so a file that appeared meanwhile is kept.
+        os.link(temp, dest)
+    except FileExistsError:
+        raise DestinationExists(dest) from None
+    os.unlink(temp)
 
 
 def _temp_name(dest: Path, pid: int) -> Path:
@@ -77,13 +104,15 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def aside(dest: Path) -> Iterator[Path]:
+def aside(dest: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside dest; on normal exit it is fsynced and renamed onto dest.
 
     On any exception the temporary file and its SQLite companions are removed
     and dest is untouched.  The caller closes every handle on the path first.
+    Unless replace, a file at dest is never replaced: DestinationExists, before
+    the work if it is there then, else at the end.
     """
-    check_destination(dest)
+    check_destination(dest, replace)
     for suffix in ("-wal", "-journal"):
         # SQLite would apply a WAL or hot journal left by the file that was
         # there before to the new file, and so damage it.
@@ -104,7 +133,7 @@ def aside(dest: Path) -> Iterator[Path]:
             # Renaming a database away from its WAL would lose the WAL's commits.
             raise RuntimeError(f"{temp} still has a WAL: close its connections first")
         fsync_file(temp)
-        os.replace(temp, dest)
+        _put(temp, dest, replace)
         fsync_dir(dest.parent)
     finally:
         for suffix in SQLITE_SUFFIXES:
@@ -112,13 +141,14 @@ def aside(dest: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def replacing(dest: Path, unnamed: bool = True) -> Iterator[BinaryIO]:
+def replacing(dest: Path, unnamed: bool = True, replace: bool = True) -> Iterator[BinaryIO]:
     """Yield a file open for binary writing; on normal exit its content replaces dest.
 
     On any exception, dest is untouched and nothing is left behind.
     unnamed=False (for tests) takes the way of systems without O_TMPFILE.
+    Unless replace, a file at dest is never replaced (DestinationExists), as in aside().
     """
-    check_destination(dest)
+    check_destination(dest, replace)
     remove_stale(dest)
     try:
         if not unnamed:
@@ -148,7 +178,7 @@ def replacing(dest: Path, unnamed: bool = True) -> Iterator[BinaryIO]:
                     os.link(str(handle.fileno()), named, src_dir_fd=proc, follow_symlinks=True)
                 finally:
                     os.close(proc)
-        os.replace(named, dest)
+        _put(named, dest, replace)
         named = None
         fsync_dir(dest.parent)
     finally:

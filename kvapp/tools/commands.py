@@ -65,7 +65,7 @@ def backup(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
     if target in {source, Path(f"{source}-wal"), Path(f"{source}-shm")}:
         raise targets.StoreError(f"{target} is the database itself; name a new file")
     started = time.monotonic()
-    with bar(None, "page", "backup") as progress, atomicfile.aside(target) as temp:
+    with bar(None, "page", "backup") as progress, atomicfile.aside(target, args.force) as temp:
 
         def step(done: int, total: int) -> None:
             progress.total = total
@@ -83,7 +83,7 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
     url = _database(args, settings)
     started = time.monotonic()
     if args.file != "-":
-        atomicfile.check_destination(Path(args.file))
+        atomicfile.check_destination(Path(args.file), args.force)
     store = targets.open_existing(url, settings)
     try:
         with bar(store.stats()[0], "rec", "export") as progress:
@@ -91,7 +91,7 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
                 count = transfer.export(store, sys.stdout.buffer, progress)
                 sys.stdout.buffer.flush()
                 return 0
-            with atomicfile.replacing(Path(args.file)) as out:
+            with atomicfile.replacing(Path(args.file), replace=args.force) as out:
                 count = transfer.export(store, out, progress)
     finally:
         store.close()
@@ -184,6 +184,12 @@ def stats(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -
 # -- the command line -------------------------------------------------------
 
 DATABASE_HELP = "the database (default: the one config.ini or KVAPP_DATABASE names)"
+# One rule for the four commands that write, as cp -n: what is there is kept unless asked.
+DESTINATION_RULE = (
+    "A destination that holds data is refused: an existing FILE (backup, export) unless"
+    " --force, a database with keys (import, copy) unless --merge."
+)
+FORCE_HELP = "replace an existing FILE (only once the new one is complete)"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -200,10 +206,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "copy the live SQLite database into FILE, consistently",
         "Copy the SQLite database, while it serves, into FILE through SQLite's online backup"
         " API: one consistent snapshot, with every write committed before the backup began."
-        " FILE appears only when complete; an older FILE is replaced then.",
+        f" FILE appears only when complete. {DESTINATION_RULE}",
     )
     parser.add_argument("file", metavar="FILE", help="the backup file to write")
     parser.add_argument("--database", metavar="PATH", help=DATABASE_HELP)
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     parser = add(
         "export",
@@ -211,10 +218,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "write every live key to FILE as JSON Lines",
         "Write every live key, with its value, content type, revision and expiry, to FILE in"
         " kvapp's export format (JSON Lines, version 1; see kvapp/tools/exportformat.py)."
-        " FILE appears only when complete; - writes to stdout.",
+        f" FILE appears only when complete; - writes to stdout. {DESTINATION_RULE}",
     )
     parser.add_argument("file", metavar="FILE", help="the export file to write, or - for stdout")
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     parser = add(
         "import",
@@ -223,7 +231,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "Check the whole export FILE (- reads stdin), then load it in transactions of"
         f" {transfer.PAGE} records. A bad line fails the import before anything is written."
         " A new SQLite file appears only when complete; into an existing empty database a"
-        " failed import deletes what it loaded.",
+        f" failed import deletes what it loaded. {DESTINATION_RULE}",
     )
     parser.add_argument("file", metavar="FILE", help="the export file to read, or - for stdin")
     parser.add_argument("--database", metavar="URL", help=DATABASE_HELP)
@@ -239,8 +247,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         copy,
         "copy every live key from one database to another",
         "Copy every live key from one database to another: SQLite file paths or postgresql://"
-        f" URLs, in transactions of {transfer.PAGE} records. The destination must hold no keys"
-        " unless --merge. A new SQLite file appears only when complete.",
+        f" URLs, in transactions of {transfer.PAGE} records. A new SQLite file appears only"
+        f" when complete. {DESTINATION_RULE}",
     )
     parser.add_argument("--from", dest="source", metavar="URL", required=True, help="source")
     parser.add_argument("--to", dest="target", metavar="URL", required=True, help="destination")
@@ -278,6 +286,12 @@ def run(command: Command, args: argparse.Namespace) -> int:
     tally = transfer.Tally()
     status = 1
     try:
+        # Every location named on the command line is checked before any
+        # command opens, reads or creates anything: a URL kvapp cannot use
+        # must not turn into a file of that name, nor fail only half-way.
+        for name in ("database", "source", "target"):
+            if getattr(args, name, None) is not None:
+                targets.location(getattr(args, name))
         return command(args, load_config(args.config), tally)
     except KeyboardInterrupt:
         reason, status = "interrupted by SIGINT", 128 + signal.SIGINT
@@ -298,6 +312,8 @@ def run(command: Command, args: argparse.Namespace) -> int:
         reason = str(exc)
         if isinstance(exc, exportformat.FormatError):
             reason += "; nothing was imported"
+    except atomicfile.DestinationExists as exc:
+        reason = f"{exc.filename} already exists; give --force to replace it"
     except OSError as exc:
         reason = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
     except Exception as exc:  # the tools' one catch-all: one line, not a traceback

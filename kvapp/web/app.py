@@ -117,7 +117,7 @@ class App:
         """Return the Response for one request; never raises an Exception."""
         try:
             request = Request(environ)
-            self.guard.check(request)
+            request.host = self.guard.check(request)
             return self.match(request.method, request.path)(request)
         except HTTPError as exc:
             error = exc

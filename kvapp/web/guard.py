@@ -158,8 +158,11 @@ class Guard:
         self.token = auth_token.encode("ascii") if auth_token else None
         self._known: dict[str, tuple[str, str]] = {}
 
-    def check(self, request: Request) -> None:
-        """Return if the request may be routed; raise BadRequest, Unauthorized or Forbidden."""
+    def check(self, request: Request) -> tuple[str, str]:
+        """Return the request's allowed (host, port) if it may be routed.
+
+        Raise BadRequest, Unauthorized or Forbidden otherwise.
+        """
         environ = request.environ
         host, port = self.host(environ)
         if self.token is not None and request.path != HEALTH_PATH:
@@ -179,6 +182,7 @@ class Guard:
                 raise Forbidden(
                     "a write from another origin is refused (Origin does not name this server)"
                 )
+        return host, port
 
     def host(self, environ: dict) -> tuple[str, str]:
         """Return the request's (host, port) if it is allowed; else raise BadRequest."""

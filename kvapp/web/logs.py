@@ -148,7 +148,7 @@ class LineWriter(logging.Handler):
 
 
 def setup_logging(settings: Settings) -> None:
-    """Send log records to stderr in FORMAT, with kvapp's level from settings.
+    """Send log records to stderr in FORMAT: kvapp's at log_level, access lines if access_log.
 
     When the program embedding kvapp configured logging already, kvapp's
     records, access lines included, go through that configuration.
@@ -174,6 +174,9 @@ def setup_logging(settings: Settings) -> None:
         # GIL time of a GET.  The access log's milliseconds show the wait.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     logging.getLogger("kvapp").setLevel(settings.log_level)
+    # access_log alone switches the access log: log_level = WARNING quiets
+    # kvapp's own records, not the one line per request asked for.
+    access.setLevel(logging.INFO if settings.access_log else logging.CRITICAL + 1)
 
 
 def redact(query: str) -> str:

@@ -13,13 +13,15 @@ FORM = "application/x-www-form-urlencoded"
 class Request:
     """One WSGI environ, read lazily and strictly."""
 
-    __slots__ = ("environ", "method", "path", "query")
+    __slots__ = ("environ", "host", "method", "path", "query")
 
     def __init__(self, environ: dict[str, Any]) -> None:
         self.environ = environ
         self.method: str = environ.get("REQUEST_METHOD", "GET")
         self.path: str = environ.get("PATH_INFO", "") or "/"
         self.query: bytes = environ_bytes(environ.get("QUERY_STRING", ""), "the query string")
+        # (host, port) of the Host header, normalized, once the guard has allowed it.
+        self.host: tuple[str, str] | None = None
 
     def header(self, name: str, default: str = "") -> str:
         """Return a request header by its CGI name (e.g. 'HTTP_HOST'), or default."""

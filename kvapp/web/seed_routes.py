@@ -13,20 +13,20 @@ from kvapp.web.responses import TEXT, BadRequest, NotFound, PayloadTooLarge, Res
 USAGE = """\
 kvapp: a durable key-value store over HTTP.
 
-  curl 'localhost:4000/set?somekey=somevalue'      store one or more key=value pairs
-  curl 'localhost:4000/get?key=somekey'            read a value back
-  curl 'localhost:4000/delete?key=somekey'         delete a key
-  curl --data-urlencode 'big@file.txt' localhost:4000/set    store a large value (POST)
+  curl '{server}/set?somekey=somevalue'      store one or more key=value pairs
+  curl '{server}/get?key=somekey'            read a value back
+  curl '{server}/delete?key=somekey'         delete a key
+  curl --data-urlencode 'big@file.txt' {server}/set    store a large value (POST)
 
 Keys and values are UTF-8 and percent-encoded as in an HTML form.
 
 Each key is also a resource, for any bytes and with ETags and TTLs:
 
-  curl -X PUT --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:4000/kv/photo
-  curl localhost:4000/kv/photo          curl -X DELETE localhost:4000/kv/photo
-  curl 'localhost:4000/kv/?prefix=ph'   list keys
+  curl -X PUT --data-binary @photo.jpg -H 'Content-Type: image/jpeg' {server}/kv/photo
+  curl {server}/kv/photo          curl -X DELETE {server}/kv/photo
+  curl '{server}/kv/?prefix=ph'   list keys
 
-The whole API: localhost:4000/openapi.json
+The whole API: {server}/openapi.json
 """
 
 
@@ -38,10 +38,20 @@ class Handlers:
         self.max_key_bytes = settings.max_key_bytes
         self.max_value_bytes = settings.max_value_bytes
         self.max_body_bytes = settings.max_body_bytes
+        # Where the run command listens, for a request the guard has not seen.
+        self.host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.port = str(settings.port)
 
     def index(self, request: Request) -> Response:
-        """GET /: usage for a newcomer."""
-        return text(USAGE)
+        """GET /: usage for a newcomer, with the host and port the client used."""
+        if request.host is not None:
+            # The guard's normalized Host: a name of letters, digits, '-', '.'
+            # and '_', or an IPv6 literal, and a port of digits.  Nothing else
+            # from the request reaches the text.
+            host, port = request.host
+        else:
+            host, port = self.host, self.port
+        return text(USAGE.format(server=f"{host}:{port}" if port else host))
 
     def set(self, request: Request) -> Response:
         """GET or POST /set: store every pair of the query and form body in one write."""
