@@ -64,6 +64,12 @@ def serve(
     log = log or _stderr
     options = dict(options)
     host, port = options.pop("host"), options.pop("port")
+    from kvapp import server
+
+    # Before the app and the socket: the limit is inherited by every worker.
+    warning = server.raise_open_files_limit(options.get("connection_limit", 100))
+    if warning:
+        log(warning)
     # The app first, the socket second: once the port accepts connections the
     # database exists and has been checked, so "listening" means "ready".
     app = make_app()
@@ -93,11 +99,11 @@ def serve(
 
 
 def _serve_one(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
-    import waitress
+    from kvapp import server
 
     try:
         # waitress stops its loop and its threads on SystemExit or KeyboardInterrupt.
-        waitress.serve(app, sockets=[sock], **options)
+        server.serve(app, sock, options)
     finally:
         _close(app)
 

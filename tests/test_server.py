@@ -1,0 +1,157 @@
+"""How kvapp runs waitress: the channel that does not spin, connections and open files.
+
+kvapp/server.py explains the busy loop that Channel removes; the figures
+are the benchmark's (docs/performance.md), never assertions here.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from tools import serving
+from waitress.channel import HTTPChannel
+
+from kvapp import server
+from kvapp.config import load_config
+
+# No access log: serving() leaves the server's stderr pipe unread after the banner.
+QUIET = {"KVAPP_ACCESS_LOG": "false"}
+
+
+def channel(cls, requests=(), buffered=0, will_close=False):
+    """Return a channel of cls in a given state, without a socket."""
+    made = cls.__new__(cls)
+    made.requests = list(requests)
+    made.total_outbufs_len = buffered
+    made.will_close = will_close
+    made.close_when_flushed = False
+    return made
+
+
+def test_while_a_task_writes_a_small_answer_the_loop_does_not_wait_to_send_it():
+    # waitress's own channel asks the loop to send: the loop's poll() returns at
+    # once while the task thread holds the buffer's lock, which is the busy loop.
+    assert channel(HTTPChannel, requests=["running"], buffered=200).writable()
+    assert not channel(server.Channel, requests=["running"], buffered=200).writable()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"buffered": 200},  # the task ended: the loop sends what is left
+        {"requests": ["running"], "buffered": server.LOOP_FLUSH_BYTES},  # a slow reader
+        {"requests": ["running"], "will_close": True},
+        {"will_close": True},
+    ],
+)
+def test_the_loop_still_sends_when_no_task_runs_or_much_is_waiting(state):
+    assert channel(server.Channel, **state).writable()
+    assert channel(HTTPChannel, **state).writable()
+
+
+def test_nothing_to_send_is_not_writable():
+    assert not channel(server.Channel).writable()
+    assert not channel(server.Channel, requests=["running"]).writable()
+
+
+def test_the_open_files_limit_is_raised_to_fit_the_connections():
+    # In a child process: the limit is per process, and this one must keep its own.
+    code = (
+        "import resource; from kvapp import server\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "print(server.raise_open_files_limit(1000))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))\n"
+        "print(server.raise_open_files_limit(1000))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1000 + server.SPARE_FILES:
+        pytest.fail(f"this machine's hard open-files limit {hard} is below what the test needs")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "None" and int(lines[1]) == 1000 + server.SPARE_FILES
+    assert "connection_limit = 1000 needs 1064 open files, but the limit is 512" in lines[2]
+    assert "lower connection_limit" in lines[2] and int(lines[3]) == 512
+
+
+def test_the_default_connection_limit_holds_256_clients_and_1000_idle_ones():
+    assert load_config(environ={}).connection_limit >= 1000 + 256
+
+
+@pytest.mark.slow
+def test_300_clients_at_once_are_all_answered(tmp_path):
+    """More clients than the old default connection_limit (100), all connected at once."""
+    with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (_, port):
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(300)]
+        try:
+            for number, sock in enumerate(clients):
+                request = f"GET /set?k{number}=v{number} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                sock.sendall(request.encode())
+            answers = [sock.recv(65536) for sock in clients]
+        finally:
+            for sock in clients:
+                sock.close()
+        assert all(answer.startswith(b"HTTP/1.1 200 OK") for answer in answers)
+        answer = _get(port, "/get?key=k299")
+        assert answer.endswith(b"\r\n\r\nv299")
+
+
+@pytest.mark.slow
+def test_a_large_value_reaches_a_client_that_reads_slowly(tmp_path):
+    """An answer larger than LOOP_FLUSH_BYTES, read in small sips while other clients write."""
+    value = bytes(range(256)) * 4096  # 1 MiB, the largest value config.ini allows
+    with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (_, port):
+        put = (
+            f"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(value)}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(put + value)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+        done = threading.Event()
+
+        def write_meanwhile() -> None:
+            number = 0
+            while not done.is_set():
+                _get(port, f"/set?other{number}=x")
+                number += 1
+
+        writer = threading.Thread(target=write_meanwhile)
+        writer.start()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                received = b""
+                while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < len(
+                    value
+                ):
+                    chunk = sock.recv(1024)
+                    assert chunk, "the server closed the connection mid-answer"
+                    received += chunk
+        finally:
+            done.set()
+            writer.join()
+        assert received.startswith(b"HTTP/1.1 200 OK")
+        assert received.partition(b"\r\n\r\n")[2] == value
+
+
+def _get(port: int, target: str) -> bytes:
+    """Return the whole answer to one GET on a connection of its own."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
