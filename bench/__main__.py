@@ -33,7 +33,7 @@ from bench.servers import Running, Spec
 from kvapp.config import load_config
 from tests import pgcluster
 
-SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix")
+SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle")
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
 PG_INSTALL = "apt-get install postgresql"
 # The benchmark's cluster makes commits durable, as SQLite's FULL does: fsync
@@ -94,7 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--profile", action="store_true", help="py-spy profiles instead")
     parser.add_argument("--duration", type=int, default=5, help="seconds per cell (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
-    parser.add_argument("--connections", type=csv(int), default=(1, 16, 64))
+    parser.add_argument(
+        "--connections",
+        type=csv(int),
+        default=None,
+        help="connection counts (default: 1,16,64,256; --profile: 16)",
+    )
     parser.add_argument("--workers", type=csv(int), default=(1, 2))
     parser.add_argument("--sync", type=csv(sync_name), default=("FULL", "NORMAL"))
     parser.add_argument("--servers", type=csv(server_name), default=servers.SERVERS)
@@ -104,7 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="sqlite,postgresql (default: both when PostgreSQL's initdb is installed)",
     )
-    parser.add_argument("--scenarios", type=csv(str), default=SCENARIOS)
+    parser.add_argument(
+        "--scenarios",
+        type=csv(str),
+        default=None,
+        help=f"default: {','.join(SCENARIOS)}; --profile: get-hit,set-unique",
+    )
     parser.add_argument("--keys", type=int, default=1000, help="keys loaded before GET cells")
     parser.add_argument(
         "--scale-keys",
@@ -131,6 +141,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="print the servers, backends and scenarios a run would measure, and exit",
     )
     args = parser.parse_args(argv)
+    if args.connections is None:
+        args.connections = (16,) if args.profile else (1, 16, 64, 256)
+    if args.scenarios is None:
+        args.scenarios = ("get-hit", "set-unique") if args.profile else SCENARIOS
     if args.pg_bindir is True:
         args.pg_bindir = pgcluster.find_bindir()
     args.note = None

@@ -2,7 +2,7 @@
 
 For each server (1 worker, synchronous=FULL) and for the read path (get-hit)
 and the write path (set-unique), py-spy samples the worker process at 250 Hz
-while wrk runs at 16 connections, twice: "GIL" keeps only the thread that
+while wrk runs at each --connections count (default 16), twice: "GIL" keeps only the thread that
 holds the GIL (the Python work that one process can do one thread at a time),
 "busy" keeps every thread that is not waiting (so also time inside C calls that
 release the GIL, such as SQLite's and fsync).  Samples whose innermost frame
@@ -29,7 +29,6 @@ from pathlib import Path
 from bench import report, servers, wrk
 from bench.servers import Running, Spec
 
-SCENARIOS = ("get-hit", "set-unique")
 MODES = ("gil", "busy")
 TOP = 12
 RATE = 250  # samples per second
@@ -65,13 +64,18 @@ def summarize(raw: str) -> tuple[int, Counter, Counter]:
 
 
 def record(
-    running: Running, scenario: str, mode: str, args: argparse.Namespace, raw_path: Path
+    running: Running,
+    scenario: str,
+    connections: int,
+    mode: str,
+    args: argparse.Namespace,
+    raw_path: Path,
 ) -> str:
     """Run wrk and py-spy together; return py-spy's raw stacks."""
     seconds = args.duration
     load = threading.Thread(
         target=wrk.run,
-        args=(running.url, scenario, 16, seconds + 2),
+        args=(running.url, scenario, connections, seconds + 2),
         kwargs={"keys": args.keys, "tag": "profile"},
     )
     load.start()
@@ -130,12 +134,18 @@ def run(args: argparse.Namespace, tmp: Path, env: dict, argv: list[str]):
         running = Running(Spec(server, "kvapp", 1, "FULL", extra), database, tmp / "log")
         try:
             wrk.run(running.url, "get-hit", 16, 1, keys=args.keys)  # warm-up
-            for scenario, mode in itertools.product(SCENARIOS, MODES):
-                raw_path = out / f"{stamp}-profile-{server}-{scenario}-{mode}.txt"
-                raw = record(running, scenario, mode, args, raw_path)
+            cells = itertools.product(args.connections, args.scenarios, MODES)
+            for connections, scenario, mode in cells:
+                name = f"{server}-{scenario}-c{connections}-{mode}"
+                raw_path = out / f"{stamp}-profile-{name}.txt"
+                raw = record(running, scenario, connections, mode, args, raw_path)
                 samples, own, total = summarize(raw)
-                print(f"  {server} {scenario} {mode}: {samples} samples", file=sys.stderr)
-                lines += [f"## {server}, {scenario}, {mode}: {samples} samples", ""]
+                print(f"  {name}: {samples} samples", file=sys.stderr)
+                lines += [
+                    f"## {server}, {scenario}, {connections} connections, {mode}:"
+                    f" {samples} samples",
+                    "",
+                ]
                 lines += ["Self:", "", *table(samples, own), ""]
                 lines += ["Total:", "", *table(samples, total), ""]
                 lines += [f"Raw stacks: `{shown(raw_path)}`", ""]
@@ -143,6 +153,7 @@ def run(args: argparse.Namespace, tmp: Path, env: dict, argv: list[str]):
                     {
                         "server": server,
                         "scenario": scenario,
+                        "connections": connections,
                         "mode": mode,
                         "samples": samples,
                         "self": own.most_common(40),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.servers import VALUE
 
@@ -112,13 +116,17 @@ end
 """,
 }
 
+# set-idle: set-unique's load while IDLE_CONNECTIONS other keep-alive
+# connections, each having made one request, stay open and silent.
+SCRIPTS["set-idle"] = SCRIPTS["set-unique"]
+IDLE_CONNECTIONS = 1000
+
 # Answers that each scenario must get from kvapp: for get-miss every one is a
 # 404.  The hello-world app answers 200 to everything.
 ALL_404 = {"get-miss"}
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
     requests: int
     seconds: float
     p50_ms: float
@@ -150,6 +158,88 @@ def run(
     """
     if all_404 is None:
         all_404 = scenario in ALL_404
+    idle = IDLE_CONNECTIONS if scenario == "set-idle" else 0
+    with idle_connections(url, idle) as failed:
+        result = _run(url, scenario, connections, duration, keys, tag, wrk, all_404)
+        idle_failures = failed()
+    return result._replace(errors=result.errors + idle_failures)
+
+
+@contextlib.contextmanager
+def idle_connections(url: str, count: int) -> Iterator[Callable[[], int]]:
+    """Hold count keep-alive connections open, each after one answered request (any status).
+
+    Yields a function that returns how many of them failed: not answered
+    within 10 s (the server did not take the connection), or closed before
+    the end.
+    """
+    host, _, port = url.removeprefix("http://").partition(":")
+    # A read of a missing key: answered without touching the write lock.
+    request = f"GET /get?key=idle HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    sockets: list[socket.socket] = []
+    failures = 0
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sockets.append(sock)
+            sock.sendall(request)
+        deadline = time.monotonic() + 10
+        for sock in sockets:
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if not _read_answer(sock).startswith(b"HTTP/1.1 "):
+                    failures += 1
+            except OSError:
+                failures += 1
+        yield lambda: failures + sum(_closed(sock) for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """Return one whole answer read from sock: its head and Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return data
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Return True if the server closed sock (or sent anything unasked)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) is not None
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _run(
+    url: str,
+    scenario: str,
+    connections: int,
+    duration: int,
+    keys: int,
+    tag: str,
+    wrk: str,
+    all_404: bool,
+) -> Result:
     script = SCRIPTS[scenario].replace("VALUE", VALUE) + _DONE
     threads = min(2, connections)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:

@@ -213,7 +213,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "server",
         "connection_limit",
         asint(1, 100_000),
-        "100",
+        "2048",
         "client connections waitress holds at once; more wait in the listen queue",
     ),
     (

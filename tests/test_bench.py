@@ -15,7 +15,7 @@ from pgcluster import find_bindir
 
 from kvapp.store.sqlite import SQLiteStore
 
-SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix"]
+SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle"]
 
 
 @pytest.fixture(scope="module")
