@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("waitress", "granian")
 BACKENDS = ("sqlite", "postgresql")
 VALUE = "v" * 32  # the value of every loaded key and of every SET
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
 
 
 def load_keys(database: Path | str, count: int, first: int = 1) -> float:
@@ -174,8 +175,7 @@ class Running:
                 continue  # the process ended
             user += int(fields[11])
             system += int(fields[12])
-        ticks = os.sysconf("SC_CLK_TCK")
-        return user / ticks, system / ticks
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
 
     def switches(self) -> dict[int, int]:
         """Return each live thread's context switches so far, by thread id.

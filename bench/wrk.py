@@ -240,7 +240,29 @@ def _run(
     wrk: str,
     all_404: bool,
 ) -> Result:
-    script = SCRIPTS[scenario].replace("VALUE", VALUE) + _DONE
+    return _wrk(url, SCRIPTS[scenario], connections, duration, keys, tag, wrk, all_404)
+
+
+def run_script(
+    url: str, script: str, connections: int, duration: int, keys: int, tag: str
+) -> Result:
+    """Run wrk with script (a SCRIPTS entry in another server's URLs); every answer < 400."""
+    if find_wrk() is None:
+        raise RuntimeError(INSTALL_HINT)
+    return _wrk(url, script, connections, duration, keys, tag, "wrk", False)
+
+
+def _wrk(
+    url: str,
+    script_text: str,
+    connections: int,
+    duration: int,
+    keys: int,
+    tag: str,
+    wrk: str,
+    all_404: bool,
+) -> Result:
+    script = script_text.replace("VALUE", VALUE) + _DONE
     threads = min(2, connections)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(script)
