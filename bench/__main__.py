@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import report, servers, wrk
+from bench import report, servers, webdis, wrk
 from bench.servers import Running, Spec
 from kvapp.config import load_config
 from tests import pgcluster
@@ -36,6 +36,10 @@ from tests import pgcluster
 SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle")
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
 PG_INSTALL = "apt-get install postgresql"
+REFERENCE_MISSING = (
+    "redis-server or webdis is not installed, so webdis + Redis is not measured"
+    " (apt-get install redis-server webdis adds it)"
+)
 # The benchmark's cluster makes commits durable, as SQLite's FULL does: fsync
 # on (the tests' cluster turns it off); kvapp sets synchronous_commit = on.
 PG_SETTINGS = {"fsync": "on", "full_page_writes": "on"}
@@ -136,6 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " /usr/lib/postgresql/*/bin, or PATH); none: as if PostgreSQL were not installed",
     )
     parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip webdis + Redis (appendfsync always), measured by default when"
+        " redis-server and webdis are installed",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the servers, backends and scenarios a run would measure, and exit",
@@ -150,7 +161,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.note = None
     if args.backends is None:
         args.backends, args.note = default_backends(args.pg_bindir)
+    if args.reference and not webdis.installed():
+        args.reference = False
+        args.note = " and ".join(filter(None, [args.note, REFERENCE_MISSING]))
     if args.quick:
+        args.reference = False
         args.duration, args.warmup = 1, 0
         args.connections, args.workers, args.sync = (16,), (1,), ("FULL",)
     unknown = set(args.scenarios) - set(SCENARIOS)
@@ -289,6 +304,12 @@ def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
         rows: list[dict] = []
         for server, workers in itertools.product(args.servers, args.workers):
             rows += run_group(args, tmp, server, workers, cluster)
+        reference = [scenario for scenario in args.scenarios if scenario in webdis.SCENARIOS]
+        if args.reference and reference:
+            for row in webdis.measure(tmp / "webdis", args.connections, args.duration, args.keys):
+                if row["scenario"] in reference:
+                    rows.append(row)
+                    progress(row)
     rows.sort(key=order)
     report.add_ratios(rows)
     return rows
@@ -354,9 +375,10 @@ def average(before: dict, after: dict) -> dict:
 
 def order(row: dict) -> tuple:
     """Sort key: server, workers, scenario, connections, then ceiling, SQLite, PostgreSQL."""
-    kinds = (None, *servers.BACKENDS)
+    kinds = (None, *servers.BACKENDS, "redis")
+    names = (*servers.SERVERS, "webdis")
     return (
-        servers.SERVERS.index(row["server"]),
+        names.index(row["server"]),
         row["workers"],
         SCENARIOS.index(row["scenario"]),
         row["connections"],
@@ -389,6 +411,16 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
     targets = report.targets_table(rows)
     if targets:
         lines += ["## Targets", "", *targets, ""]
+    load_targets = report.load_targets_table(rows)
+    if load_targets:
+        lines += ["## Many clients at once", "", *load_targets, ""]
+    if args.reference:
+        lines += [
+            f"webdis + Redis ({env['reference']}): {webdis.__doc__.splitlines()[0]}"
+            f" webdis runs {webdis.WEBDIS_THREADS} threads (column workers);"
+            " its CPU is redis-server's and webdis' together.",
+            "",
+        ]
     lines += ["## All cells", "", *report.matrix_table(rows)]
     document = {"kind": kind, "command": command.strip()}
     document.update({"environment": env, "duration_s": args.duration, "keys": args.keys})
@@ -407,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"servers: {', '.join(args.servers)}")
         print(f"backends: {', '.join(args.backends)}")
         print(f"scenarios: {', '.join(args.scenarios)}")
+        print(f"reference: {'webdis + Redis' if args.reference else 'none'}")
         return 0
     problem = check_tools(args)
     if problem:

@@ -11,6 +11,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench import webdis
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The issue's targets, at 16 connections, as (server, scenario, synchronous, goal).
@@ -103,6 +105,7 @@ def environment(pg_bindir: Path | None = None) -> dict:
             else "not installed"
         ),
         "commit": command_output("git", "describe", "--always", "--dirty"),
+        "reference": webdis.versions(),
         "load_average_start": os.getloadavg()[0],
     }
 
@@ -170,6 +173,70 @@ def targets_table(rows: list[dict]) -> list[str]:
             f" | {_num(ceiling['rps'])} ({_num(ceiling.get('rps_before'))},"
             f" {_num(ceiling.get('rps_after'))}) | {_ratio(ratio)} | {goal:.2f} | {met} |"
         )
+    return lines if len(lines) > 2 else []
+
+
+# Many clients at once: (label, server, workers, scenario, connections, against, goal),
+# against is ("connections", n): the same server's figure at n connections;
+# ("ceiling",): its hello-world ceiling; ("reference", n): webdis + Redis at n.
+_SET, _GET = "set-unique", "get-hit"
+LOAD_TARGETS = (
+    ("waitress SET, 64 vs 16 connections", "waitress", 1, _SET, 64, ("connections", 16), 0.8),
+    ("waitress SET, 256 vs 16 connections", "waitress", 1, _SET, 256, ("connections", 16), 0.8),
+    ("waitress GET, 256 vs 16 connections", "waitress", 1, _GET, 256, ("connections", 16), 0.8),
+    ("granian 1 worker SET, 16 connections", "granian", 1, _SET, 16, ("ceiling",), 0.30),
+    ("granian 2 workers SET, 64 connections", "granian", 2, _SET, 64, ("reference", 64), 0.5),
+)
+
+
+def load_targets_table(rows: list[dict]) -> list[str]:
+    """Return the many-clients targets (durable SET is sync FULL) that this run measured."""
+    lines = [
+        "| target | req/s | against | its req/s | ratio | goal | met |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    cells = {
+        (
+            r["server"],
+            r["workers"],
+            r["backend"],
+            r["synchronous"],
+            r["scenario"],
+            r["connections"],
+        ): r
+        for r in rows
+    }
+    for label, server, workers, scenario, connections, against, goal in LOAD_TARGETS:
+        row = cells.get((server, workers, "sqlite", "FULL", scenario, connections))
+        if against[0] == "connections":
+            base = cells.get((server, workers, "sqlite", "FULL", scenario, against[1]))
+            name = f"the same at {against[1]} connections"
+        elif against[0] == "ceiling":
+            base = cells.get((server, workers, None, None, scenario, connections))
+            name = "hello-world ceiling"
+        else:
+            base = next(
+                (r for r in rows if r["server"] == "webdis" and r["scenario"] == scenario
+                 and r["connections"] == against[1]),
+                None,
+            )  # fmt: skip
+            name = f"webdis + Redis (appendfsync always), {against[1]} connections"
+        if row is None or base is None or not base["rps"]:
+            continue
+        ratio = row["rps"] / base["rps"]
+        met = "yes" if ratio >= goal else "no"
+        lines.append(
+            f"| {label} | {_num(row['rps'])} | {name} | {_num(base['rps'])}"
+            f" | {ratio:.2f} | {goal:.2f} | {met} |"
+        )
+    for row in rows:
+        if row["server"] == "waitress" and row["connections"] == 256 and row["app"] == "kvapp":
+            lines.append(
+                f"| waitress {row['scenario']} ({row['synchronous']}), 256 connections:"
+                f" errors (refused, reset, timed out, bad status); p99 {_num(row['p99_ms'], 1)} ms"
+                f" | {_num(row['rps'])} | - | - | {row['errors']} errors | 0 errors"
+                f" | {'yes' if row['errors'] == 0 else 'no'} |"
+            )
     return lines if len(lines) > 2 else []
 
 
