@@ -231,8 +231,9 @@ def load_targets_table(rows: list[dict]) -> list[str]:
         )
     for row in rows:
         if row["server"] == "waitress" and row["connections"] == 256 and row["app"] == "kvapp":
+            workers = f"{row['workers']} worker{'s' if row['workers'] > 1 else ''}"
             lines.append(
-                f"| waitress {row['scenario']} ({row['synchronous']}), 256 connections:"
+                f"| waitress {workers} {row['scenario']} ({row['synchronous']}), 256 connections:"
                 f" errors (refused, reset, timed out, bad status); p99 {_num(row['p99_ms'], 1)} ms"
                 f" | {_num(row['rps'])} | - | - | {row['errors']} errors | 0 errors"
                 f" | {'yes' if row['errors'] == 0 else 'no'} |"
