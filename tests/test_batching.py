@@ -293,6 +293,23 @@ def test_mixed_batch_on_the_repository_gives_each_request_its_own_result(repo):
     assert repo.get("q1") is None and repo.get("q2") is None
 
 
+def test_a_batch_larger_than_one_statement_puts_and_deletes_every_key(repo):
+    # 1,100 keys: three chunks of each statement (lookup, INSERT, DELETE), the
+    # last one partial, so padding and chunk edges are both exercised.
+    keys = [f"k{n:04d}" for n in range(1100)]
+    repo.apply(put("k0000", b"old"))  # revision 1: one key exists before
+    results = repo.apply_batch([put(key, key.encode()) for key in keys])
+    assert results == [Outcome(2 + n, (n == 0,)) for n in range(1100)]
+    assert repo.get("k0000") == (b"k0000", "text/plain", 2)
+    assert repo.get("k1099") == (b"k1099", "text/plain", 1101)
+    assert repo.list_keys("", None, 2000) == keys
+    odd = keys[1::2]
+    deleted = repo.apply_batch([Write.of(*(Delete(key) for key in odd)), Write.of(Delete("no"))])
+    assert deleted == [Outcome(1102, (True,) * 550), Outcome(1102, (False,))]
+    assert repo.list_keys("", None, 2000) == keys[::2]
+    assert repo.get(odd[-1]) is None and repo.get("k1098").revision == 1100
+
+
 def test_a_failed_batch_on_the_repository_stores_nothing_of_it(repo):
     repo.apply(put("before", b"1"))
     gate = Gate(repo.apply_batch)

@@ -42,7 +42,7 @@ from kvapp.store.base import (
     key_range,
 )
 from kvapp.store.groupcommit import GroupCommit
-from kvapp.store.plan import plan
+from kvapp.store.plan import NewRow, plan
 from kvapp.store.readcache import (
     MISS,
     Generations,
@@ -92,9 +92,13 @@ READ_CACHE_BYTES = 32 * 1024 * 1024
 # touches a handful of pages; the rest come from the OS cache.
 READER_PAGE_CACHE_KIB = 256
 
-# Keys looked up per SELECT ... IN (...) of a batch.  Lists are padded to a
-# power of two (repeating a key changes no answer), so that a handful of
-# statements serve every batch from the statement cache.
+# Keys per statement of a batch: looked up in one SELECT ... IN (...), put in
+# one multi-row INSERT (5 of SQLite's 32,766 host parameters per row,
+# https://sqlite.org/limits.html#max_variable_number), deleted in one DELETE.
+# One statement instead of one step per row: under load each step is a GIL
+# hand-off that waits behind other threads' Python (docs/performance.md).
+# IN lists are padded to a power of two (repeating a key changes no answer),
+# so that a handful of statements serve every batch from the statement cache.
 _MAX_IN = 512
 
 
@@ -498,21 +502,20 @@ class SQLiteStore:
     def apply_batch(self, writes: Sequence[Write]) -> list[Result]:
         """Apply writes in one transaction and one commit; return each one's Result, in order.
 
-        The rules are kvapp.store.plan's; here they cost one lookup, one
-        upsert and one delete statement for the whole batch.  A StorageError
-        fails the whole batch, and then nothing of it is stored.
+        The rules are kvapp.store.plan's; here they cost one lookup (with the
+        revision), one upsert and one delete statement for the whole batch
+        (up to 512 keys each).  A StorageError fails the whole batch, and
+        then nothing of it is stored.
         """
         with self._transaction() as conn:
-            start = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
             keys = list(dict.fromkeys(change.key for write in writes for change in write.changes))
-            planned = plan(_rows(conn, keys), writes, start, self._now_ms())
+            start, rows = _read(conn, keys)
+            planned = plan(rows, writes, start, self._now_ms())
             if planned.revision != start:
                 if planned.puts:
-                    conn.executemany(_UPSERT, planned.puts.values())
+                    _upsert(conn, list(planned.puts.values()))
                 if planned.deletes:
-                    conn.executemany(
-                        "DELETE FROM kv WHERE key = ?", [(key,) for key in planned.deletes]
-                    )
+                    _delete(conn, planned.deletes)
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'revision'", (planned.revision,)
                 )
@@ -618,17 +621,55 @@ _UPSERT = (
 )
 
 
-def _rows(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[int, int | None]]:
-    """Return (revision, expires_at) of the rows stored under keys, by key."""
+_UPSERT_ROWS = _UPSERT.replace("VALUES (?, ?, ?, ?, ?)", "VALUES {rows}")
+
+
+def _padded(keys: list[str]) -> tuple[list[str], str]:
+    """Return keys padded to a power of two (repeating the last), and as many ?s for IN (...)."""
+    size = 1 << (len(keys) - 1).bit_length()
+    return keys + keys[-1:] * (size - len(keys)), ", ".join("?" * size)
+
+
+def _read(
+    conn: sqlite3.Connection, keys: list[str]
+) -> tuple[int, dict[str, tuple[int, int | None]]]:
+    """Return the store's revision, and (revision, expires_at) of the rows stored under keys.
+
+    The revision comes with the first lookup, as the row whose key is NULL
+    (no kv row has one): each statement is a GIL hand-off under load.
+    """
+    revision: int | None = None
     found: dict[str, tuple[int, int | None]] = {}
+    chunks = [keys[start : start + _MAX_IN] for start in range(0, len(keys), _MAX_IN)]
+    for index, chunk in enumerate(chunks or [[]]):
+        selects, params = [], []
+        if chunk:
+            params, marks = _padded(chunk)
+            selects.append(f"SELECT key, revision, expires_at FROM kv WHERE key IN ({marks})")
+        if index == 0:
+            selects.append("SELECT NULL, value, NULL FROM meta WHERE name = 'revision'")
+        for key, row_revision, expires_at in conn.execute(" UNION ALL ".join(selects), params):
+            if key is None:
+                revision = row_revision
+            else:
+                found[key] = (row_revision, expires_at)
+    if revision is None:
+        raise StorageUnavailable("the database has no revision row: it is not kvapp's")
+    return revision, found
+
+
+def _upsert(conn: sqlite3.Connection, rows: list[NewRow]) -> None:
+    """Write rows (keys unique) with one INSERT of up to _MAX_IN rows, not one step per row."""
+    for start in range(0, len(rows), _MAX_IN):
+        chunk = rows[start : start + _MAX_IN]
+        sql = _UPSERT_ROWS.format(rows=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+        conn.execute(sql, [field for row in chunk for field in row])
+
+
+def _delete(conn: sqlite3.Connection, keys: list[str]) -> None:
     for start in range(0, len(keys), _MAX_IN):
-        chunk = keys[start : start + _MAX_IN]
-        size = 1 << (len(chunk) - 1).bit_length()
-        chunk += chunk[-1:] * (size - len(chunk))
-        sql = f"SELECT key, revision, expires_at FROM kv WHERE key IN ({', '.join('?' * size)})"
-        for key, revision, expires_at in conn.execute(sql, chunk):
-            found[key] = (revision, expires_at)
-    return found
+        chunk, marks = _padded(keys[start : start + _MAX_IN])
+        conn.execute(f"DELETE FROM kv WHERE key IN ({marks})", chunk)
 
 
 def _describe(exc: sqlite3.Error) -> str:
