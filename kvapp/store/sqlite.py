@@ -642,7 +642,8 @@ def _read(
     found: dict[str, tuple[int, int | None]] = {}
     chunks = [keys[start : start + _MAX_IN] for start in range(0, len(keys), _MAX_IN)]
     for index, chunk in enumerate(chunks or [[]]):
-        selects, params = [], []
+        selects: list[str] = []
+        params: list[str] = []
         if chunk:
             params, marks = _padded(chunk)
             selects.append(f"SELECT key, revision, expires_at FROM kv WHERE key IN ({marks})")
