@@ -1,4 +1,4 @@
-"""How kvapp runs waitress: one process's server on a listening socket, and its channel.
+"""How kvapp runs waitress: one process's server on a listening socket, its channel, its loop.
 
 waitress 3.0.2's main loop (wasyncore.poll2) asks every channel, on every
 pass, whether it is readable and writable.  HTTPChannel.writable() is true
@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import resource
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
+
+from kvapp.mainloop import MainLoop
 
 # While a task runs, its own thread sends what it writes; the main loop
 # helps only once this much is waiting (a client that reads slowly, a large
@@ -41,6 +45,59 @@ class Channel(HTTPChannel):
             # pulls the trigger and the main loop sends whatever is left.
             return bool(self.will_close or self.close_when_flushed)
         return bool(super().writable())
+
+    # The main loop's hooks (kvapp.mainloop): it asks a channel only after an
+    # event or a mark, so it must hear of every change made elsewhere.
+
+    def add_channel(self, map: Any = None) -> None:
+        super().add_channel(map)
+        loop = getattr(self.server, "main_loop", None)
+        if loop is not None:
+            loop.added(self._fileno)
+
+    def del_channel(self, map: Any = None) -> None:
+        fd = self._fileno
+        super().del_channel(map)
+        loop = getattr(self.server, "main_loop", None)
+        if loop is not None and fd is not None:
+            loop.removed(fd)
+
+    def service(self) -> None:
+        """Serve one request (a task thread); the loop asks this channel again afterwards.
+
+        While it runs, each pull of the trigger marks this channel first
+        (serve() wraps pull_trigger), so the loop that the pull wakes sees
+        the changes made before it.  The last mark covers an end without a
+        pull (waitress pulls only while the client is connected).
+        """
+        _serving.channel = self
+        try:
+            super().service()
+        finally:
+            _serving.channel = None
+            self._mark()
+
+    def _mark(self) -> None:
+        loop = getattr(self.server, "main_loop", None)
+        fd = self._fileno
+        if loop is not None and fd is not None:
+            loop.mark(fd)
+
+
+# The channel whose request this thread serves (Channel.service), if any.
+_serving = threading.local()
+
+
+def _marking_pull(pull: Callable[[], None]) -> Callable[[], None]:
+    """Return pull_trigger that first marks the channel the calling task thread serves."""
+
+    def pull_trigger() -> None:
+        channel = getattr(_serving, "channel", None)
+        if channel is not None:
+            channel._mark()
+        pull()
+
+    return pull_trigger
 
 
 # Files a process keeps open besides its connections: the listening socket,
@@ -69,9 +126,19 @@ def raise_open_files_limit(connection_limit: int) -> str | None:
     return None
 
 
+def build(app: Any, sock: socket.socket, options: dict[str, Any], channel: type = Channel) -> Any:
+    """Return a waitress server of app on the listening socket sock, with kvapp's loop."""
+    server = create_server(app, sockets=[sock], **options)
+    server.channel_class = channel
+    server.main_loop = MainLoop(server)
+    server.pull_trigger = _marking_pull(server.pull_trigger)
+    return server
+
+
 def serve(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
     """Serve app on the listening socket sock until SystemExit or KeyboardInterrupt."""
-    server = create_server(app, sockets=[sock], **options)
-    server.channel_class = Channel
-    # run() closes the server on SystemExit and KeyboardInterrupt.
-    server.run()
+    server = build(app, sock, options)
+    try:
+        server.main_loop.run(server.adj.asyncore_loop_timeout)
+    except (SystemExit, KeyboardInterrupt):  # as waitress's own run() does
+        server.close()
