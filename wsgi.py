@@ -1,9 +1,20 @@
 """The WSGI entry point: `waitress-serve --port=4000 wsgi:app` from this folder."""
 
+import sys
+from pathlib import Path
+
 from kvapp import create_app
 from kvapp.config import ConfigError, load_config
 from kvapp.store.base import DatabaseUnusable
 from kvapp.web.logs import setup_logging
+
+if Path(sys.argv[0]).name == "waitress-serve" or sys.argv[0].endswith("waitress/__main__.py"):
+    # waitress-serve builds its server after importing this module: give it
+    # kvapp's channel and main loop, without which many clients collapse it
+    # (kvapp/server.py, kvapp/mainloop.py).
+    from kvapp.server import adopt_waitress
+
+    adopt_waitress()
 
 try:
     settings = load_config()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from waitress.channel import HTTPChannel
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, create_server
 
 from kvapp.mainloop import MainLoop
 
@@ -130,15 +130,40 @@ def build(app: Any, sock: socket.socket, options: dict[str, Any], channel: type 
     """Return a waitress server of app on the listening socket sock, with kvapp's loop."""
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = channel
-    server.main_loop = MainLoop(server)
-    server.pull_trigger = _marking_pull(server.pull_trigger)
+    _add_main_loop(server)
     return server
 
 
 def serve(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
     """Serve app on the listening socket sock until SystemExit or KeyboardInterrupt."""
-    server = build(app, sock, options)
+    build(app, sock, options).run()
+
+
+def _add_main_loop(server: Any) -> None:
+    """Give server kvapp's main loop: run() passes it, and trigger pulls mark channels."""
+    server.main_loop = MainLoop(server)
+    server.pull_trigger = _marking_pull(server.pull_trigger)
+    server.run = lambda: _run(server)
+
+
+def _run(server: Any) -> None:
     try:
         server.main_loop.run(server.adj.asyncore_loop_timeout)
     except (SystemExit, KeyboardInterrupt):  # as waitress's own run() does
         server.close()
+
+
+def adopt_waitress() -> None:
+    """Make the waitress servers this process builds from now on use Channel and MainLoop.
+
+    For `waitress-serve wsgi:app`, which imports wsgi.py and then builds its
+    server itself.  A server of several listening sockets (waitress's
+    MultiSocketServer) gets Channel but keeps waitress's loop.
+    """
+    BaseWSGIServer.channel_class = Channel
+    BaseWSGIServer.run = _adopted_run
+
+
+def _adopted_run(server: Any) -> None:
+    _add_main_loop(server)
+    _run(server)

@@ -6,13 +6,16 @@ are the benchmark's (docs/performance.md), never assertions here.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from tools import serving
 from waitress.channel import HTTPChannel
 
@@ -155,3 +158,91 @@ def _get(port: int, target: str) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
+
+
+@pytest.mark.parametrize(
+    ("argv0", "expected"),
+    [
+        ("/usr/local/bin/waitress-serve", "kvapp.server kvapp.server"),
+        (
+            "/srv/venv/lib/python3.11/site-packages/waitress/__main__.py",
+            "kvapp.server kvapp.server",
+        ),
+        ("/usr/local/bin/granian", "waitress.channel waitress.server"),
+    ],
+)
+def test_waitress_serve_builds_its_server_with_kvapps_channel_and_loop(tmp_path, argv0, expected):
+    # wsgi.py is imported by waitress-serve before it builds its server.
+    code = (
+        f"import sys; sys.argv[0] = {argv0!r}\n"
+        "import wsgi\n"
+        "from waitress.server import BaseWSGIServer\n"
+        "print(BaseWSGIServer.channel_class.__module__, BaseWSGIServer.run.__module__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == expected
+
+
+@pytest.mark.slow
+def test_waitress_serve_answers_300_clients_and_keeps_idle_ones(tmp_path):
+    """`waitress-serve wsgi:app` with kvapp's loop: idle connections stay served."""
+    waitress = str(Path(sys.executable).with_name("waitress-serve"))
+    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
+    process = subprocess.Popen(
+        [waitress, "--listen=127.0.0.1:0", "--connection-limit=1000", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        line = b""
+        while b"Serving on http://" not in line:
+            line = process.stdout.readline()
+            assert line, "waitress-serve exited"
+        port = int(line.rsplit(b":", 1)[1])
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(300)]
+        try:
+            for rounds in range(2):  # the second round on connections idle since the first
+                for number, sock in enumerate(clients):
+                    sock.sendall(
+                        f"GET /set?k{number}=r{rounds} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                    )
+                answers = [_one_answer(sock) for sock in clients]
+                assert all(answer.startswith(b"HTTP/1.1 200 OK") for answer in answers)
+                assert all(answer.endswith(b"\r\n\r\nstored 1 key\n") for answer in answers)
+        finally:
+            for sock in clients:
+                sock.close()
+        assert _get(port, "/get?key=k299").endswith(b"\r\n\r\nr1")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """Read one answer with a Content-Length from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
