@@ -53,9 +53,17 @@ class MainLoop:
         self.to_ask.add(fd)
 
     def removed(self, fd: int) -> None:
-        """A channel was removed, before its socket closes (main thread)."""
+        """A channel was removed, before its socket closes.
+
+        Usually on the main thread; waitress may also close a channel from
+        its task thread (a failed send of 100 Continue), so this tolerates
+        the loop having dropped the fd already.
+        """
         if self.registered.pop(fd, None) is not None:
-            self.poller.unregister(fd)
+            try:
+                self.poller.unregister(fd)
+            except KeyError:
+                pass
         self.to_ask.discard(fd)
 
     def mark(self, fd: int) -> None:
@@ -118,5 +126,4 @@ class MainLoop:
         elif not flags and before is not None:
             # poll2 leaves such a channel out of the set: no hang-up is
             # reported while its task runs.
-            del self.registered[fd]
-            self.poller.unregister(fd)
+            self.removed(fd)

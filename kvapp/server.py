@@ -149,8 +149,10 @@ def _add_main_loop(server: Any) -> None:
 def _run(server: Any) -> None:
     try:
         server.main_loop.run(server.adj.asyncore_loop_timeout)
-    except (SystemExit, KeyboardInterrupt):  # as waitress's own run() does
-        server.close()
+    except (SystemExit, KeyboardInterrupt):
+        # As waitress's own run(): let running tasks finish (up to 5 s) before
+        # the caller closes the app; the trigger stays open for their last pull.
+        server.task_dispatcher.shutdown()
 
 
 def adopt_waitress() -> None:

@@ -175,3 +175,44 @@ def test_an_answer_larger_than_the_high_watermark_reaches_a_late_reader():
             body = answer.partition(b"\r\n\r\n")[2]
             assert body == b"".join(bytes([n]) * (1024 * 1024) for n in range(20))
             assert ask(sock, b"after").endswith(b"okafter")  # and the connection goes on
+
+
+def test_a_stop_lets_the_request_in_flight_finish_before_run_returns():
+    # SIGTERM raises SystemExit in the loop (kvapp.workers); as with
+    # waitress's own run(), running tasks finish before run() returns and the
+    # caller closes the app (its database connections) under them.
+    started, release, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(environ, start_response):
+        started.set()
+        release.wait(5)  # a durable SET waiting for its commit, say
+        start_response("200 OK", [("Content-Length", "2")])
+        answered.set()
+        return [b"ok"]
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    waitress = server.build(slow, sock, {"threads": 1})
+    stopping = threading.Event()
+    one_pass = waitress.main_loop.one_pass
+
+    def pass_or_stop(timeout: float) -> None:
+        if stopping.is_set():
+            raise SystemExit(0)
+        one_pass(timeout)
+
+    waitress.main_loop.one_pass = pass_or_stop
+    runner = threading.Thread(target=waitress.run)
+    runner.start()
+    with socket.create_connection(sock.getsockname(), timeout=10) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert started.wait(5)
+        stopping.set()
+        waitress.pull_trigger()  # the next pass raises SystemExit
+        threading.Timer(0.5, release.set).start()
+        runner.join(10)
+        assert not runner.is_alive()
+        assert answered.is_set(), "run() returned while the request was still running"
+    for dispatcher in list(waitress._map.values()):
+        dispatcher.close()
