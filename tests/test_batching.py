@@ -302,11 +302,11 @@ def test_a_batch_larger_than_one_statement_puts_and_deletes_every_key(repo):
     assert results == [Outcome(2 + n, (n == 0,)) for n in range(1100)]
     assert repo.get("k0000") == (b"k0000", "text/plain", 2)
     assert repo.get("k1099") == (b"k1099", "text/plain", 1101)
-    assert repo.list_keys("", None, 2000) == keys
+    assert repo.list_keys("", None, 2000).keys == keys
     odd = keys[1::2]
     deleted = repo.apply_batch([Write.of(*(Delete(key) for key in odd)), Write.of(Delete("no"))])
     assert deleted == [Outcome(1102, (True,) * 550), Outcome(1102, (False,))]
-    assert repo.list_keys("", None, 2000) == keys[::2]
+    assert repo.list_keys("", None, 2000).keys == keys[::2]
     assert repo.get(odd[-1]) is None and repo.get("k1098").revision == 1100
 
 

@@ -292,10 +292,10 @@ def test_keys_list_in_utf8_byte_order_whatever_the_locale(pg_cluster):
     keys = [f"k{key}" for key in ORDERED]
     try:
         repository.set_many([(key, b"", TEXT) for key in reversed(keys)])
-        assert repository.list_keys("k", None, 100) == sorted(keys, key=str.encode)
-        assert repository.list_keys("k", None, 100) == keys
-        assert repository.list_keys("ka", None, 100) == ["ka", "ka/b", "kab"]
-        assert repository.list_keys("k", "kz", 100) == keys[keys.index("kz") + 1 :]
+        assert repository.list_keys("k", None, 100).keys == sorted(keys, key=str.encode)
+        assert repository.list_keys("k", None, 100).keys == keys
+        assert repository.list_keys("ka", None, 100).keys == ["ka", "ka/b", "kab"]
+        assert repository.list_keys("k", "kz", 100).keys == keys[keys.index("kz") + 1 :]
     finally:
         repository.close()
 
@@ -313,11 +313,11 @@ def test_keys_list_in_utf8_byte_order_whatever_the_locale(pg_cluster):
 def test_listing_any_keys_matches_python_byte_order(repo, keys, prefix):
     repo.set_many([(key, b"", TEXT) for key in keys])
     expected = sorted(
-        (key for key in repo.list_keys("", None, 10_000) if key.startswith(prefix)),
+        (key for key in repo.list_keys("", None, 10_000).keys if key.startswith(prefix)),
         key=str.encode,
     )
-    assert repo.list_keys(prefix, None, 10_000) == expected
-    assert set(keys) <= set(repo.list_keys("", None, 10_000))
+    assert repo.list_keys(prefix, None, 10_000).keys == expected
+    assert set(keys) <= set(repo.list_keys("", None, 10_000).keys)
 
 
 def plan(admin, sql: str, params: tuple) -> str:

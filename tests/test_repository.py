@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,35 @@ def test_a_folder_in_place_of_the_file_is_refused(db_path: Path):
     with pytest.raises(DatabaseUnusable) as caught:
         SQLiteStore(str(db_path))
     assert str(db_path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@BOTH
+def test_a_listing_and_its_revision_come_from_one_snapshot(repo):
+    # One writer puts k0001, k0002, ... a write each, so the store holds
+    # exactly the first (revision - start) of them at every revision.  Every
+    # listing taken meanwhile must hold exactly the keys of the revision it
+    # reports: read apart, a write could land between the two reads.
+    start = repo.list_keys("k", None, 10).revision
+    count = 300
+    done = threading.Event()
+    mismatches: list[tuple[int, int]] = []
+    listings = 0
+
+    def write() -> None:
+        try:
+            for number in range(1, count + 1):
+                repo.set_many([(f"k{number:04d}", b"v", TEXT)])
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not done.is_set() or listings == 0:
+        revision, keys = repo.list_keys("k", None, 1000)
+        expected = [f"k{number:04d}" for number in range(1, revision - start + 1)]
+        if keys != expected:
+            mismatches.append((revision, len(keys)))
+        listings += 1
+    writer.join()
+    assert mismatches == []
+    assert repo.list_keys("k", None, 1000) == (start + count, [f"k{n:04d}" for n in range(1, 301)])

@@ -154,7 +154,7 @@ def test_listing_is_an_index_range_scan(repo, db_path, prefix, after, monkeypatc
 
     monkeypatch.setattr(repo, "_reader", spy)
     repo.list_keys(prefix, after, 10)
-    sql = statements[-1]
+    sql = next(s for s in reversed(statements) if s.startswith("SELECT key"))
     query_plan = plan(db_path, sql, ())
     assert "SEARCH kv USING INDEX sqlite_autoindex_kv_1 (key>" in query_plan
     assert "SCAN" not in query_plan

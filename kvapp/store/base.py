@@ -222,6 +222,17 @@ def key_range(prefix: str, after: str | None) -> tuple[str, str, str | None]:
     return ">=", prefix, successor(prefix)
 
 
+class Listing(NamedTuple):
+    """Keys of a listing, and the store's revision at the snapshot they were read from.
+
+    A client that lists keys, then watches changes from revision on, misses
+    none and sees none twice (etcd's "list, then watch" pattern).
+    """
+
+    revision: int
+    keys: list[str]
+
+
 class Store(Protocol):
     """A key-value store as the web edge, the sweeper and the data tools use it.
 
@@ -238,10 +249,11 @@ class Store(Protocol):
         """Return the live item stored under key, or None; an expired key is None."""
         ...
 
-    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> Listing:
         """Return up to limit live keys that start with prefix and sort above after.
 
-        In UTF-8 byte order, from one range scan (key_range).
+        In UTF-8 byte order, from one range scan (key_range), with the store's
+        revision read from the same snapshot.
         """
         ...
 

@@ -45,6 +45,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from kvapp.store.base import (
     DatabaseUnusable,
     Item,
+    Listing,
     Outcome,
     Put,
     Record,
@@ -478,22 +479,27 @@ class PostgresStore:
         )
         return Item(bytes(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
 
-    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> Listing:
         """Return up to limit live keys that start with prefix and sort above after.
 
         Keys come in UTF-8 byte order (COLLATE "C"), from one range scan of
         the primary key's index: key >= prefix AND key < successor(prefix).
+        One statement reads the revision and the keys, so from one snapshot
+        (https://www.postgresql.org/docs/current/transaction-iso.html#XACT-READ-COMMITTED).
         """
         operator, lower, upper = key_range(prefix, after)
         where, params = f"key {operator} %s", [lower]
         if upper is not None:
             where += " AND key < %s"
             params.append(upper)
+        # One row: the revision, and the keys as an array in the subquery's order.
         sql = (
+            "SELECT (SELECT value FROM meta WHERE name = 'revision'), ARRAY("
             f"SELECT key FROM kv WHERE {where} AND (expires_at IS NULL OR expires_at > %s)"
-            " ORDER BY key LIMIT %s"
+            " ORDER BY key LIMIT %s)"
         )
-        return [row[0] for row in self._read(sql, (*params, self._now_ms(), limit))]
+        ((revision, keys),) = self._read(sql, (*params, self._now_ms(), limit))
+        return Listing(revision, list(keys))
 
     def stats(self) -> tuple[int, int]:
         """Return (number of live keys, bytes of the kv table with its indexes and TOAST)."""

@@ -30,6 +30,7 @@ from typing import cast
 from kvapp.store.base import (
     DatabaseUnusable,
     Item,
+    Listing,
     Outcome,
     Put,
     Record,
@@ -382,11 +383,14 @@ class SQLiteStore:
         self._cache.store(key, item, expires_at, slot, generation)
         return item if expires_at is None or expires_at > now else None
 
-    def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+    def list_keys(self, prefix: str, after: str | None, limit: int) -> Listing:
         """Return up to limit live keys that start with prefix and sort above after.
 
         Keys come in UTF-8 byte order (the BINARY collation), from one range
         scan of the primary key's index: key >= prefix AND key < successor(prefix).
+        The revision and the keys come from one read transaction: in WAL mode
+        it reads one snapshot, taken at its first SELECT
+        (https://sqlite.org/wal.html#concurrency).
         """
         operator, lower, upper = key_range(prefix, after)
         where, params = f"key {operator} ?", [lower]
@@ -398,8 +402,16 @@ class SQLiteStore:
             " ORDER BY key LIMIT ?"
         )
         with translated():
-            rows = self._reader().execute(sql, (*params, self._now_ms(), limit)).fetchall()
-        return [row[0] for row in rows]
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                revision = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'revision'"
+                ).fetchone()[0]
+                rows = conn.execute(sql, (*params, self._now_ms(), limit)).fetchall()
+            finally:
+                conn.execute("COMMIT")  # only reads: ends the snapshot
+        return Listing(revision, [row[0] for row in rows])
 
     def stats(self) -> tuple[int, int]:
         """Return (number of live keys, bytes of the database file plus its WAL)."""
