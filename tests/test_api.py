@@ -479,6 +479,17 @@ def test_list_all_in_utf8_byte_order(client, listed):
     assert "Link" not in response.headers
 
 
+def test_a_listing_names_the_revision_it_was_read_at(client, listed):
+    # listed made 12 writes: the store is at revision 12.
+    assert client.get("/kv/").headers["X-Kvapp-Revision"] == "12"
+    assert client.get("/kv/?prefix=nope").headers["X-Kvapp-Revision"] == "12"
+    client.put("/kv/new", b"v")
+    page = client.get("/kv/?limit=2", headers={"Accept": "application/json"})
+    assert page.headers["X-Kvapp-Revision"] == "13"
+    assert page.headers["Link"]  # paged answers carry it too
+    assert client.head("/kv/").headers["X-Kvapp-Revision"] == "13"
+
+
 def test_list_prefix(client, listed):
     assert keys_of(client.get("/kv/?prefix=a")) == ["a", "a/1", "a/2", "aa", "ab", "a\U0010ffff"]
     assert keys_of(client.get("/kv/?prefix=a/")) == ["a/1", "a/2"]

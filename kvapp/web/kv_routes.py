@@ -148,10 +148,11 @@ class Resources:
         if after is not None:
             check_key(after, self.max_key_bytes)
         page = limit or DEFAULT_LIMIT
-        keys = self.repository.list_keys(prefix, after, page + 1)
+        revision, keys = self.repository.list_keys(prefix, after, page + 1)
         cursor = keys[page - 1] if len(keys) > page else None
         keys = keys[:page]
-        headers = [("Vary", "Accept")]
+        # The store's revision at the snapshot listed: watch from it to miss nothing.
+        headers = [("Vary", "Accept"), ("X-Kvapp-Revision", str(revision))]
         if cursor is not None:
             query = {"prefix": prefix} if prefix else {}
             if limit is not None:
