@@ -149,6 +149,15 @@ def _cpu(row: dict) -> str:
     return f"{round(user + system):,} ({round(user):,}+{round(system):,})"
 
 
+def _by_cell(rows: list[dict]) -> dict[tuple, dict]:
+    """Return rows by (server, workers, backend, synchronous, scenario, connections)."""
+    return {
+        (r["server"], r["workers"], r["backend"], r["synchronous"], r["scenario"])
+        + (r["connections"],): r
+        for r in rows
+    }
+
+
 def targets_table(rows: list[dict]) -> list[str]:
     """Return the issue's targets: SQLite cells against the ceiling of their own scenario."""
     lines = [
@@ -156,11 +165,7 @@ def targets_table(rows: list[dict]) -> list[str]:
         " (before, after) | ratio | goal | met |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    cells = {
-        (r["server"], r["workers"], r["backend"], r["synchronous"], r["scenario"])
-        + (r["connections"],): r
-        for r in rows
-    }
+    cells = _by_cell(rows)
     for server, scenario, synchronous, goal in TARGETS:
         row = cells.get((server, 1, "sqlite", synchronous, scenario, 16))
         ceiling = cells.get((server, 1, None, None, scenario, 16))
@@ -195,17 +200,7 @@ def load_targets_table(rows: list[dict]) -> list[str]:
         "| target | req/s | against | its req/s | ratio | goal | met |",
         "|---|---:|---|---:|---:|---:|---|",
     ]
-    cells = {
-        (
-            r["server"],
-            r["workers"],
-            r["backend"],
-            r["synchronous"],
-            r["scenario"],
-            r["connections"],
-        ): r
-        for r in rows
-    }
+    cells = _by_cell(rows)
     for label, server, workers, scenario, connections, against, goal in LOAD_TARGETS:
         row = cells.get((server, workers, "sqlite", "FULL", scenario, connections))
         if against[0] == "connections":

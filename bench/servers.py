@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("waitress", "granian")
 BACKENDS = ("sqlite", "postgresql")
 VALUE = "v" * 32  # the value of every loaded key and of every SET
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
 
 
 def load_keys(database: Path | str, count: int, first: int = 1) -> float:
@@ -166,16 +165,7 @@ class Running:
         A process's figures include its threads that have ended; a process
         that ended in between drops out, so compare readings of one server.
         """
-        user = system = 0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # the process ended
-            user += int(fields[11])
-            system += int(fields[12])
-        return user / CLOCK_TICKS, system / CLOCK_TICKS
+        return cpu_seconds(self.pids())
 
     def switches(self) -> dict[int, int]:
         """Return each live thread's context switches so far, by thread id.
@@ -242,6 +232,21 @@ class Running:
         _killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait(timeout=10)
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """Return the CPU seconds (user, system) of the processes pids so far; ended ones drop out."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended
+        user += int(fields[11])
+        system += int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
 
 
 def switches_between(before: dict[int, int], after: dict[int, int]) -> int:

@@ -130,13 +130,7 @@ class Webdis:
 
     def cpu(self) -> tuple[float, float]:
         """Return the CPU seconds (user, system) of redis-server and webdis so far."""
-        user = system = 0
-        for proc in self.procs:
-            with open(f"/proc/{proc.pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            user += int(fields[11])
-            system += int(fields[12])
-        return user / servers.CLOCK_TICKS, system / servers.CLOCK_TICKS
+        return servers.cpu_seconds([proc.pid for proc in self.procs])
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -160,7 +160,7 @@ def run(
         all_404 = scenario in ALL_404
     idle = IDLE_CONNECTIONS if scenario == "set-idle" else 0
     with idle_connections(url, idle) as failed:
-        result = _run(url, scenario, connections, duration, keys, tag, wrk, all_404)
+        result = _run(url, SCRIPTS[scenario], connections, duration, keys, tag, wrk, all_404)
         idle_failures = failed()
     return result._replace(errors=result.errors + idle_failures)
 
@@ -230,29 +230,16 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def _run(
-    url: str,
-    scenario: str,
-    connections: int,
-    duration: int,
-    keys: int,
-    tag: str,
-    wrk: str,
-    all_404: bool,
-) -> Result:
-    return _wrk(url, SCRIPTS[scenario], connections, duration, keys, tag, wrk, all_404)
-
-
 def run_script(
     url: str, script: str, connections: int, duration: int, keys: int, tag: str
 ) -> Result:
     """Run wrk with script (a SCRIPTS entry in another server's URLs); every answer < 400."""
     if find_wrk() is None:
         raise RuntimeError(INSTALL_HINT)
-    return _wrk(url, script, connections, duration, keys, tag, "wrk", False)
+    return _run(url, script, connections, duration, keys, tag, "wrk", False)
 
 
-def _wrk(
+def _run(
     url: str,
     script_text: str,
     connections: int,

@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tools import read_answer
+
 from kvapp import server
 from kvapp.mainloop import MainLoop
 
@@ -74,23 +76,6 @@ def ask(sock: socket.socket, body: bytes = b"", extra: str = "") -> bytes:
     head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
     sock.sendall(head.encode() + body)
     return read_answer(sock)
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(
-        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))[15:]
-    )
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed mid-body"
-        body += chunk
-    return head + b"\r\n\r\n" + body
 
 
 def channels_by_client_port(loop: MainLoop) -> dict[int, CountingChannel]:

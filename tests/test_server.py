@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT
-from tools import serving
+from tools import read_answer, serving
 from waitress.channel import HTTPChannel
 
 from kvapp import server
@@ -216,7 +216,7 @@ def test_waitress_serve_answers_300_clients_and_keeps_idle_ones(tmp_path):
                     sock.sendall(
                         f"GET /set?k{number}=r{rounds} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
                     )
-                answers = [_one_answer(sock) for sock in clients]
+                answers = [read_answer(sock) for sock in clients]
                 assert all(answer.startswith(b"HTTP/1.1 200 OK") for answer in answers)
                 assert all(answer.endswith(b"\r\n\r\nstored 1 key\n") for answer in answers)
         finally:
@@ -227,22 +227,3 @@ def test_waitress_serve_answers_300_clients_and_keeps_idle_ones(tmp_path):
         process.terminate()
         process.wait(timeout=30)
         process.stdout.close()
-
-
-def _one_answer(sock: socket.socket) -> bytes:
-    """Read one answer with a Content-Length from a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )  # fmt: skip
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed mid-body"
-        body += chunk
-    return head + b"\r\n\r\n" + body
