@@ -79,6 +79,13 @@ def asstr(text: str) -> str:
     return text.strip()
 
 
+def aswatchers(text: str) -> int | None:
+    """Return max_watchers: a whole number, or None for auto (half of threads)."""
+    if text.strip().lower() == "auto":
+        return None
+    return asint(0, 100_000)(text)
+
+
 def aslevel(text: str) -> str:
     return aschoice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(text)
 
@@ -265,6 +272,42 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "",
         "when set, every request but /healthz needs Authorization: Bearer <token> (401)",
     ),
+    (
+        "watch",
+        "watch_history_seconds",
+        asint(0, 10 * 365 * 86_400),
+        "3600",
+        "how long the change log keeps each change for watchers to resume from (410 beyond)",
+    ),
+    (
+        "watch",
+        "watch_history_max",
+        asint(0, 2**40),
+        "100000",
+        "most changes the change log keeps; older ones go first",
+    ),
+    (
+        "watch",
+        "watch_heartbeat_seconds",
+        asint(1, 3600),
+        "15",
+        "seconds between keep-alive comments on an idle watch stream",
+    ),
+    (
+        "watch",
+        "max_watchers",
+        aswatchers,
+        "auto",
+        "watch streams and long-polls each process serves at once (503 beyond);"
+        " auto: half of threads",
+    ),
+    (
+        "watch",
+        "max_wait_seconds",
+        asint(0, 3600),
+        "60",
+        "longest Prefer: wait a long-poll may ask for",
+    ),
     ("logging", "log_level", aslevel, "INFO", "level of kvapp's log records, the access log aside"),
     (
         "logging",
@@ -345,9 +388,23 @@ class Settings:
     trusted_proxy_count: int
     allowed_hosts: tuple[str, ...]
     auth_token: str = field(repr=False)  # a secret: never in a log or traceback
+    watch_history_seconds: int
+    watch_history_max: int
+    watch_heartbeat_seconds: int
+    max_watchers: int | None  # None: auto, see watcher_limit
+    max_wait_seconds: int
     log_level: str
     access_log: bool
     source: str = field(default=BUILT_IN, compare=False)  # the config file read
+
+    @property
+    def watcher_limit(self) -> int:
+        """Return how many watchers a process serves at once: max_watchers, or half of threads.
+
+        Under waitress each holds one of the threads; half leaves the other
+        half for every other request.
+        """
+        return self.threads // 2 if self.max_watchers is None else self.max_watchers
 
     def waitress_options(self) -> dict[str, Any]:
         """Return the keyword arguments for waitress.serve().

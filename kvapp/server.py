@@ -36,7 +36,33 @@ LOOP_FLUSH_BYTES = 1024 * 1024
 
 
 class Channel(HTTPChannel):
-    """waitress's HTTPChannel, without the busy loop while a task writes its answer."""
+    """waitress's HTTPChannel, without the busy loop while a task writes its answer.
+
+    It also notices a client that goes away while a long request (a watch
+    stream, a long-poll) runs: see check_client_disconnected.
+    """
+
+    _watching = False
+
+    def check_client_disconnected(self) -> bool:
+        """Return True once the client has gone (environ["waitress.client_disconnected"]).
+
+        waitress stops reading a connection while its request runs, so it
+        would learn of a close only when a write failed.  A task that asks
+        this wants to know sooner: from then until it ends, the loop keeps
+        reading the connection (only its one request: a pipelined second one
+        stops the reading again), and end of file closes the channel.
+        """
+        if not self._watching:
+            self._watching = True
+            self._mark()
+            self.server.pull_trigger()
+        return not self.connected
+
+    def readable(self) -> bool:
+        if self._watching and len(self.requests) == 1:
+            return not (self.will_close or self.close_when_flushed)
+        return bool(super().readable())
 
     def writable(self) -> bool:
         """Return True if the main loop should send now: no task runs, or much is waiting."""
@@ -75,6 +101,7 @@ class Channel(HTTPChannel):
             super().service()
         finally:
             _serving.channel = None
+            self._watching = False
             self._mark()
 
     def _mark(self) -> None:
@@ -152,6 +179,10 @@ def _run(server: Any) -> None:
     except (SystemExit, KeyboardInterrupt):
         # As waitress's own run(): let running tasks finish (up to 5 s) before
         # the caller closes the app; the trigger stays open for their last pull.
+        # Watch streams and long-polls would run on: end them first.
+        end_streams = getattr(server.application, "end_streams", None)
+        if end_streams is not None:
+            end_streams()
         server.task_dispatcher.shutdown()
 
 

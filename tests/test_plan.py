@@ -21,7 +21,7 @@ def put(key, value=b"v", ttl=None, condition=None):
 
 
 def test_an_empty_batch_changes_nothing():
-    assert plan({}, [], 7, NOW) == Plan([], 7, {}, [])
+    assert plan({}, [], 7, NOW) == Plan([], 7, {}, [], [])
 
 
 def test_each_applied_write_takes_the_next_revision_and_its_puts_carry_it():
@@ -64,7 +64,7 @@ def test_a_delete_of_an_absent_key_ignores_its_condition_and_takes_no_revision()
     # RFC 9110 section 13.2.1: the answer is 404 whatever the precondition says.
     result = plan({}, [Write.of(Delete("a", Condition(if_match=frozenset({1}))))], 9, NOW)
     assert result.results == [Outcome(9, (False,))]
-    assert result == Plan(result.results, 9, {}, [])
+    assert result == Plan(result.results, 9, {}, [], [])
 
 
 def test_a_delete_removes_an_expired_row_but_reports_the_key_absent():

@@ -26,7 +26,14 @@ from webtest import TestApp
 from kvapp import create_app
 from kvapp.config import load_config
 from kvapp.store.base import Condition, DatabaseUnusable, Delete, Put, StorageBusy, Write
-from kvapp.store.readcache import SLOTS, Generations, generations_path, slot_of
+from kvapp.store.readcache import (
+    COMMITS,
+    FILE_BYTES,
+    SLOTS,
+    Generations,
+    generations_path,
+    slot_of,
+)
 from kvapp.store.sqlite import READER_PAGE_CACHE_KIB, SQLiteStore
 
 
@@ -359,12 +366,13 @@ def test_two_servers_on_one_database_see_each_others_writes_at_once(server_facto
 def test_the_generation_file_is_small_and_shared(db_path, open_repo):
     repo = open_repo()
     path = Path(generations_path(str(db_path)))
-    assert path.stat().st_size == SLOTS * 8 <= 64 * 1024
-    assert os.stat(path).st_blocks * 512 >= SLOTS * 8  # allocated: no SIGBUS on a full disk
+    assert path.stat().st_size == FILE_BYTES == SLOTS * 8 + 4096 <= 72 * 1024
+    assert os.stat(path).st_blocks * 512 >= FILE_BYTES  # allocated: no SIGBUS on a full disk
     repo.apply(put("k"))
-    with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), SLOTS * 8) as shared:
+    with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), FILE_BYTES) as shared:
         counters = memoryview(shared).cast("Q")
         assert counters[slot_of("k")] == 2  # begun and ended: even
+        assert counters[COMMITS] == 1  # the watchers' feed: one write transaction so far
         counters.release()
 
 

@@ -12,8 +12,19 @@ import pytest
 from helpers import stored
 
 from kvapp.store import open_store
-from kvapp.store.base import ANY, Condition, ConditionFailed, Delete, Put, Write, successor
-from kvapp.store.sqlite import INDEXES, SCHEMA, SQLiteStore
+from kvapp.store.base import (
+    ANY,
+    WHOLE,
+    Condition,
+    ConditionFailed,
+    Delete,
+    Event,
+    History,
+    Put,
+    Write,
+    successor,
+)
+from kvapp.store.sqlite import INDEXES, SCHEMA_VERSION, SQLiteStore
 from kvapp.store.sweeper import Sweeper
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -182,18 +193,32 @@ def test_successor(prefix, upper):
     assert successor(prefix) == upper
 
 
-def test_version_1_database_gains_the_index_in_place(db_path):
-    # A database as the first kvapp release made it: the schema without INDEXES.
+# The schema of the first kvapp releases (version 1): no change log, no index.
+VERSION_1 = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
+    "CREATE TABLE kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
+    " content_type TEXT NOT NULL, revision INTEGER NOT NULL, expires_at INTEGER)",
+    "INSERT INTO meta (name, value) VALUES ('schema_version', 1), ('revision', 7)",
+)
+
+
+def test_a_version_1_database_is_upgraded_in_place(db_path):
     db_path.parent.mkdir(parents=True)
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    for statement in SCHEMA:
+    for statement in VERSION_1:
         conn.execute(statement)
-    conn.execute("INSERT INTO kv VALUES ('old', x'31', 'text/plain; charset=utf-8', 0, NULL)")
+    conn.execute("INSERT INTO kv VALUES ('old', x'31', 'text/plain; charset=utf-8', 7, NULL)")
     conn.close()
     repository = SQLiteStore(str(db_path))
     try:
         assert repository.get("old").value == b"1"
+        # Its history starts at its revision: resuming from before it is not possible.
+        assert repository.history((7, WHOLE), "", 10) == History(7, 7, [])
+        repository.apply(Write.of(Put("new", b"2", "text/plain")))
+        assert repository.history((7, WHOLE), "", 10).events == [
+            Event(8, 0, "new", "put", b"2", "text/plain", None)
+        ]
     finally:
         repository.close()
     conn = sqlite3.connect(db_path)
@@ -201,7 +226,7 @@ def test_version_1_database_gains_the_index_in_place(db_path):
     version = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
     conn.close()
     assert "kv_expires_at" in names
-    assert version == 1
+    assert version == SCHEMA_VERSION == 2
     assert "IF NOT EXISTS" in INDEXES[0]
 
 

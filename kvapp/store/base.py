@@ -23,13 +23,23 @@ new backend is one new module that keeps these promises:
   alone does that mapping.  DatabaseUnusable is raised at startup only.
 - Keys are text whose UTF-8 order is their listing order; check_key holds
   the rule for what a key may be.
+- The change log: every change a Write (or the sweeper's removal of
+  expired keys) makes is one Event, stored in the same transaction as the
+  data, so an event exists exactly when its change is committed.  history()
+  reads it back in (revision, n) order; a backend keeps the changes after
+  its history floor and removes older ones only through trim_history().
+  Its feed (kvapp.store.feed) wakes the watchers of this process after a
+  commit in any process.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from kvapp.store.feed import Feed
 
 ANY = "*"
 """A Condition tag that matches any current version (If-Match: * / If-None-Match: *)."""
@@ -134,6 +144,44 @@ class Item(NamedTuple):
 
 Result = Outcome | ConditionFailed
 """What apply_batch gives for one Write: its Outcome, or the ConditionFailed that skipped it."""
+
+
+PUT, DELETE, EXPIRED = "put", "delete", "expired"
+"""Event kinds: a value stored; a key deleted by a client; a key removed after its deadline."""
+
+WHOLE = 2**62
+"""An Event n above any real one: the position (R, WHOLE) is after all of revision R."""
+
+
+class Event(NamedTuple):
+    """One committed change of one key in the change log.
+
+    The changes of one revision are numbered n = 0, 1, ... in the order of
+    the Write's changes.  A put carries the value, its content type and its
+    deadline (unix milliseconds, or None); a delete or expiry carries None.
+    """
+
+    revision: int
+    n: int
+    key: str
+    kind: str
+    value: bytes | None = None
+    content_type: str | None = None
+    expires_at: int | None = None
+
+
+class History(NamedTuple):
+    """Events read from one snapshot of the change log.
+
+    revision: the store's revision at that snapshot; every change up to it
+    is either in events or later than the page asked for.  floor: the
+    revision up to which changes may have been removed: a position at or
+    after floor can be resumed from without a gap.
+    """
+
+    revision: int
+    floor: int
+    events: list[Event]
 
 
 class StorageError(Exception):
@@ -244,6 +292,8 @@ class Store(Protocol):
     synchronous: str
     on_commit: Callable[[int], None]
     """Called after every commit of apply_batch with the number of Writes it held."""
+    feed: Feed
+    """Wakes this process's watchers after any process commits (kvapp.store.feed)."""
 
     def get(self, key: str) -> Item | None:
         """Return the live item stored under key, or None; an expired key is None."""
@@ -277,7 +327,28 @@ class Store(Protocol):
         ...
 
     def purge_expired(self, limit: int = 500) -> int:
-        """Delete up to limit expired rows in one short transaction; return how many."""
+        """Delete up to limit expired rows in one short transaction; return how many.
+
+        The removal takes one revision, and each key removed is an EXPIRED Event of it.
+        """
+        ...
+
+    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+        """Return up to limit Events after the position (revision, n) whose keys start with prefix.
+
+        In (revision, n) order, from one snapshot that also gives the store's
+        revision and history floor.
+        """
+        ...
+
+    def trim_history(self, max_age_seconds: int, keep: int, limit: int = 500) -> int:
+        """Remove the oldest revisions' Events: older than max_age_seconds, or past the newest keep.
+
+        Whole revisions at a time, at most about limit Events per
+        transaction, found through the change log's primary key; the history
+        floor rises to the last revision removed.  Return how many Events
+        were removed.
+        """
         ...
 
     def stats(self) -> tuple[int, int]:
@@ -299,7 +370,9 @@ class Store(Protocol):
         """Insert or replace records as they are, revisions included, in one transaction.
 
         The revision counter rises to the highest revision loaded, so no later
-        write reuses an ETag that a loaded key carries.
+        write reuses an ETag that a loaded key carries.  A load is not in the
+        change log: the history floor rises to the revision after it, so a
+        watcher from before it must list the keys again (410).
         """
         ...
 

@@ -22,6 +22,9 @@ The rules:
   takes none and reports the store's current revision.
 - A Put with a ttl expires at now + ttl seconds (unix milliseconds).
 - A Delete removes an expired row too, but reports the key as absent.
+- Every change made is one Event of its Write's revision, numbered from 0
+  in the Write's order: a put, a delete, or (a Delete that removed an
+  expired row) an expiry.
 """
 
 from __future__ import annotations
@@ -29,7 +32,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from kvapp.store.base import ConditionFailed, Delete, Outcome, Put, Result, Write
+from kvapp.store.base import (
+    DELETE,
+    EXPIRED,
+    PUT,
+    ConditionFailed,
+    Delete,
+    Event,
+    Outcome,
+    Put,
+    Result,
+    Write,
+)
 
 
 class Row(NamedTuple):
@@ -48,13 +62,15 @@ class Plan(NamedTuple):
 
     revision: the store's revision after the batch (unchanged if nothing
     changed).  puts: the final row of each key put, by key.  deletes: the
-    keys whose rows to delete; a key is in at most one of the two.
+    keys whose rows to delete; a key is in at most one of the two.  events:
+    every change, for the change log, in (revision, n) order.
     """
 
     results: list[Result]
     revision: int
     puts: dict[str, NewRow]
     deletes: list[str]
+    events: list[Event]
 
 
 def plan(
@@ -69,6 +85,7 @@ def plan(
     state: dict[str, tuple[int, int | None] | None] = dict(rows)
     final: dict[str, NewRow | None] = {}
     results: list[Result] = []
+    events: list[Event] = []
     for write in writes:
         changes = write.changes
         if len(changes) != len({change.key for change in changes}):
@@ -79,24 +96,30 @@ def plan(
             results.append(failed)
             continue
         next_revision = revision + 1
-        changed = False
-        for change in changes:
+        n = 0
+        for change, current in zip(changes, live, strict=True):
             key = change.key
             if isinstance(change, Put):
                 expires_at = None if change.ttl is None else now + change.ttl * 1000
                 state[key] = (next_revision, expires_at)
                 final[key] = (key, change.value, change.content_type, next_revision, expires_at)
-                changed = True
+                event = Event(
+                    next_revision, n, key, PUT, change.value, change.content_type, expires_at
+                )
             elif state.get(key) is not None:
                 state[key] = None
                 final[key] = None
-                changed = True
-        if changed:
+                event = Event(next_revision, n, key, DELETE if current is not None else EXPIRED)
+            else:
+                continue
+            events.append(event)
+            n += 1
+        if n:
             revision = next_revision
         results.append(Outcome(revision, tuple(current is not None for current in live)))
     puts = {key: row for key, row in final.items() if row is not None}
     deletes = [key for key, row in final.items() if row is None]
-    return Plan(results, revision, puts, deletes)
+    return Plan(results, revision, puts, deletes, events)
 
 
 def _live(row: tuple[int, int | None] | None, now: int) -> int | None:
@@ -116,3 +139,25 @@ def _failed_condition(
         if not change.condition.holds(current):
             return ConditionFailed(change.key)
     return None
+
+
+def history_cut(
+    oldest: list[tuple[int, int]], before_ms: int, beyond: int | None, limit: int
+) -> int | None:
+    """Return the last revision to remove from the change log, or None to remove none.
+
+    oldest: (revision, committed_at) of up to limit + 1 oldest events.  A
+    revision goes if it was committed before before_ms or is at most beyond
+    (the newest revision past the count to keep); the walk stops at the
+    first that stays.  Whole revisions only: when all limit + 1 qualify, the
+    last revision may go on past them and is kept for the next batch,
+    unless it is the only one.
+    """
+    cut = None
+    for revision, committed_at in oldest:
+        if committed_at >= before_ms and (beyond is None or revision > beyond):
+            return cut
+        cut = revision
+    if cut is not None and len(oldest) > limit and oldest[0][0] != cut:
+        return cut - 1
+    return cut

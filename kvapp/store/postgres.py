@@ -43,7 +43,10 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kvapp.store.base import (
+    EXPIRED,
     DatabaseUnusable,
+    Event,
+    History,
     Item,
     Listing,
     Outcome,
@@ -57,13 +60,40 @@ from kvapp.store.base import (
     Write,
     key_range,
 )
+from kvapp.store.feed import Feed
 from kvapp.store.groupcommit import GroupCommit
 from kvapp.store.location import redact
-from kvapp.store.plan import plan
+from kvapp.store.plan import history_cut, plan
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# The change log (kvapp.store.base), written in the transaction of each change.
+CHANGES = """CREATE TABLE IF NOT EXISTS changes (
+        revision     BIGINT NOT NULL,   -- the Write's revision
+        n            INTEGER NOT NULL,  -- 0, 1, ... within the revision
+        key          TEXT COLLATE "C" NOT NULL,
+        kind         TEXT NOT NULL,     -- put, delete, expired
+        value        BYTEA,             -- put only, as content_type and expires_at
+        content_type TEXT,
+        expires_at   BIGINT,
+        committed_at BIGINT NOT NULL,   -- unix milliseconds, for watch_history_seconds
+        PRIMARY KEY (revision, n)
+    )"""
+
+# Version 1 had no change log: its history starts at its current revision.
+UPGRADE_FROM_1 = (
+    CHANGES,
+    "INSERT INTO meta (name, value) SELECT 'history_floor', value FROM meta"
+    " WHERE name = 'revision' ON CONFLICT (name) DO NOTHING",
+    f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE name = 'schema_version'",
+)
+
+# The channel of LISTEN/NOTIFY: every write transaction notifies it, and the
+# notification is delivered when (and only if) the transaction commits
+# (https://www.postgresql.org/docs/current/sql-notify.html).
+CHANNEL = "kvapp_changes"
 
 # COLLATE "C" compares keys byte by byte, and the bytes are UTF-8 (the
 # database's encoding is checked at start): listings come in UTF-8 byte order,
@@ -79,8 +109,9 @@ SCHEMA = (
     )""",
     # Only rows with a TTL: the sweeper finds expired rows without a full scan.
     "CREATE INDEX IF NOT EXISTS kv_expires_at ON kv (expires_at) WHERE expires_at IS NOT NULL",
-    "INSERT INTO meta (name, value) VALUES ('schema_version', %s), ('revision', 0)"
-    " ON CONFLICT (name) DO NOTHING",
+    CHANGES,
+    "INSERT INTO meta (name, value) VALUES ('schema_version', %s), ('revision', 0),"
+    " ('history_floor', 0) ON CONFLICT (name) DO NOTHING",
 )
 KV_COLUMNS = {"key", "value", "content_type", "revision", "expires_at"}
 
@@ -104,6 +135,26 @@ _UPSERT = (
     " content_type = excluded.content_type, revision = excluded.revision,"
     " expires_at = excluded.expires_at"
 )
+_LOG = (
+    "INSERT INTO changes (revision, n, key, kind, value, content_type, expires_at, committed_at)"
+    " SELECT r, n, k, kind, v, t, e, %b FROM unnest(%b::bigint[], %b::int[], %b::text[],"
+    " %b::text[], %b::bytea[], %b::text[], %b::bigint[]) AS u(r, n, k, kind, v, t, e)"
+)
+# A load is not in the change log: watchers from before it must list again.
+_FLOOR_TO_REVISION = (
+    "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'revision')"
+    " WHERE name = 'history_floor'"
+)
+
+
+def _log(conn: psycopg.Connection, events: Sequence[Event], now: int) -> None:
+    """Append events to the change log and notify the watchers' listeners, at COMMIT."""
+    columns: list[list[Any]] = [[] for _ in Event._fields]
+    for event in events:
+        for column, value in zip(columns, event, strict=True):
+            column.append(value)
+    conn.execute(_LOG, (now, *columns))
+    conn.execute(f"NOTIFY {CHANNEL}")
 
 
 def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
@@ -221,6 +272,9 @@ class PostgresStore:
         self._pool_pid = 0
         self._relation_size = True
         self._open()
+        self._listener: psycopg.Connection | None = None
+        self._listener_pid = 0
+        self.feed = Feed(self._listen, self._revision)
 
     # -- connections -------------------------------------------------------
 
@@ -295,6 +349,9 @@ class PostgresStore:
 
     def close(self) -> None:
         """Close every connection this repository opened in this process."""
+        if self._listener is not None and self._listener_pid == os.getpid():
+            with suppress(psycopg.Error):
+                self._listener.close()
         with self._pool_lock:
             if self._pool_pid == os.getpid() and self._pools:
                 self._pools.pop().close()
@@ -451,10 +508,17 @@ class PostgresStore:
                     raise self._refuse(
                         "it holds a table kv that kvapp did not create", "choose another database"
                     )
+            if tables:
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'schema_version'"
+                ).fetchone()
+                if version is not None and version[0] == 1:
+                    for statement in UPGRADE_FROM_1:
+                        conn.execute(statement)
             for statement in SCHEMA:
                 if "%s" in statement:
                     conn.execute(statement, (SCHEMA_VERSION,))
-                elif not tables or "INDEX" in statement:
+                elif not tables or "INDEX" in statement or statement is CHANGES:
                     conn.execute(statement)
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
@@ -572,6 +636,7 @@ class PostgresStore:
                 if planned.deletes:
                     conn.execute("DELETE FROM kv WHERE key = ANY(%s)", (planned.deletes,))
                 if planned.revision != start:
+                    _log(conn, planned.events, now)
                     conn.execute(
                         "UPDATE meta SET value = %s WHERE name = 'revision'", (planned.revision,)
                     )
@@ -580,10 +645,14 @@ class PostgresStore:
 
         results = self._run(batch)
         self.on_commit(len(writes))
+        self.feed.notify()
         return results
 
     def purge_expired(self, limit: int = 500) -> int:
-        """Delete up to limit expired rows in one short transaction; return how many."""
+        """Delete up to limit expired rows in one short transaction; return how many.
+
+        They take one revision, and each is an EXPIRED event of it.
+        """
 
         def purge(conn: psycopg.Connection) -> int:
             with self._transaction(conn) as commit:
@@ -592,15 +661,127 @@ class PostgresStore:
                 # The outer expires_at test guards against a row rewritten
                 # since the subquery chose it (READ COMMITTED rechecks only
                 # the outer WHERE on the new row version).
-                count = conn.execute(
-                    "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= %s"
-                    " ORDER BY expires_at LIMIT %s) AND expires_at <= %s",
-                    (now, limit, now),
-                ).rowcount
+                keys = sorted(
+                    row[0]
+                    for row in conn.execute(
+                        "DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expires_at <= %s"
+                        " ORDER BY expires_at LIMIT %s) AND expires_at <= %s RETURNING key",
+                        (now, limit, now),
+                    )
+                )
+                if keys:
+                    revision = _scalar(
+                        conn.execute(
+                            "UPDATE meta SET value = value + 1 WHERE name = 'revision'"
+                            " RETURNING value"
+                        )
+                    )
+                    _log(
+                        conn, [Event(revision, n, key, EXPIRED) for n, key in enumerate(keys)], now
+                    )
                 commit()
-            return count
+            return len(keys)
 
-        return self._run(purge)
+        count = self._run(purge)
+        if count:
+            self.feed.notify()
+        return count
+
+    # -- the change log (kvapp.store.base; watchers in kvapp.web.watch) -------
+
+    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+        """Return up to limit Events after the position after whose keys start with prefix.
+
+        From one REPEATABLE READ transaction: one snapshot for the revision,
+        the floor and the events
+        (https://www.postgresql.org/docs/current/transaction-iso.html#XACT-REPEATABLE-READ).
+        """
+        revision, n = after
+        where, params = "", []
+        if prefix:
+            operator, lower, upper = key_range(prefix, None)
+            where, params = f" AND key {operator} %s", [lower]
+            if upper is not None:
+                where += " AND key < %s"
+                params.append(upper)
+        sql = (
+            "SELECT revision, n, key, kind, value, content_type, expires_at FROM changes"
+            f" WHERE revision >= %s AND (revision > %s OR n > %s) AND revision <= %s{where}"
+            " ORDER BY revision, n LIMIT %s"
+        )
+
+        def read(conn: psycopg.Connection) -> History:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                meta: dict[str, int] = dict(
+                    conn.execute(
+                        "SELECT name, value FROM meta WHERE name IN ('revision', 'history_floor')"
+                    ).fetchall()
+                )
+                rows = conn.execute(
+                    sql, (revision, revision, n, meta["revision"], *params, limit), binary=True
+                ).fetchall()
+            finally:
+                if not conn.broken:
+                    conn.execute("ROLLBACK")
+            events = [
+                Event(r, i, key, kind, None if value is None else bytes(value), ctype, expires)
+                for r, i, key, kind, value, ctype, expires in rows
+            ]
+            return History(meta["revision"], meta["history_floor"], events)
+
+        return self._run(read)
+
+    def trim_history(self, max_age_seconds: int, keep: int, limit: int = 500) -> int:
+        """Remove the oldest revisions' events: past max_age_seconds, or past the newest keep."""
+
+        def trim(conn: psycopg.Connection) -> int:
+            with self._transaction(conn) as commit:
+                beyond = conn.execute(
+                    "SELECT revision FROM changes ORDER BY revision DESC, n DESC LIMIT 1 OFFSET %s",
+                    (keep,),
+                ).fetchone()
+                oldest = conn.execute(
+                    "SELECT revision, committed_at FROM changes ORDER BY revision, n LIMIT %s",
+                    (limit + 1,),
+                ).fetchall()
+                before_ms = self._now_ms() - max_age_seconds * 1000
+                cut = history_cut(oldest, before_ms, None if beyond is None else beyond[0], limit)
+                if cut is None:
+                    return 0
+                removed = conn.execute("DELETE FROM changes WHERE revision <= %s", (cut,)).rowcount
+                conn.execute(
+                    "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'history_floor'",
+                    (cut,),
+                )
+                commit()
+            return int(removed)
+
+        return self._run(trim)
+
+    def _revision(self) -> int:
+        """Return the store's revision, read now."""
+        return int(self._read("SELECT value FROM meta WHERE name = 'revision'", ())[0][0])
+
+    def _listen(self, timeout: float) -> bool:
+        """Return True once another session's write transaction commits, False after timeout.
+
+        Only the feed's listener calls this, on a connection of its own that
+        LISTENs to CHANNEL (opened again in a forked worker, or after it broke).
+        """
+        conn = self._listener
+        if conn is None or conn.closed or self._listener_pid != os.getpid():
+            conn = psycopg.connect(self.url, **self._kwargs)
+            conn.execute(f"LISTEN {CHANNEL}")
+            self._listener, self._listener_pid = conn, os.getpid()
+        try:
+            for _ in conn.notifies(timeout=timeout, stop_after=1):
+                return True
+        except psycopg.Error:
+            with suppress(psycopg.Error):
+                conn.close()
+            raise
+        return False
 
     # -- the data tools' interface (kvapp.tools.transfer) -
 
@@ -634,6 +815,9 @@ class PostgresStore:
                     "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'revision'",
                     (max(record.revision for record in records),),
                 )
+                conn.execute(_FLOOR_TO_REVISION)
+                conn.execute(f"NOTIFY {CHANNEL}")
                 commit()
 
         self._run(load)
+        self.feed.notify()

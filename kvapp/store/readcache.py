@@ -8,7 +8,10 @@ file that all kvapp processes on the database map into memory (mmap,
 MAP_SHARED): one memory read per hit, no system call and no SQLite call.
 
 The file, `<database>-gen`, holds SLOTS 64-bit counters; a key's slot is
-crc32 of its UTF-8 bytes (the same in every process, unlike hash()).
+crc32 of its UTF-8 bytes (the same in every process, unlike hash()).  After
+them, one more counter, COMMITS, grows after every write transaction of any
+process (W5): the watchers' feed looks at it to learn of other processes'
+commits (kvapp.store.feed).
 
 Writers (Generations.writing(), around every write transaction):
   W1  take the file's flock (every writing kvapp process; threads of one
@@ -79,7 +82,8 @@ from typing import Any
 
 SLOTS = 8192  # 64 KiB of counters; a write of one key invalidates 1/SLOTS of the cache
 _MASK = SLOTS - 1
-FILE_BYTES = SLOTS * 8
+COMMITS = SLOTS  # the index of the commit counter, in a page of its own after the slots
+FILE_BYTES = SLOTS * 8 + 4096
 
 # Python objects of one entry besides the key, value and content type: the
 # entry tuple, its item tuple, two ints and the OrderedDict's node and slot
@@ -137,6 +141,7 @@ class Generations:
         self._fd = fd
         self.counters = memoryview(self._mmap).cast("Q")
         self._changing: set[int] = set()
+        self._committing = False
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -153,12 +158,25 @@ class Generations:
                 for slot in self._changing:
                     counters[slot] += 1
                 self._changing.clear()
+                if self._committing:
+                    # A rolled-back transaction counts too: a watcher that
+                    # wakes for nothing finds nothing new and waits again.
+                    self._committing = False
+                    counters[COMMITS] += 1
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def begin(self, keys: Iterable[str]) -> None:
         """Mark the keys' slots as changing (W3): call inside writing(), before COMMIT."""
         self._begin({slot_of(key) for key in keys})
+
+    def committing(self) -> None:
+        """Count this transaction in COMMITS when it ends: call inside writing()."""
+        self._committing = True
+
+    def commits(self) -> int:
+        """Return the commit counter: it moves after every write transaction of any process."""
+        return int(self.counters[COMMITS])
 
     def begin_all(self) -> None:
         """Mark every slot as changing: for bulk changes such as a load."""

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import cast
 
 from kvapp.store.base import (
+    EXPIRED,
     DatabaseUnusable,
+    Event,
+    History,
     Item,
     Listing,
     Outcome,
@@ -42,8 +45,9 @@ from kvapp.store.base import (
     Write,
     key_range,
 )
+from kvapp.store.feed import Feed
 from kvapp.store.groupcommit import GroupCommit
-from kvapp.store.plan import NewRow, plan
+from kvapp.store.plan import NewRow, history_cut, plan
 from kvapp.store.readcache import (
     MISS,
     Generations,
@@ -53,8 +57,25 @@ from kvapp.store.readcache import (
     generations_path,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# The change log (kvapp.store.base): one row per change, written in the
+# transaction of the change.  A table with a rowid, not WITHOUT ROWID: rows
+# carry values of up to max_value_bytes, and SQLite advises rowid tables for
+# rows larger than about a twentieth of a page
+# (https://sqlite.org/withoutrowid.html#when_to_use_without_rowid).
+CHANGES = """CREATE TABLE changes (
+        revision     INTEGER NOT NULL,  -- the Write's revision
+        n            INTEGER NOT NULL,  -- 0, 1, ... within the revision
+        key          TEXT NOT NULL,
+        kind         TEXT NOT NULL,     -- put, delete, expired
+        value        BLOB,              -- put only, as content_type and expires_at
+        content_type TEXT,
+        expires_at   INTEGER,
+        committed_at INTEGER NOT NULL,  -- unix milliseconds, for watch_history_seconds
+        PRIMARY KEY (revision, n)
+    )"""
 
 # Statements run one by one inside BEGIN IMMEDIATE (executescript would commit first).
 SCHEMA = (
@@ -69,8 +90,25 @@ SCHEMA = (
         revision     INTEGER NOT NULL,           -- meta.revision of the last write
         expires_at   INTEGER                     -- unix milliseconds, NULL: never
     )""",
-    f"INSERT INTO meta (name, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('revision', 0)",
+    CHANGES,
+    f"INSERT INTO meta (name, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('revision', 0),"
+    " ('history_floor', 0)",
 )
+
+# Version 1 had no change log: its history starts at its current revision.
+UPGRADE_FROM_1 = (
+    CHANGES,
+    "INSERT INTO meta (name, value)"
+    " SELECT 'history_floor', value FROM meta WHERE name = 'revision'",
+    f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE name = 'schema_version'",
+)
+
+# How often the watchers' listener looks at the -gen file's commit counter
+# for other processes' commits: the most an event from another process waits.
+LISTEN_POLL_SECONDS = 0.01
+
+# What brings each older schema version to SCHEMA_VERSION, in place, at start.
+UPGRADES = {1: UPGRADE_FROM_1}
 
 # Added at every start when missing, so version 1 databases made before it
 # gain it in place.  An index changes no query's answer and older kvapp
@@ -169,6 +207,8 @@ class SQLiteStore:
         self._cache = ReadCache(self._generations, read_cache_bytes)
         self._writer = self._connect()
         self._group_commit = GroupCommit(self.apply_batch)
+        self._seen_commits = self._generations.commits()
+        self.feed = Feed(self._listen, self._revision)
 
     # -- connections -------------------------------------------------------
 
@@ -251,9 +291,9 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Again under the write lock: another process may have created it meanwhile.
-                if not self._check_schema(conn):
-                    for statement in SCHEMA:
-                        conn.execute(statement)
+                version = self._check_schema(conn)
+                for statement in SCHEMA if version is None else UPGRADES.get(version, ()):
+                    conn.execute(statement)
                 for statement in INDEXES:
                     conn.execute(statement)
                 conn.execute("COMMIT")
@@ -295,13 +335,16 @@ class SQLiteStore:
                 problem = "it is read-only" if name == path else f"{name} is read-only"
                 raise self._refuse(problem, "make it writable for the user running kvapp")
 
-    def _check_schema(self, conn: sqlite3.Connection) -> bool:
-        """Return False if there are no tables yet; raise DatabaseUnusable unless they are ours."""
+    def _check_schema(self, conn: sqlite3.Connection) -> int | None:
+        """Return the schema version, None if there are no tables yet; raise unless they are ours.
+
+        A version this kvapp knows how to upgrade (UPGRADES) is fine.
+        """
         tables = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
         if not tables:
-            return False
+            return None
         foreign = self._refuse(
             "it holds tables that kvapp did not create", "choose another database path"
         )
@@ -316,13 +359,13 @@ class SQLiteStore:
             if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF != _SQLITE_ERROR:
                 raise
             raise foreign from None
-        if version is None or version[0] != SCHEMA_VERSION:
+        if version is None or (version[0] != SCHEMA_VERSION and version[0] not in UPGRADES):
             raise self._refuse(
                 f"its schema version is {version and version[0]},"
                 f" this kvapp knows {SCHEMA_VERSION}",
                 "use a matching kvapp version",
             )
-        return True
+        return int(version[0])
 
     def _check_header(self, path: Path) -> None:
         try:
@@ -522,28 +565,131 @@ class SQLiteStore:
         with self._transaction() as conn:
             keys = list(dict.fromkeys(change.key for write in writes for change in write.changes))
             start, rows = _read(conn, keys)
-            planned = plan(rows, writes, start, self._now_ms())
+            now = self._now_ms()
+            planned = plan(rows, writes, start, now)
             if planned.revision != start:
                 if planned.puts:
                     _upsert(conn, list(planned.puts.values()))
                 if planned.deletes:
                     _delete(conn, planned.deletes)
+                _log(conn, planned.events, now)
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'revision'", (planned.revision,)
                 )
                 # Last before COMMIT: readers stop trusting cached values of these keys.
                 self._generations.begin([*planned.puts, *planned.deletes])
+                self._generations.committing()
         self.on_commit(len(writes))
+        if planned.revision != start:
+            self.feed.notify()
         return planned.results
 
     def purge_expired(self, limit: int = 500) -> int:
-        """Delete up to limit expired rows in one short transaction; return how many."""
+        """Delete up to limit expired rows in one short transaction; return how many.
+
+        They take one revision, and each is an EXPIRED event of it.  No read
+        cache slot changes: no reader can see an expired row.
+        """
         with self._transaction() as conn:
-            return conn.execute(
-                "DELETE FROM kv WHERE key IN"
-                " (SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
-                (self._now_ms(), limit),
-            ).rowcount
+            now = self._now_ms()
+            keys = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at, key LIMIT ?",
+                    (now, limit),
+                )
+            ]
+            if not keys:
+                return 0
+            revision = conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+            ).fetchone()[0]
+            _delete(conn, keys)
+            _log(conn, [Event(revision, n, key, EXPIRED) for n, key in enumerate(keys)], now)
+            self._generations.committing()
+        self.feed.notify()
+        return len(keys)
+
+    # -- the change log (kvapp.store.base; watchers in kvapp.web.watch) -------
+
+    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+        """Return up to limit Events after the position after whose keys start with prefix.
+
+        From one read transaction, so the revision and floor match the events
+        (https://sqlite.org/wal.html#concurrency); a range scan of the
+        primary key (revision, n) from the position.
+        """
+        revision, n = after
+        where, params = "", []
+        if prefix:
+            operator, lower, upper = key_range(prefix, None)
+            where, params = f" AND key {operator} ?", [lower]
+            if upper is not None:
+                where += " AND key < ?"
+                params.append(upper)
+        sql = (
+            "SELECT revision, n, key, kind, value, content_type, expires_at FROM changes"
+            f" WHERE revision >= ? AND (revision > ? OR n > ?) AND revision <= ?{where}"
+            " ORDER BY revision, n LIMIT ?"
+        )
+        with translated():
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                meta = dict(
+                    conn.execute(
+                        "SELECT name, value FROM meta WHERE name IN ('revision', 'history_floor')"
+                    ).fetchall()
+                )
+                rows = conn.execute(
+                    sql, (revision, revision, n, meta["revision"], *params, limit)
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")  # only reads: ends the snapshot
+        return History(meta["revision"], meta["history_floor"], [Event(*row) for row in rows])
+
+    def trim_history(self, max_age_seconds: int, keep: int, limit: int = 500) -> int:
+        """Remove the oldest revisions' events: past max_age_seconds, or past the newest keep."""
+        with self._transaction() as conn:
+            beyond = conn.execute(
+                "SELECT revision FROM changes ORDER BY revision DESC, n DESC LIMIT 1 OFFSET ?",
+                (keep,),
+            ).fetchone()
+            oldest = conn.execute(
+                "SELECT revision, committed_at FROM changes ORDER BY revision, n LIMIT ?",
+                (limit + 1,),
+            ).fetchall()
+            before_ms = self._now_ms() - max_age_seconds * 1000
+            cut = history_cut(oldest, before_ms, None if beyond is None else beyond[0], limit)
+            if cut is None:
+                return 0
+            removed = conn.execute("DELETE FROM changes WHERE revision <= ?", (cut,)).rowcount
+            conn.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE name = 'history_floor'", (cut,)
+            )
+        return int(removed)
+
+    def _revision(self) -> int:
+        """Return the store's revision, read now."""
+        with translated():
+            row = self._reader().execute("SELECT value FROM meta WHERE name = 'revision'")
+            return int(row.fetchone()[0])
+
+    def _listen(self, timeout: float) -> bool:
+        """Return True once the -gen file's commit counter moves, False after timeout seconds.
+
+        Only the feed's listener calls this.  A read of shared memory: no
+        system call, no SQLite call, while nothing changes.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            commits = self._generations.commits()
+            if commits != self._seen_commits:
+                self._seen_commits = commits
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LISTEN_POLL_SECONDS)
 
     # -- the data tools' interface (kvapp.tools.transfer) -
 
@@ -573,7 +719,10 @@ class SQLiteStore:
                 "UPDATE meta SET value = max(value, ?) WHERE name = 'revision'",
                 (max(record.revision for record in records),),
             )
+            conn.execute(_FLOOR_TO_REVISION)
             self._generations.begin(record.key for record in records)
+            self._generations.committing()
+        self.feed.notify()
 
     def load_bulk(self, items: Iterable[tuple[str, bytes, str]], batch_size: int = 200_000) -> int:
         """Store many (key, value, content_type) items fast; return how many.
@@ -611,7 +760,9 @@ class SQLiteStore:
                                     for key, value, ctype in batch
                                 ],
                             )
+                            conn.execute(_FLOOR_TO_REVISION)
                             self._generations.begin_all()
+                            self._generations.committing()
                             conn.execute("COMMIT")
                         finally:
                             if conn.in_transaction:
@@ -634,6 +785,25 @@ _UPSERT = (
 
 
 _UPSERT_ROWS = _UPSERT.replace("VALUES (?, ?, ?, ?, ?)", "VALUES {rows}")
+
+_LOG_ROWS = (
+    "INSERT INTO changes (revision, n, key, kind, value, content_type, expires_at, committed_at)"
+    " VALUES {rows}"
+)
+
+# A load is not in the change log: watchers from before it must list again.
+_FLOOR_TO_REVISION = (
+    "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'revision')"
+    " WHERE name = 'history_floor'"
+)
+
+
+def _log(conn: sqlite3.Connection, events: list[Event], now: int) -> None:
+    """Append events to the change log, _MAX_IN rows per INSERT."""
+    for start in range(0, len(events), _MAX_IN):
+        chunk = events[start : start + _MAX_IN]
+        sql = _LOG_ROWS.format(rows=", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)))
+        conn.execute(sql, [field for event in chunk for field in (*event, now)])
 
 
 def _padded(keys: list[str]) -> tuple[list[str], str]:

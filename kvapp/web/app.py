@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kvapp.config import Settings
@@ -33,6 +33,7 @@ from kvapp.web.responses import (
     status_line,
 )
 from kvapp.web.seed_routes import Handlers
+from kvapp.web.watch import Watching
 
 log = logging.getLogger("kvapp")
 
@@ -72,10 +73,16 @@ class App:
         )
         self.metrics = Metrics(store)
         repository.on_commit = self.metrics.observe_commit
-        self.sweeper = Sweeper(repository, settings.sweep_interval_seconds)
+        self.sweeper = Sweeper(
+            repository,
+            settings.sweep_interval_seconds,
+            settings.watch_history_seconds,
+            settings.watch_history_max,
+        )
         self._threads_fork = -1  # _forks when this process started the threads
         handlers = Handlers(repository, settings)
-        resources = Resources(repository, settings)
+        self.watching = Watching(repository, settings)
+        resources = Resources(repository, settings, self.watching)
         operations = Operations(repository, self.metrics)
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": handlers.index, "HEAD": handlers.index},
@@ -154,7 +161,9 @@ class App:
         response = self.respond(environ)
         body = response.body
         headers = [*COMMON_HEADERS, *response.headers]
-        if response.status not in NO_CONTENT:
+        if response.stream is not None:
+            headers.append(("Content-Type", response.content_type))
+        elif response.status not in NO_CONTENT:
             headers += [("Content-Type", response.content_type), ("Content-Length", str(len(body)))]
         for name, _ in response.headers:
             if name == "Cache-Control":
@@ -162,19 +171,49 @@ class App:
         else:
             headers.append(("Cache-Control", "no-store"))
         start_response(status_line(response.status), headers)
+        if response.stream is not None:
+            return self._streamed(environ, response.status, response.stream, started)
+        empty = environ.get("REQUEST_METHOD") == "HEAD" or response.status in NO_CONTENT
+        self._observe(environ, response.status, 0 if empty else len(body), started)
+        return [] if empty else [body]
+
+    def _streamed(
+        self, environ: dict[str, Any], status: int, stream: Iterator[bytes], started: float
+    ) -> Iterator[bytes]:
+        """Yield a streamed answer; log it and count it once it ends, however it ends.
+
+        The server closes this generator when the client goes away, and
+        closing it closes stream, whose own finally frees what it holds.
+        """
+        sent = 0
+        try:
+            for chunk in stream:
+                sent += len(chunk)
+                yield chunk
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            self._observe(environ, status, sent, started)
+
+    def _observe(self, environ: dict[str, Any], status: int, sent: int, started: float) -> None:
+        """Write the access line and count the request in the metrics."""
         method = environ.get("REQUEST_METHOD", "GET")
-        empty = method == "HEAD" or response.status in NO_CONTENT
         if self.access_log:
-            log_request(environ, response.status, 0 if empty else len(body), started)
+            log_request(environ, status, sent, started)
         self.metrics.observe_request(
             self.route(environ.get("PATH_INFO") or "/"),
             method if method in KNOWN_METHODS else "other",
-            response.status,
+            status,
             time.perf_counter() - started,
         )
-        return [] if empty else [body]
+
+    def end_streams(self) -> None:
+        """End the watch streams and long-polls of this process: the server is stopping."""
+        self.watching.end_streams()
 
     def close(self) -> None:
+        self.watching.end_streams()
         self.sweeper.stop()
         self.metrics.close()
         self.repository.close()

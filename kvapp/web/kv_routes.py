@@ -25,6 +25,7 @@ from kvapp.web.responses import (
     Response,
     prefers_json,
 )
+from kvapp.web.watch import Watching, split_watch
 
 OCTET_STREAM = "application/octet-stream"
 MAX_TTL_SECONDS = 2**31 - 1
@@ -79,10 +80,11 @@ def positive_int(value: bytes, name: str, maximum: int) -> int:
 class Resources:
     """The /kv/ route functions, bound to one repository and one Settings."""
 
-    def __init__(self, repository: Store, settings: Settings) -> None:
+    def __init__(self, repository: Store, settings: Settings, watching: Watching) -> None:
         self.repository = repository
         self.max_key_bytes = settings.max_key_bytes
         self.max_value_bytes = settings.max_value_bytes
+        self.watching = watching
 
     def _key(self, request: Request) -> str:
         """Return the key: the rest of the raw path after /kv/, percent-decoded as UTF-8."""
@@ -94,13 +96,33 @@ class Resources:
         return f"{request.header('SCRIPT_NAME')}/kv/{quote(key, safe='/')}"
 
     def get(self, request: Request) -> Response:
-        """GET or HEAD /kv/{key}: the value with its Content-Type and ETag; 304; 404."""
+        """GET or HEAD /kv/{key}: the value with its Content-Type and ETag; 304; 404.
+
+        With If-None-Match and Prefer: wait=N (RFC 7240), a request whose
+        If-None-Match names the current version waits up to N seconds for
+        the key to change (a long-poll), then answers as usual.
+        """
         key = self._key(request)
         query_params(request, ())
         item = self.repository.get(key)
+        applied: list[tuple[str, str]] = []
+        tags = condition(request.environ)
+        wait = self.watching.wait_seconds(request)
+        if wait is not None and tags is not None and tags.if_none_match is not None:
+            applied.append(("Preference-Applied", f"wait={wait}"))
+            unchanged = Condition(if_none_match=tags.if_none_match)
+
+            def changed() -> bool:
+                nonlocal item
+                item = self.repository.get(key)
+                return item is None or unchanged.holds(item.revision)
+
+            if item is not None and not unchanged.holds(item.revision):
+                client_gone = request.environ.get("waitress.client_disconnected")
+                self.watching.hold(wait, changed, client_gone or (lambda: False))
         if item is None:
-            raise NotFound(f"no such key: {show(key)}")
-        headers = [("ETag", etag(item.revision)), ("Cache-Control", "no-cache")]
+            raise NotFound(f"no such key: {show(key)}", tuple(applied))
+        headers = [("ETag", etag(item.revision)), ("Cache-Control", "no-cache"), *applied]
         not_modified = read_conditions(request, item.revision, headers)
         if not_modified is not None:
             return not_modified
@@ -138,7 +160,15 @@ class Resources:
         return Response(204)
 
     def list(self, request: Request) -> Response:
-        """GET or HEAD /kv/?prefix=p&limit=n&after=k: live keys in UTF-8 byte order."""
+        """GET or HEAD /kv/?prefix=p&limit=n&after=k: live keys in UTF-8 byte order.
+
+        GET /kv/?watch is the change stream instead (kvapp.web.watch).
+        """
+        watch, rest = split_watch(request.query)
+        if watch:
+            if request.method != "GET":
+                raise BadRequest("a watch is a GET request: HEAD /kv/?watch has no stream")
+            return self.watching.stream(request, rest)
         params = query_params(request, ("prefix", "limit", "after"))
         prefix = utf8(params.get("prefix", b""), "prefix")
         if prefix:

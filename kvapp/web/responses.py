@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from http import HTTPStatus
 
 TEXT = "text/plain; charset=utf-8"
@@ -71,9 +72,13 @@ def prefers_json(accept: str | None) -> bool:
 
 
 class Response:
-    """A status, a body of bytes and its headers; Content-Length is derived."""
+    """A status, a body of bytes and its headers; Content-Length is derived.
 
-    __slots__ = ("status", "body", "content_type", "headers")
+    A streamed Response (stream is not None) has no Content-Length: its
+    body is what stream yields, sent as it comes, until it ends.
+    """
+
+    __slots__ = ("status", "body", "content_type", "headers", "stream")
 
     def __init__(
         self,
@@ -81,11 +86,13 @@ class Response:
         body: bytes = b"",
         content_type: str = TEXT,
         headers: list[tuple[str, str]] | None = None,
+        stream: Iterator[bytes] | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers if headers is not None else []
+        self.stream = stream
 
 
 def text(body: str, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -138,6 +145,10 @@ class Forbidden(HTTPError):
 class NotFound(HTTPError):
     status = 404
 
+    def __init__(self, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.headers = headers
+
 
 class MethodNotAllowed(HTTPError):
     status = 405
@@ -145,6 +156,10 @@ class MethodNotAllowed(HTTPError):
     def __init__(self, message: str, allow: tuple[str, ...]) -> None:
         super().__init__(message)
         self.headers = (("Allow", ", ".join(allow)),)
+
+
+class Gone(HTTPError):
+    status = 410
 
 
 class PayloadTooLarge(HTTPError):

@@ -1,0 +1,97 @@
+"""The feed: wakes this process's watchers when any process may have committed a change.
+
+Watchers read what changed from the change log (Store.history); the feed
+only says when to look again, so a slow watcher never makes a writer wait
+and no event is held in memory.  A watcher reads feed.version, then reads
+the log, and if nothing new was there waits for the version to move.  Every
+commit moves it after the commit, so a commit the read missed always wakes
+the watcher: no change waits for the next one.
+
+What moves the version:
+- a commit in this process: the store calls notify() after COMMIT;
+- a commit in another process: while watchers wait, one listener thread
+  calls the backend's listen(timeout), which returns True when another
+  process may have committed (SQLite: a commit counter in the shared -gen
+  file, read every POLL_SECONDS; PostgreSQL: LISTEN/NOTIFY);
+- and once a second the listener compares the store's revision with the
+  last it saw, which covers a writer killed between its COMMIT and its
+  signal.
+The listener stops when no watcher waits; with no watcher the feed costs
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("kvapp.watch")
+
+# How often the listener compares the store's revision itself.
+CHECK_SECONDS = 1.0
+
+
+class Feed:
+    """A version number that moves after every commit, and the threads waiting for it to move."""
+
+    def __init__(self, listen: Callable[[float], bool], revision: Callable[[], int]) -> None:
+        self._listen = listen
+        self._revision = revision
+        self._changed = threading.Condition()
+        self.version = 0
+        self._waiting = 0
+        self._listener: threading.Thread | None = None
+        self._pid = 0
+
+    def notify(self) -> None:
+        """Wake every waiting watcher: a change may have been committed."""
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    def wait(self, version: int, timeout: float) -> int:
+        """Wait until the version is no longer version, or timeout seconds; return the version."""
+        with self._changed:
+            if self.version != version:
+                return self.version
+            self._waiting += 1
+            try:
+                self._start_listener()
+                self._changed.wait_for(lambda: self.version != version, timeout)
+            finally:
+                self._waiting -= 1
+            return self.version
+
+    def _start_listener(self) -> None:
+        """Start the listener unless it runs in this process (a fork inherits no thread)."""
+        alive = self._listener is not None and self._listener.is_alive()
+        if alive and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._listener = threading.Thread(target=self._listen_loop, name="kvapp-feed", daemon=True)
+        self._listener.start()
+
+    def _listen_loop(self) -> None:
+        last: int | None = None
+        checked: float | None = None
+        while True:
+            with self._changed:
+                if not self._waiting:
+                    self._listener = None
+                    return
+            try:
+                changed = self._listen(CHECK_SECONDS / 4)
+                if checked is None or time.monotonic() - checked >= CHECK_SECONDS:
+                    checked = time.monotonic()
+                    revision = self._revision()
+                    changed = changed or (last is not None and revision != last)
+                    last = revision
+            except Exception as exc:  # a database that is down: look again later
+                log.warning("watchers cannot look for changes now, will retry: %s", exc)
+                time.sleep(CHECK_SECONDS)
+                changed = True
+            if changed:
+                self.notify()

@@ -1,0 +1,278 @@
+"""Watching: the change stream (GET /kv/?watch) and the long-poll of one key (Prefer: wait).
+
+The stream is Server-Sent Events (https://html.spec.whatwg.org/multipage/
+server-sent-events.html): one event per change, in (revision, n) order,
+each with id "<revision>-<n>".  A client resumes after the last id it saw
+(Last-Event-ID, which EventSource sends by itself, or ?since=), and sees
+every later change exactly once: the stream reads the change log
+(Store.history) from that position, never a queue in memory, and waits on
+the store's feed when it has caught up.
+
+Each watcher holds a server thread while it waits, so a process serves at
+most Settings.watcher_limit of them at once (503 beyond).  A stream ends
+when its client disconnects (noticed within one heartbeat), when the
+server shuts down (App.end_streams), when the change log was trimmed past
+its position, or when the database fails; the client then reconnects with
+its Last-Event-ID.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kvapp.config import Settings
+from kvapp.store.base import EXPIRED, PUT, WHOLE, Event, StorageError, Store, check_key, show
+from kvapp.web.decoding import parse_pairs, utf8
+from kvapp.web.request import Request
+from kvapp.web.responses import BadRequest, Gone, Response, ServiceUnavailable
+
+log = logging.getLogger("kvapp.watch")
+
+EVENT_STREAM = "text/event-stream"
+# Events read from the change log per query: a watcher far behind catches
+# up a page at a time, and sends each page as one write.
+PAGE = 1000
+# The largest revision a position may name: SQLite's and PostgreSQL's 64-bit integers.
+MAX_REVISION = 2**63 - 1
+FLAG = b"watch"
+
+
+def split_watch(query: bytes) -> tuple[bool, bytes]:
+    """Return whether the query holds the bare flag `watch`, and the query without it.
+
+    `?watch` is a flag, not a key=value pair; `watch=` counts as the flag
+    too, any other value is refused.
+    """
+    found = False
+    rest = []
+    for segment in query.split(b"&"):
+        if segment in (FLAG, FLAG + b"="):
+            if found:
+                raise BadRequest("give the watch parameter at most once")
+            found = True
+        elif segment.startswith(FLAG + b"="):
+            raise BadRequest("watch takes no value: write ?watch")
+        else:
+            rest.append(segment)
+    return found, b"&".join(rest)
+
+
+def parse_position(text: str, what: str) -> tuple[int, int]:
+    """Return the position after which a stream resumes: "42" (all of 42) or "42-0"."""
+    revision, dash, n = text.partition("-")
+    parts = (revision, n) if dash else (revision,)
+    for part in parts:
+        if not (part.isascii() and part.isdigit() and part == str(int(part))):
+            raise BadRequest(
+                f"{what} must be a revision such as 42, or an event id such as 42-0,"
+                f" not {show(text)}"
+            )
+    if int(revision) > MAX_REVISION or (dash and int(n) >= WHOLE):
+        raise BadRequest(f"{what} {show(text)} is out of range")
+    return int(revision), int(n) if dash else WHOLE
+
+
+def event_bytes(event: Event) -> bytes:
+    """Return one change as a Server-Sent Event: id, event and one data line of JSON."""
+    data: dict[str, Any] = {"key": event.key, "revision": event.revision}
+    if event.kind == PUT:
+        value = event.value or b""
+        try:
+            data["value"] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            data["value_base64"] = base64.b64encode(value).decode("ascii")
+        data["content_type"] = event.content_type
+        data["expires_at"] = event.expires_at
+        name = "put"
+    else:
+        data["expired"] = event.kind == EXPIRED
+        name = "delete"
+    # json.dumps escapes every line break, so the data is one line (an SSE
+    # field ends at CR or LF); keys and decoded values are valid UTF-8.
+    line = json.dumps(data, ensure_ascii=False)
+    return f"id: {event.revision}-{event.n}\nevent: {name}\ndata: {line}\n\n".encode()
+
+
+HEARTBEAT = b": keep-alive\n\n"
+
+
+class Watching:
+    """The watch routes of one process: its watcher slots, its heartbeat, its shutdown."""
+
+    def __init__(self, repository: Store, settings: Settings) -> None:
+        self.repository = repository
+        self.max_key_bytes = settings.max_key_bytes
+        self.limit = settings.watcher_limit
+        self.heartbeat = settings.watch_heartbeat_seconds
+        self.max_wait = settings.max_wait_seconds
+        self.active = 0
+        self._lock = threading.Lock()
+        self.closing = threading.Event()
+
+    # -- slots and shutdown --------------------------------------------------
+
+    def _take_slot(self) -> None:
+        with self._lock:
+            if self.active >= self.limit:
+                raise ServiceUnavailable(
+                    f"this server process already serves {self.limit} watchers (max_watchers):"
+                    " raise max_watchers, with threads to match, or add workers",
+                    retry_after=5,
+                )
+            self.active += 1
+
+    def _free_slot(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def end_streams(self) -> None:
+        """End every stream and long-poll of this process (shutdown); refuse new ones."""
+        self.closing.set()
+        self.repository.feed.notify()
+
+    # -- the stream ----------------------------------------------------------
+
+    def stream(self, request: Request, query: bytes) -> Response:
+        """GET /kv/?watch[&prefix=p][&since=R]: Server-Sent Events, one per change."""
+        prefix, since = b"", None
+        for name, value in parse_pairs(query):
+            if name not in ("prefix", "since"):
+                raise BadRequest(
+                    f"unexpected parameter {show(name)}: a watch takes prefix and since"
+                )
+            if (name == "prefix" and prefix) or (name == "since" and since is not None):
+                raise BadRequest(f"give the {name} parameter at most once")
+            if name == "prefix":
+                prefix = value
+            else:
+                since = value
+        key_prefix = utf8(prefix, "prefix")
+        if key_prefix:
+            check_key(key_prefix, self.max_key_bytes)
+        # EventSource sends Last-Event-ID when it reconnects to the same URL,
+        # since= included: the later position wins.
+        last_id = request.header("HTTP_LAST_EVENT_ID").strip(" \t")
+        position = None
+        if last_id:
+            position = parse_position(last_id, "Last-Event-ID")
+        elif since is not None:
+            position = parse_position(utf8(since, "since"), "since")
+        start = self.repository.history(position or (0, 0), key_prefix, 0)
+        if position is not None:
+            self._check_resumable(position, start.revision, start.floor)
+        self._take_slot()
+        # Something at once, so that the status and headers go out now.
+        first = f": resuming after {last_id or utf8(since or b'', 'since')}\n\n".encode()
+        if position is None:
+            position = (start.revision, WHOLE)
+            ready = json.dumps({"revision": start.revision})
+            first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
+        client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
+        events = self._events(position, key_prefix, first, client_gone)
+        headers = [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
+        return Response(200, b"", EVENT_STREAM, headers, stream=events)
+
+    def _check_resumable(self, position: tuple[int, int], revision: int, floor: int) -> None:
+        remedy = (
+            "list the keys again (GET /kv/?prefix=...), then watch with since= the"
+            " X-Kvapp-Revision of that listing"
+        )
+        if position[0] < floor:
+            raise Gone(
+                f"changes up to revision {floor} are no longer kept (watch_history_seconds,"
+                f" watch_history_max); the oldest revision to resume from is {floor}: {remedy}"
+            )
+        if position[0] > revision:
+            raise Gone(
+                f"revision {position[0]} is ahead of this store's revision {revision}"
+                f" (another store, or one restored from a backup): {remedy}"
+            )
+
+    def _events(
+        self,
+        position: tuple[int, int],
+        prefix: str,
+        first: bytes,
+        client_gone: Callable[[], bool],
+    ) -> Iterator[bytes]:
+        """Yield first, then every change after position as it comes, and heartbeats."""
+        feed = self.repository.feed
+        try:
+            yield first
+            beat = time.monotonic()
+            while not self.closing.is_set():
+                version = feed.version
+                try:
+                    history = self.repository.history(position, prefix, PAGE)
+                except StorageError as exc:
+                    log.warning("a watch stream ended: %s", exc)
+                    return
+                if position[0] < history.floor:
+                    return  # trimmed past it: the client's reconnect gets the 410
+                if history.events:
+                    yield b"".join(event_bytes(event) for event in history.events)
+                    beat = time.monotonic()
+                    last = history.events[-1]
+                    position = (last.revision, last.n)
+                    if len(history.events) == PAGE:
+                        continue
+                position = max(position, (history.revision, WHOLE))
+                while feed.version == version and not self.closing.is_set():
+                    if client_gone():
+                        return
+                    idle = time.monotonic() - beat
+                    if idle >= self.heartbeat:
+                        yield HEARTBEAT
+                        beat = time.monotonic()
+                    else:
+                        feed.wait(version, self.heartbeat - idle)
+        finally:
+            self._free_slot()
+
+    # -- the long-poll -------------------------------------------------------
+
+    def wait_seconds(self, request: Request) -> int | None:
+        """Return the wait a Prefer header asks for (RFC 7240 section 4.3), capped; None if none.
+
+        As RFC 7240 asks, a preference given twice counts once (the first),
+        and a malformed wait is ignored rather than refused.
+        """
+        prefer = request.header("HTTP_PREFER")
+        if not prefer:
+            return None
+        for preference in prefer.split(","):
+            name, _, value = preference.split(";")[0].partition("=")
+            if name.strip(" \t").lower() != "wait":
+                continue
+            value = value.strip(" \t").strip('"')
+            if not (value.isascii() and value.isdigit() and len(value) <= 10):
+                return None
+            return min(int(value), self.max_wait)
+        return None
+
+    def hold(self, wait: int, changed: Callable[[], bool], client_gone: Callable[[], bool]) -> None:
+        """Return once changed() is True, wait seconds have passed, or the server shuts down.
+
+        changed() reads the store; it is asked again after every commit the
+        feed reports.
+        """
+        feed = self.repository.feed
+        self._take_slot()
+        try:
+            deadline = time.monotonic() + wait
+            while not self.closing.is_set() and not client_gone():
+                version = feed.version
+                if changed():
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                feed.wait(version, min(remaining, self.heartbeat))
+        finally:
+            self._free_slot()
