@@ -157,7 +157,7 @@ def build(app: Any, sock: socket.socket, options: dict[str, Any], channel: type 
     """Return a waitress server of app on the listening socket sock, with kvapp's loop."""
     server = create_server(app, sockets=[sock], **options)
     server.channel_class = channel
-    _add_main_loop(server)
+    _add_main_loop(server, app)
     return server
 
 
@@ -166,37 +166,48 @@ def serve(app: Any, sock: socket.socket, options: dict[str, Any]) -> None:
     build(app, sock, options).run()
 
 
-def _add_main_loop(server: Any) -> None:
-    """Give server kvapp's main loop: run() passes it, and trigger pulls mark channels."""
+def _add_main_loop(server: Any, app: Any) -> None:
+    """Give server kvapp's main loop: run() passes it, and trigger pulls mark channels.
+
+    app is the application served, as given: waitress 3 always wraps it in
+    its proxy-headers middleware, so server.application is that wrapper.
+    """
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
-    server.run = lambda: _run(server)
+    server.run = lambda: _run(server, app)
 
 
-def _run(server: Any) -> None:
+def _run(server: Any, app: Any) -> None:
     try:
         server.main_loop.run(server.adj.asyncore_loop_timeout)
     except (SystemExit, KeyboardInterrupt):
         # As waitress's own run(): let running tasks finish (up to 5 s) before
         # the caller closes the app; the trigger stays open for their last pull.
         # Watch streams and long-polls would run on: end them first.
-        end_streams = getattr(server.application, "end_streams", None)
+        end_streams = getattr(app, "end_streams", None)
         if end_streams is not None:
             end_streams()
         server.task_dispatcher.shutdown()
 
 
-def adopt_waitress() -> None:
+def adopt_waitress(app: Any = None) -> None:
     """Make the waitress servers this process builds from now on use Channel and MainLoop.
 
     For `waitress-serve wsgi:app`, which imports wsgi.py and then builds its
-    server itself.  A server of several listening sockets (waitress's
-    MultiSocketServer) gets Channel but keeps waitress's loop.
+    server itself; app is wsgi.app, whose streams end when the server stops.
+    A server of several listening sockets (waitress's MultiSocketServer)
+    gets Channel but keeps waitress's loop.
     """
+    global _adopted_app
+    _adopted_app = app
     BaseWSGIServer.channel_class = Channel
     BaseWSGIServer.run = _adopted_run
 
 
+_adopted_app: Any = None
+
+
 def _adopted_run(server: Any) -> None:
-    _add_main_loop(server)
-    _run(server)
+    app = _adopted_app if _adopted_app is not None else server.application
+    _add_main_loop(server, app)
+    _run(server, app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvapp.config import Settings
@@ -21,6 +21,7 @@ from kvapp.web.request import Request
 from kvapp.web.responses import (
     COMMON_HEADERS,
     BadRequest,
+    Ending,
     HTTPError,
     InsufficientStorage,
     InternalServerError,
@@ -172,29 +173,10 @@ class App:
             headers.append(("Cache-Control", "no-store"))
         start_response(status_line(response.status), headers)
         if response.stream is not None:
-            return self._streamed(environ, response.status, response.stream, started)
+            return Ending(response.stream, lambda sent: self._observe(environ, 200, sent, started))
         empty = environ.get("REQUEST_METHOD") == "HEAD" or response.status in NO_CONTENT
         self._observe(environ, response.status, 0 if empty else len(body), started)
         return [] if empty else [body]
-
-    def _streamed(
-        self, environ: dict[str, Any], status: int, stream: Iterator[bytes], started: float
-    ) -> Iterator[bytes]:
-        """Yield a streamed answer; log it and count it once it ends, however it ends.
-
-        The server closes this generator when the client goes away, and
-        closing it closes stream, whose own finally frees what it holds.
-        """
-        sent = 0
-        try:
-            for chunk in stream:
-                sent += len(chunk)
-                yield chunk
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            self._observe(environ, status, sent, started)
 
     def _observe(self, environ: dict[str, Any], status: int, sent: int, started: float) -> None:
         """Write the access line and count the request in the metrics."""

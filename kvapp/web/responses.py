@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
 TEXT = "text/plain; charset=utf-8"
@@ -93,6 +93,42 @@ class Response:
         self.content_type = content_type
         self.headers = headers if headers is not None else []
         self.stream = stream
+
+
+class Ending:
+    """A streamed body as the server iterates it; once it ends or is closed, done(bytes sent).
+
+    Not a generator's finally: the server closes the body when the client
+    goes away, maybe before its first step, and a generator closed then
+    never runs its finally.  done runs exactly once, after stream is closed.
+    """
+
+    def __init__(self, stream: Iterator[bytes], done: Callable[[int], None]) -> None:
+        self._stream = stream
+        self._done: Callable[[int], None] | None = done
+        self.sent = 0
+
+    def __iter__(self) -> Ending:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._stream)
+        except BaseException:
+            self.close()
+            raise
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            try:
+                close = getattr(self._stream, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                done(self.sent)
 
 
 def text(body: str, status: int = 200, headers: list[tuple[str, str]] | None = None) -> Response:

@@ -30,7 +30,7 @@ from kvapp.config import Settings
 from kvapp.store.base import EXPIRED, PUT, WHOLE, Event, StorageError, Store, check_key, show
 from kvapp.web.decoding import parse_pairs, utf8
 from kvapp.web.request import Request
-from kvapp.web.responses import BadRequest, Gone, Response, ServiceUnavailable
+from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
 
 log = logging.getLogger("kvapp.watch")
 
@@ -93,13 +93,16 @@ def event_bytes(event: Event) -> bytes:
     else:
         data["expired"] = event.kind == EXPIRED
         name = "delete"
-    # json.dumps escapes every line break, so the data is one line (an SSE
-    # field ends at CR or LF); keys and decoded values are valid UTF-8.
-    line = json.dumps(data, ensure_ascii=False)
+    # One line: an SSE field ends at CR or LF, which json.dumps escapes.  It
+    # leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR as they are, and
+    # some line splitters (Python's str.splitlines) break on them: escape
+    # them too.  Everything else non-ASCII stays readable UTF-8.
+    line = json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
     return f"id: {event.revision}-{event.n}\nevent: {name}\ndata: {line}\n\n".encode()
 
 
 HEARTBEAT = b": keep-alive\n\n"
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class Watching:
@@ -175,8 +178,9 @@ class Watching:
             first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
         client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
         events = self._events(position, key_prefix, first, client_gone)
+        ending = Ending(events, lambda sent: self._free_slot())
         headers = [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
-        return Response(200, b"", EVENT_STREAM, headers, stream=events)
+        return Response(200, b"", EVENT_STREAM, headers, stream=ending)
 
     def _check_resumable(self, position: tuple[int, int], revision: int, floor: int) -> None:
         remedy = (
@@ -203,37 +207,34 @@ class Watching:
     ) -> Iterator[bytes]:
         """Yield first, then every change after position as it comes, and heartbeats."""
         feed = self.repository.feed
-        try:
-            yield first
-            beat = time.monotonic()
-            while not self.closing.is_set():
-                version = feed.version
-                try:
-                    history = self.repository.history(position, prefix, PAGE)
-                except StorageError as exc:
-                    log.warning("a watch stream ended: %s", exc)
+        yield first
+        beat = time.monotonic()
+        while not self.closing.is_set():
+            version = feed.version
+            try:
+                history = self.repository.history(position, prefix, PAGE)
+            except StorageError as exc:
+                log.warning("a watch stream ended: %s", exc)
+                return
+            if position[0] < history.floor:
+                return  # trimmed past it: the client's reconnect gets the 410
+            if history.events:
+                yield b"".join(event_bytes(event) for event in history.events)
+                beat = time.monotonic()
+                last = history.events[-1]
+                position = (last.revision, last.n)
+                if len(history.events) == PAGE:
+                    continue
+            position = max(position, (history.revision, WHOLE))
+            while feed.version == version and not self.closing.is_set():
+                if client_gone():
                     return
-                if position[0] < history.floor:
-                    return  # trimmed past it: the client's reconnect gets the 410
-                if history.events:
-                    yield b"".join(event_bytes(event) for event in history.events)
+                idle = time.monotonic() - beat
+                if idle >= self.heartbeat:
+                    yield HEARTBEAT
                     beat = time.monotonic()
-                    last = history.events[-1]
-                    position = (last.revision, last.n)
-                    if len(history.events) == PAGE:
-                        continue
-                position = max(position, (history.revision, WHOLE))
-                while feed.version == version and not self.closing.is_set():
-                    if client_gone():
-                        return
-                    idle = time.monotonic() - beat
-                    if idle >= self.heartbeat:
-                        yield HEARTBEAT
-                        beat = time.monotonic()
-                    else:
-                        feed.wait(version, self.heartbeat - idle)
-        finally:
-            self._free_slot()
+                else:
+                    feed.wait(version, self.heartbeat - idle)
 
     # -- the long-poll -------------------------------------------------------
 
