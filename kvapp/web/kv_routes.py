@@ -117,7 +117,7 @@ class Resources:
                 item = self.repository.get(key)
                 return item is None or unchanged.holds(item.revision)
 
-            if item is not None and not unchanged.holds(item.revision):
+            if wait and item is not None and not unchanged.holds(item.revision):
                 client_gone = request.environ.get("waitress.client_disconnected")
                 self.watching.hold(wait, changed, client_gone or (lambda: False))
         if item is None:
