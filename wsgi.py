@@ -8,14 +8,6 @@ from kvapp.config import ConfigError, load_config
 from kvapp.store.base import DatabaseUnusable
 from kvapp.web.logs import setup_logging
 
-if Path(sys.argv[0]).name == "waitress-serve" or sys.argv[0].endswith("waitress/__main__.py"):
-    # waitress-serve builds its server after importing this module: give it
-    # kvapp's channel and main loop, without which many clients collapse it
-    # (kvapp/server.py, kvapp/mainloop.py).
-    from kvapp.server import adopt_waitress
-
-    adopt_waitress()
-
 try:
     settings = load_config()
     setup_logging(settings)
@@ -23,3 +15,11 @@ try:
 except (ConfigError, DatabaseUnusable) as exc:
     # One line on stderr and exit status 1; no traceback for a setup problem.
     raise SystemExit(f"kvapp: {exc}") from None
+
+if Path(sys.argv[0]).name == "waitress-serve" or sys.argv[0].endswith("waitress/__main__.py"):
+    # waitress-serve builds its server after importing this module: give it
+    # kvapp's channel and main loop, without which many clients collapse it
+    # (kvapp/server.py, kvapp/mainloop.py), and the app whose streams end on stop.
+    from kvapp.server import adopt_waitress
+
+    adopt_waitress(app)

@@ -175,6 +175,10 @@ def _add_main_loop(server: Any, app: Any) -> None:
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
     server.run = lambda: _run(server, app)
+    # waitress-serve's --threads, not config.ini's, is what watchers share.
+    fit_threads = getattr(app, "fit_threads", None)
+    if fit_threads is not None:
+        fit_threads(server.adj.threads)
 
 
 def _run(server: Any, app: Any) -> None:

@@ -190,6 +190,10 @@ class App:
             time.perf_counter() - started,
         )
 
+    def fit_threads(self, threads: int) -> None:
+        """The server runs this many threads: an automatic max_watchers is half of them."""
+        self.watching.fit_threads(threads)
+
     def end_streams(self) -> None:
         """End the watch streams and long-polls of this process: the server is stopping."""
         self.watching.end_streams()

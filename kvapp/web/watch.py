@@ -112,6 +112,7 @@ class Watching:
         self.repository = repository
         self.max_key_bytes = settings.max_key_bytes
         self.limit = settings.watcher_limit
+        self.automatic = settings.max_watchers is None
         self.heartbeat = settings.watch_heartbeat_seconds
         self.max_wait = settings.max_wait_seconds
         self.active = 0
@@ -133,6 +134,11 @@ class Watching:
     def _free_slot(self) -> None:
         with self._lock:
             self.active -= 1
+
+    def fit_threads(self, threads: int) -> None:
+        """Make an automatic limit half of the server's threads (Settings.watcher_limit)."""
+        if self.automatic:
+            self.limit = threads // 2
 
     def end_streams(self) -> None:
         """End every stream and long-poll of this process (shutdown); refuse new ones."""
