@@ -5,6 +5,7 @@ from __future__ import annotations
 from wsgiref.util import setup_testing_defaults
 
 import pytest
+import webob
 import webtest
 from helpers import ROOT
 
@@ -567,3 +568,28 @@ def test_guard_runs_before_routing_and_body_reading(make_client):
         expect_errors=True,
     )
     assert response.status_int == 403
+
+
+def test_watching_is_a_read_that_the_host_and_the_token_still_guard(make_client):
+    # A watch and a long-poll only read: another site's page may not write, but
+    # Sec-Fetch-Site does not refuse reads (CORS keeps their answers from it).
+    token = "watch-token-0123456789"
+    client = make_client(auth_token=token, watch_heartbeat_seconds=1)
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert is_write("GET", "/kv/") is False
+    client.get("/kv/?watch", status=401)
+    client.get("/kv/?watch", headers={**bearer, "Host": "evil.example"}, status=400)
+    client.put("/kv/k", b"v", headers=bearer)
+    cross_site = {**bearer, "Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}
+    answer = client.get(
+        "/kv/k", headers={**cross_site, "If-None-Match": '"1"', "Prefer": "wait=1"}, status=304
+    )
+    assert answer.headers["Preference-Applied"] == "wait=1"
+    environ = webob.Request.blank("/kv/?watch", headers=cross_site).environ
+    statuses = []
+    body = client.app(environ, lambda status, headers: statuses.append(status))
+    try:
+        assert statuses == ["200 OK"]
+        assert next(iter(body)).startswith(b"id: 1\nevent: ready")
+    finally:
+        body.close()
