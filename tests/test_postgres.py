@@ -33,9 +33,11 @@ from kvapp import create_app
 from kvapp.config import ConfigError, load_config
 from kvapp.store import open_store
 from kvapp.store.base import (
+    WHOLE,
     Condition,
     ConditionFailed,
     DatabaseUnusable,
+    History,
     Put,
     StorageBusy,
     StorageUnavailable,
@@ -129,8 +131,9 @@ def test_metrics_file_for_a_url_is_in_the_temp_folder_whatever_the_password(tmp_
 
 def test_first_start_creates_the_schema_with_a_version(repo, database):
     assert stored(database, "SELECT name, value FROM meta ORDER BY name") == [
+        ("history_floor", 0),
         ("revision", 0),
-        ("schema_version", 1),
+        ("schema_version", 2),
     ]
     columns = stored(
         database,
@@ -158,19 +161,37 @@ def test_a_second_start_keeps_data_and_revision(make_settings, database):
         assert second.set_many([("b", b"2", TEXT)]) == 2
     finally:
         second.close()
-    assert stored(database, "SELECT count(*) FROM meta") == [(2,)]
+    assert stored(database, "SELECT count(*) FROM meta") == [(3,)]
+
+
+def test_a_version_1_database_is_upgraded_in_place(repo, admin, make_settings, database):
+    # Version 1, as the first releases made it: no change log.
+    repo.set_many([("a", b"1", TEXT)])
+    repo.close()
+    admin.execute("DROP TABLE changes")
+    admin.execute("DELETE FROM meta WHERE name = 'history_floor'")
+    admin.execute("UPDATE meta SET value = 1 WHERE name = 'schema_version'")
+    upgraded = open_store(make_settings())
+    try:
+        # Its history starts at its revision: resuming from before it is not possible.
+        assert upgraded.history((0, 0), "", 10) == History(1, 1, [])
+        upgraded.set_many([("b", b"2", TEXT)])
+        assert [event.key for event in upgraded.history((1, WHOLE), "", 10).events] == ["b"]
+    finally:
+        upgraded.close()
+    assert stored(database, "SELECT value FROM meta WHERE name = 'schema_version'") == [(2,)]
 
 
 def test_another_schema_version_is_refused_with_one_line(repo, admin, database):
-    admin.execute("UPDATE meta SET value = 2 WHERE name = 'schema_version'")
+    admin.execute("UPDATE meta SET value = 3 WHERE name = 'schema_version'")
     # trust authentication ignores the password, which must not be shown
     url = database.replace("kvapp@", "kvapp:s3cret@")
     with pytest.raises(DatabaseUnusable) as caught:
         PostgresStore(url)
     message = str(caught.value)
     assert message == (
-        f"cannot use database {url.replace('s3cret', '***')}: its schema version is 2,"
-        " this kvapp knows 1; use a matching kvapp version"
+        f"cannot use database {url.replace('s3cret', '***')}: its schema version is 3,"
+        " this kvapp knows 2; use a matching kvapp version"
     )
 
 
