@@ -4,6 +4,7 @@
     python -m bench --quick         a smoke run of a few cells (~1 minute)
     python -m bench --scale         1k, 1M and 10M keys: load, start, memory, GET/SET
     python -m bench --profile       py-spy profiles of the read and write paths
+    python -m bench --scenarios watch-latency,watch-load   the watch cells only (~2 minutes)
 
 Every cell is one wrk run (2 threads, 1 at 1 connection; keep-alive; loopback)
 against a server this command starts on a free port with a temporary database:
@@ -14,6 +15,10 @@ the same settings, workers and connections, driven by the same wrk script,
 measured right before and right after the kvapp cells of that scenario.
 wrk shares the machine's cores with the servers, and other load skews
 everything: compare ratios within one run.
+
+The watch cells (bench/watch.py) have no ceiling: watch-latency times each
+write's event from its acknowledgement to every watcher, and watch-load
+compares durable SETs with and without watchers open on the same server.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench import report, servers, webdis, wrk
+from bench import report, servers, watch, webdis, wrk
 from bench.servers import Running, Spec
 from kvapp.config import load_config
 from tests import pgcluster
 
 SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle")
+# Cells of their own (bench/watch.py), measured after the matrix.
+ALL_SCENARIOS = SCENARIOS + watch.SCENARIOS
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
 PG_INSTALL = "apt-get install postgresql"
 REFERENCE_MISSING = (
@@ -117,7 +125,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenarios",
         type=csv(str),
         default=None,
-        help=f"default: {','.join(SCENARIOS)}; --profile: get-hit,set-unique",
+        help=f"default: {','.join(ALL_SCENARIOS)}; --quick: the matrix's only;"
+        " --profile: get-hit,set-unique",
+    )
+    parser.add_argument(
+        "--watchers",
+        type=csv(int),
+        default=watch.WATCHERS,
+        help="watchers of the watch-latency cells; watch-load opens the largest"
+        f" (default {','.join(map(str, watch.WATCHERS))})",
+    )
+    parser.add_argument(
+        "--watch-writes",
+        type=int,
+        default=watch.WRITES,
+        help=f"writes of each watch-latency cell (default {watch.WRITES})",
     )
     parser.add_argument("--keys", type=int, default=1000, help="keys loaded before GET cells")
     parser.add_argument(
@@ -155,7 +177,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.connections is None:
         args.connections = (16,) if args.profile else (1, 16, 64, 256)
     if args.scenarios is None:
-        args.scenarios = ("get-hit", "set-unique") if args.profile else SCENARIOS
+        if args.profile:
+            args.scenarios = ("get-hit", "set-unique")
+        else:
+            # --quick stays a minute long: its watch cells only when asked for.
+            args.scenarios = SCENARIOS if args.quick else ALL_SCENARIOS
     if args.pg_bindir is True:
         args.pg_bindir = pgcluster.find_bindir()
     args.note = None
@@ -168,12 +194,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.reference = False
         args.duration, args.warmup = 1, 0
         args.connections, args.workers, args.sync = (16,), (1,), ("FULL",)
-    unknown = set(args.scenarios) - set(SCENARIOS)
+    unknown = set(args.scenarios) - set(SCENARIOS if args.profile else ALL_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if not args.watchers or min(args.watchers) < 1 or args.watch_writes < 1:
+        parser.error("--watchers and --watch-writes must be at least 1")
     if args.duration < 1:
         parser.error("--duration must be at least 1 (wrk counts whole seconds)")
     return args
+
+
+def matrix_scenarios(args: argparse.Namespace) -> tuple[str, ...]:
+    """Return the scenarios of the matrix (with ceilings) that this run measures."""
+    return tuple(scenario for scenario in args.scenarios if scenario in SCENARIOS)
 
 
 def check_tools(args: argparse.Namespace) -> str | None:
@@ -181,12 +214,14 @@ def check_tools(args: argparse.Namespace) -> str | None:
     if wrk.find_wrk() is None:
         return wrk.INSTALL_HINT
     matrix = not (args.scale or args.profile)
-    if matrix and "postgresql" in args.backends and args.pg_bindir is None:
+    # The watch cells run `kvapp serve` (waitress) on SQLite alone.
+    watch_only = matrix and not matrix_scenarios(args)
+    if matrix and not watch_only and "postgresql" in args.backends and args.pg_bindir is None:
         return (
             f"PostgreSQL's server binaries (initdb, pg_ctl) are not installed: {PG_INSTALL}"
             " (or pass --backends sqlite)"
         )
-    if "granian" in args.servers and not servers.granian_path().exists():
+    if not watch_only and "granian" in args.servers and not servers.granian_path().exists():
         return (
             "granian is not installed: pip install -r bench/requirements.txt"
             " (or pass --servers waitress)"
@@ -195,8 +230,14 @@ def check_tools(args: argparse.Namespace) -> str | None:
 
 
 def cell(
-    running: Running, scenario: str, connections: int, args: argparse.Namespace, tag: str
+    running: Running,
+    scenario: str,
+    connections: int,
+    args: argparse.Namespace,
+    tag: str,
+    ended: Callable[[], None] | None = None,
 ) -> dict:
+    """Run wrk once against running; return the cell's row.  ended() is called when wrk is done."""
     spec = running.spec
     hello = spec.app == "hello"
     commits_before = running_commits(running)
@@ -210,6 +251,8 @@ def cell(
         tag=tag,
         all_404=False if hello else None,
     )
+    if ended is not None:
+        ended()
     cpu_after, switches_after = running.cpu(), running.switches()
     commits_after = running_commits(running)
     requests = max(result.requests, 1)
@@ -289,6 +332,8 @@ def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict]:
     before and right after kvapp's cells and averaged, so that load from
     elsewhere on the machine skews both alike.
     """
+    if not matrix_scenarios(args):
+        return []
     with contextlib.ExitStack() as stack:
         cluster = None
         if "postgresql" in args.backends:
@@ -343,7 +388,7 @@ def run_group(
         hello, apps = running[0], running[1:]
         for target in running if args.warmup else ():
             wrk.run(target.url, "get-hit", 16, args.warmup, keys=args.keys, all_404=False)
-        for connections, scenario in itertools.product(args.connections, args.scenarios):
+        for connections, scenario in itertools.product(args.connections, matrix_scenarios(args)):
             before = cell(hello, scenario, connections, args, "")
             measured = [
                 # The tag keeps set-unique's keys new at each connection count.
@@ -358,6 +403,15 @@ def run_group(
         for target in running:
             target.stop()
     return rows
+
+
+def run_watch(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Measure the watch cells that args.scenarios names (bench/watch.py); return their rows."""
+
+    def set_unique(running: Running, tag: str, ended: Callable[[], None] | None) -> dict:
+        return cell(running, "set-unique", watch.LOAD_CONNECTIONS, args, tag, ended)
+
+    return watch.run(args, tmp, waitress_threads(), set_unique)
 
 
 def average(before: dict, after: dict) -> dict:
@@ -387,9 +441,16 @@ def order(row: dict) -> tuple:
     )
 
 
-def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv: list[str]):
+def matrix_document(
+    args: argparse.Namespace,
+    rows: list[dict],
+    watch_rows: list[dict],
+    env: dict,
+    argv: list[str],
+):
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
-    kind = "quick" if args.quick else "matrix"
+    kind = "quick" if args.quick else "matrix" if rows else "watch"
+    loads = [row["load_average"] for row in rows + watch_rows]
     lines = [
         f"# kvapp benchmark ({kind}), {time.strftime('%Y-%m-%d %H:%M')}",
         "",
@@ -400,9 +461,28 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
         f" PostgreSQL {env['postgresql']};"
         f" commit {env['commit']}.",
         f"Load average (1 min): {env['load_average_start']:.2f} at the start,"
-        f" {min(r['load_average'] for r in rows):.2f} to"
-        f" {max(r['load_average'] for r in rows):.2f} during the cells.",
+        f" {min(loads, default=0):.2f} to {max(loads, default=0):.2f} during the cells.",
         "",
+    ]
+    if rows:
+        lines += matrix_lines(args, rows, env)
+    if watch_rows:
+        lines += watch.report_lines(watch_rows, waitress_threads(), args.duration)
+    document: dict = {"kind": kind, "command": command.strip()}
+    document.update({"environment": env, "duration_s": args.duration, "keys": args.keys})
+    document.update({"granian_args": args.granian_args, "backends": list(args.backends)})
+    document["rows"] = rows
+    if watch_rows:
+        document.update(watchers=list(args.watchers), watch_writes=args.watch_writes)
+        document["watch_rows"] = watch_rows
+    while not lines[-1]:
+        lines.pop()
+    return document, lines
+
+
+def matrix_lines(args: argparse.Namespace, rows: list[dict], env: dict) -> list[str]:
+    """Return the report's part on the matrix: how it was measured, its tables."""
+    lines = [
         *report.method(args.duration, args.keys, len(wrk.VALUE), args.backends, env),
         f"granian options: `{args.granian_args or '(defaults)'}`; waitress: config.ini"
         f" ({waitress_threads()} threads per worker).",
@@ -421,12 +501,7 @@ def matrix_document(args: argparse.Namespace, rows: list[dict], env: dict, argv:
             " its CPU is redis-server's and webdis' together.",
             "",
         ]
-    lines += ["## All cells", "", *report.matrix_table(rows)]
-    document = {"kind": kind, "command": command.strip()}
-    document.update({"environment": env, "duration_s": args.duration, "keys": args.keys})
-    document.update({"granian_args": args.granian_args, "backends": list(args.backends)})
-    document["rows"] = rows
-    return document, lines
+    return lines + ["## All cells", "", *report.matrix_table(rows), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backends: {', '.join(args.backends)}")
         print(f"scenarios: {', '.join(args.scenarios)}")
         print(f"reference: {'webdis + Redis' if args.reference else 'none'}")
+        if matrix:
+            for line in watch.describe(
+                args.scenarios, args.workers, args.watchers, args.watch_writes, args.duration
+            ):
+                print(line)
         return 0
     problem = check_tools(args)
     if problem:
@@ -462,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = "profile"
         else:
             rows = run_matrix(args, tmp)
-            document, lines = matrix_document(args, rows, env, argv)
+            watch_rows = run_watch(args, tmp)
+            document, lines = matrix_document(args, rows, watch_rows, env, argv)
             kind = document["kind"]
     markdown, data = report.write(args.out, f"{report.stamp()}-{kind}", document, lines)
     print("\n".join(lines))

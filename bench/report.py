@@ -266,3 +266,67 @@ def write(out: Path, name: str, document: dict, lines: list[str]) -> tuple[Path,
 
 def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+def watch_latency_table(rows: list[dict]) -> list[str]:
+    """Return the watch-latency cells: from a write's 2xx to its event, at every watcher."""
+    lines = [
+        "| server | workers | max_watchers per worker | watchers | writes | samples | p50 ms"
+        " | p99 ms | max ms | before ack | missed | PUT p50 ms | PUT p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['server']} | {row['workers']} | {row['max_watchers']} | {row['watchers']}"
+            f" | {row['writes']} | {row['samples']:,} | {_num(row['p50_ms'], 2)}"
+            f" | {_num(row['p99_ms'], 2)} | {_num(row['max_ms'], 2)} | {row['before_ack']:,}"
+            f" | {row['missed']:,} | {_num(row['put_p50_ms'], 2)} | {_num(row['put_p99_ms'], 2)} |"
+        )
+    return lines
+
+
+def watch_load_table(rows: list[dict]) -> list[str]:
+    """Return the watch-load cells: durable SET without watchers, with them, without again."""
+    lines = [
+        "| server | workers | watchers | run | req/s | p50 ms | p99 ms | CPU µs/req user+sys"
+        " | writes/commit | events per watcher / writes | drained in s | watchers' CPU s"
+        " | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        events = "-"
+        if row.get("events_per_watcher") is not None:
+            events = f"{row['events_per_watcher']:,} / {row['writes_committed']:,}"
+        lines.append(
+            f"| {row['server']} | {row['workers']} | {row['watchers']} | {row['part']}"
+            f" | {_num(row['rps'])} | {_num(row['p50_ms'], 2)} | {_num(row['p99_ms'], 2)}"
+            f" | {_cpu(row)} | {_num(row.get('writes_per_commit'), 2)} | {events}"
+            f" | {_num(row.get('drain_s'), 2)} | {_num(row.get('reader_cpu_s'), 2)}"
+            f" | {row['errors']} |"
+        )
+    return lines
+
+
+def watch_targets_table(rows: list[dict], goal: float) -> list[str]:
+    """Return SET req/s with the watchers open over without (mean of before and after)."""
+    lines = [
+        "| target | req/s | against | its req/s (before, after) | ratio | goal | met |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        if row["part"] != "with" or row["rps_ratio"] is None:
+            continue
+        before, after = (
+            next(r for r in rows if r["workers"] == row["workers"] and r["part"] == part)
+            for part in ("before", "after")
+        )
+        met = row["rps_ratio"] >= goal and row["errors"] == 0
+        plural = "s" if row["workers"] > 1 else ""
+        lines.append(
+            f"| waitress {row['workers']} worker{plural}: durable SET, {row['connections']}"
+            f" connections, {row['watchers']} watchers open | {_num(row['rps'])}"
+            f" | no watcher open | {_num((before['rps'] + after['rps']) / 2)}"
+            f" ({_num(before['rps'])}, {_num(after['rps'])}) | {_ratio(row['rps_ratio'])}"
+            f" | {goal:.2f} | {'yes' if met else 'no'} |"
+        )
+    return lines if len(lines) > 2 else []

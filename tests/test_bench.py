@@ -225,3 +225,193 @@ def test_the_webdis_reference_serves_durable_sets_over_http(tmp_path):
     # The SETs reached Redis' append-only file.
     aof = b"".join(path.read_bytes() for path in (tmp_path / "measured").rglob("*.aof"))
     assert b"uw2-1-1" in aof
+
+
+# -- the watch cells (bench/watch.py): the stream, the figures, the tables ----------------
+
+
+def chunked(*pieces: bytes) -> bytes:
+    """Return pieces as the body of a chunked answer, each a chunk, then the last chunk."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+def watch_events() -> list[bytes]:
+    """Return what a watch stream sends: the ready event, puts of two revisions, a heartbeat."""
+    from kvapp.store.base import PUT, Event
+    from kvapp.web.watch import HEARTBEAT, event_bytes
+
+    ready = b'id: 7\nevent: ready\ndata: {"revision": 7}\n\n'
+    first = event_bytes(Event(8, 0, "watch/a", PUT, b"v" * 32, "text/plain"))
+    second = event_bytes(Event(9, 0, "watch/b", PUT, b"\xff", "application/octet-stream"))
+    second += event_bytes(Event(9, 1, "watch/c\u2028", PUT, b"x", "text/plain"))
+    return [ready, first, HEARTBEAT, second]
+
+
+def test_dechunk_returns_the_body_however_the_answer_is_split():
+    from bench.sse import Dechunk
+
+    pieces = watch_events()
+    wire = chunked(*pieces) + b"HTTP/1.1 200 OK"  # anything after the last chunk is not body
+    whole = Dechunk()
+    assert whole.feed(wire) == b"".join(pieces) and whole.ended
+    bytewise = Dechunk()
+    assert b"".join(bytewise.feed(wire[i : i + 1]) for i in range(len(wire))) == b"".join(pieces)
+    assert bytewise.ended
+    extension = Dechunk()  # a chunk extension (;name=value) is ignored
+    assert extension.feed(b"3;x=y\r\nabc\r\n2\r\nde\r") == b"abcde" and not extension.ended
+
+
+def test_sse_events_are_parsed_and_heartbeats_left_out():
+    from bench.sse import sse_events
+
+    text = b"".join(watch_events()) + b"id: 10-0\nevent: put\ndata: {"  # the next, incomplete
+    events, rest = sse_events(text)
+    assert [(e["id"], e["event"]) for e in events] == [
+        ("7", "ready"),
+        ("8-0", "put"),
+        ("9-0", "put"),
+        ("9-1", "put"),
+    ]
+    assert [json.loads(e["data"]).get("key") for e in events] == [
+        None,
+        "watch/a",
+        "watch/b",
+        "watch/c\u2028",  # sent escaped: one line
+    ]
+    assert rest == b"id: 10-0\nevent: put\ndata: {"
+    # Several data lines make one value, joined with newlines (as EventSource does).
+    assert sse_events(b"data: a\ndata:b\n\n") == ([{"data": "a\nb"}], b"")
+
+
+def test_a_watcher_times_each_event_by_the_read_that_completed_it():
+    from bench.sse import Stream
+
+    wire = chunked(*watch_events())
+    cut_a = wire.index(b"watch/a") + 3  # the first put arrives in three reads
+    cut_b = wire.index(b"watch/b")
+    recorded, counted = Stream(), Stream(record=False)
+    for stream in (recorded, counted):
+        stream.feed(wire[:5], 0.5)  # not even the ready event yet
+        assert not stream.ready
+        stream.feed(wire[5:cut_a], 1.0)
+        assert stream.ready and stream.puts == 0
+        stream.feed(wire[cut_a : cut_a + 2], 1.5)
+        stream.feed(wire[cut_a + 2 : cut_b], 2.0)
+        assert stream.puts == 1
+        stream.feed(wire[cut_b:], 3.0)
+        assert stream.puts == 3
+    assert recorded.arrivals() == {"watch/a": 2.0, "watch/b": 3.0, "watch/c\u2028": 3.0}
+    assert counted.arrivals() == {}  # counting only: under load, nothing kept
+
+
+def test_event_latency_is_taken_per_write_and_watcher():
+    from bench.watch import latencies, percentile
+
+    acks = {"a": 10.0, "b": 20.0}
+    arrivals = [{"a": 10.002, "b": 20.001}, {"a": 9.999}]  # the second never saw b
+    samples, missed = latencies(acks, arrivals)
+    assert samples == pytest.approx([2.0, 1.0, -1.0])  # ms; an event may beat the ack
+    assert missed == 1
+    # Nearest rank: p50 of 1..100 is 50, p99 is 99; of one sample, that sample.
+    values = [float(n) for n in range(100, 0, -1)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+    assert percentile([3.5], 99) == 3.5 and percentile([], 50) is None
+
+
+def test_watchers_are_spread_over_the_workers_and_load_is_compared_with_none():
+    from bench.watch import load_ratio, per_worker
+
+    # max_watchers per worker: 50 watchers over 2 workers can only open 25 and 25.
+    assert (per_worker(50, 2), per_worker(5, 2), per_worker(1, 2), per_worker(50, 1)) == (
+        25,
+        3,
+        1,
+        50,
+    )
+    rows = [
+        {"part": "before", "rps": 1000.0},
+        {"part": "with", "rps": 855.0},
+        {"part": "after", "rps": 900.0},
+    ]
+    assert load_ratio(rows) == 0.9  # 855 / mean(1000, 900)
+    assert load_ratio(rows[:2]) is None
+
+
+def watch_rows() -> tuple[list[dict], list[dict]]:
+    latency = {
+        "scenario": "watch-latency", "server": "waitress", "workers": 2, "backend": "sqlite",
+        "synchronous": "FULL", "watchers": 50, "max_watchers": 25, "writes": 200,
+        "samples": 10_000, "p50_ms": 1.234, "p99_ms": 9.876, "max_ms": 12.5,
+        "before_ack": 12, "missed": 0, "refused": 3, "put_p50_ms": 2.5, "put_p99_ms": 8.0,
+        "load_average": 1.0,
+    }  # fmt: skip
+    load = []
+    for part, watchers, rps in (("before", 0, 2000.0), ("with", 50, 1700.0), ("after", 0, 1800.0)):
+        row = {
+            "scenario": "watch-load", "script": "set-unique", "server": "waitress",
+            "workers": 1, "app": "kvapp", "backend": "sqlite", "synchronous": "FULL",
+            "connections": 16, "rps": rps, "p50_ms": 5.0, "p99_ms": 20.0, "errors": 0,
+            "requests": 9000, "cpu_user_us": 300, "cpu_system_us": 100, "switches": 15.0,
+            "writes_per_commit": 6.5, "load_average": 1.5, "watchers": watchers, "part": part,
+            "events_per_watcher": None, "drain_s": None, "rps_ratio": None,
+        }  # fmt: skip
+        if watchers:
+            row.update(events_per_watcher=8500, writes_committed=8500, drain_s=0.25)
+            row.update(reader_cpu_s=1.25, rps_ratio=0.895)
+        load.append(row)
+    return [latency], load
+
+
+def test_the_watch_tables_show_latency_and_the_set_ratio():
+    from bench import report, watch
+
+    latency, load = watch_rows()
+    assert report.watch_latency_table(latency)[2] == (
+        "| waitress | 2 | 25 | 50 | 200 | 10,000 | 1.23 | 9.88 | 12.50 | 12 | 0 | 2.50 | 8.00 |"
+    )
+    table = report.watch_load_table(load)
+    assert table[2].startswith("| waitress | 1 | 0 | before | 2,000 | 5.00 | 20.00 | 400 (300+100)")
+    assert table[3].endswith("| 6.50 | 8,500 / 8,500 | 0.25 | 1.25 | 0 |")
+    (target,) = report.watch_targets_table(load, watch.LOAD_GOAL)[2:]
+    assert target == (
+        "| waitress 1 worker: durable SET, 16 connections, 50 watchers open | 1,700"
+        " | no watcher open | 1,900 (2,000, 1,800) | 0.90 | 0.90 | no |"
+    )  # 0.895 shows as 0.90 but is below the goal
+    lines = watch.report_lines(latency + load, 16, 5)
+    assert lines[0] == "## Watch"
+    assert "### Event latency" in lines and any("(wrk set-unique, 5 s" in ln for ln in lines)
+    assert all("\n" not in line for line in lines)
+
+
+def test_dry_run_lists_the_watch_cells():
+    found = bench(
+        "--dry-run",
+        "--scenarios",
+        "watch-latency,watch-load",
+        "--workers",
+        "1,2",
+        "--watchers",
+        "1,50",
+        "--duration",
+        "3",
+    )
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert "scenarios: watch-latency, watch-load" in lines
+    assert (
+        "watch-latency: waitress, sqlite FULL, workers 1, 2 x watchers 1, 50:"
+        " 200 PUTs each, one every 50 ms on fresh connections"
+    ) in lines
+    assert (
+        "watch-load: waitress, sqlite FULL, workers 1, 2: set-unique at 16 connections"
+        " for 3 s with 0, 50, 0 watchers of prefix=u"
+    ) in lines
+    # The whole matrix has them; --quick only when asked for; --profile has no such scenario.
+    assert "watch-latency" in bench("--dry-run").stdout
+    assert "watch" not in bench("--dry-run", "--quick").stdout
+    refused = bench("--dry-run", "--profile", "--scenarios", "watch-load")
+    assert refused.returncode == 2 and "unknown scenarios: watch-load" in refused.stderr
