@@ -25,6 +25,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from kvapp.config import load_config
 from kvapp.store import open_store
+from kvapp.store.base import Record
+from kvapp.web import tail
 from kvapp.web.app import App
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -51,9 +53,16 @@ class Stream:
         return next(self.chunks)
 
     def events(self, count: int) -> list[tuple[str, str, dict]]:
-        """Return the next count events as (id, event, data); skips comments."""
+        """Return the next count events as (id, event, data); skips comments.
+
+        Fails after three heartbeats in a row without an event.
+        """
+        idle = 0
         while len(self.pending) < count:
-            for block in self.pull().decode().split("\n\n"):
+            chunk = self.pull()
+            idle = idle + 1 if chunk == b": keep-alive\n\n" else 0
+            assert idle < 3, f"no event for three heartbeats; so far {self.pending}"
+            for block in chunk.decode().split("\n\n"):
                 fields = dict(
                     line.split(": ", 1) for line in block.split("\n") if line[:1] not in ":"
                 )
@@ -491,3 +500,33 @@ def test_a_value_with_unicode_line_breaks_stays_on_one_data_line(client, watch):
     assert len(chunk.splitlines()) == 4
     data = json.loads(chunk.splitlines()[2].removeprefix("data: "))
     assert (data["key"], data["value"]) == ("k\u2028", value)
+
+
+# -- the tail: the newest changes in memory, shared by a process's watchers ------
+
+
+def test_a_watcher_behind_the_tail_reads_the_change_log_in_order(client, watch, monkeypatch):
+    monkeypatch.setattr(tail, "MAX_EVENTS", 4)
+    behind = watch()
+    behind.pull()
+    client.put("/kv/k0", b"0")
+    assert [event[0] for event in behind.events(1)] == ["1-0"]  # from the tail now
+    for n in range(1, 11):
+        client.put(f"/kv/k{n}", b"v")
+    ahead = watch()
+    ahead.pull()
+    client.put("/kv/last", b"v")
+    assert [event[0] for event in ahead.events(1)] == ["12-0"]  # the tail dropped 2 to 9
+    ids = [event[0] for event in behind.events(11)]
+    assert ids == [f"{revision}-0" for revision in range(2, 13)]
+
+
+def test_a_load_ends_the_streams_that_predate_it(client, app, watch):
+    stream = watch()
+    stream.pull()
+    client.put("/kv/a", b"1")
+    assert [event[0] for event in stream.events(1)] == ["1-0"]
+    app.repository.load([Record("b", b"2", "text/plain", 40, None)])
+    with pytest.raises(StopIteration):
+        stream.events(1)
+    client.get("/kv/?watch", headers={"Last-Event-ID": "1-0"}, status=410)

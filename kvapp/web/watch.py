@@ -31,16 +31,18 @@ from kvapp.store.base import EXPIRED, PUT, WHOLE, Event, StorageError, Store, ch
 from kvapp.web.decoding import parse_pairs, utf8
 from kvapp.web.request import Request
 from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
+from kvapp.web.tail import PAGE, Tail
 
 log = logging.getLogger("kvapp.watch")
 
 EVENT_STREAM = "text/event-stream"
-# Events read from the change log per query: a watcher far behind catches
-# up a page at a time, and sends each page as one write.
-PAGE = 1000
 # The largest revision a position may name: SQLite's and PostgreSQL's 64-bit integers.
 MAX_REVISION = 2**63 - 1
 FLAG = b"watch"
+# The least time between two sends of one stream while changes keep coming:
+# with 50 watchers of a busy store, one send per commit each cost more CPU
+# than the writes (docs/performance.md).  An idle stream sends at once.
+GATHER_SECONDS = 0.02
 
 
 def split_watch(query: bytes) -> tuple[bool, bytes]:
@@ -118,6 +120,7 @@ class Watching:
         self.active = 0
         self._lock = threading.Lock()
         self.closing = threading.Event()
+        self.tail = Tail(repository, event_bytes)
 
     # -- slots and shutdown --------------------------------------------------
 
@@ -215,23 +218,30 @@ class Watching:
         feed = self.repository.feed
         yield first
         beat = time.monotonic()
-        while not self.closing.is_set():
+        # Asked at every turn, not only when idle: under waitress the first
+        # call also makes the loop watch the connection for its end.
+        while not self.closing.is_set() and not client_gone():
             version = feed.version
             try:
-                history = self.repository.history(position, prefix, PAGE)
+                page = self.tail.read(position, prefix, version)
+                if page is None:
+                    page = self._from_log(position, prefix)
             except StorageError as exc:
                 log.warning("a watch stream ended: %s", exc)
                 return
-            if position[0] < history.floor:
+            if page is None:
                 return  # trimmed past it: the client's reconnect gets the 410
-            if history.events:
-                yield b"".join(event_bytes(event) for event in history.events)
+            chunks, position, more = page
+            if chunks:
+                yield b"".join(chunks)
                 beat = time.monotonic()
-                last = history.events[-1]
-                position = (last.revision, last.n)
-                if len(history.events) == PAGE:
-                    continue
-            position = max(position, (history.revision, WHOLE))
+                if not more:
+                    # Let the next changes gather: under load a watcher sends
+                    # at most once per GATHER_SECONDS, not once per commit.
+                    self.closing.wait(GATHER_SECONDS)
+                continue
+            if more:
+                continue
             while feed.version == version and not self.closing.is_set():
                 if client_gone():
                     return
@@ -241,6 +251,22 @@ class Watching:
                     beat = time.monotonic()
                 else:
                     feed.wait(version, self.heartbeat - idle)
+
+    def _from_log(
+        self, position: tuple[int, int], prefix: str
+    ) -> tuple[list[bytes], tuple[int, int], bool] | None:
+        """Return a page of the change log after position: events, its end, whether more follow.
+
+        None when the log no longer reaches back to position.
+        """
+        history = self.repository.history(position, prefix, PAGE)
+        if position[0] < history.floor:
+            return None
+        chunks = [event_bytes(event) for event in history.events]
+        if len(history.events) == PAGE:
+            last = history.events[-1]
+            return chunks, (last.revision, last.n), True
+        return chunks, max(position, (history.revision, WHOLE)), False
 
     # -- the long-poll -------------------------------------------------------
 
