@@ -2,33 +2,46 @@
 
 Without it each watcher queried the change log after every commit: with 50
 watchers following a busy store, that was 50 queries per commit, and
-durable SETs fell to 0.13 of their rate without watchers (docs/performance.md).
-The tail reads each new change once, encodes it as its Server-Sent Event
-once, and keeps the newest ones in memory, so a watcher that has caught up
-takes its events from here, filtered by its prefix.
+durable SETs fell to 0.13 of their rate without watchers
+(bench/results/20261206-224810-watch.md).  Here one thread per process, the
+refresher, reads each new change once, encodes it as its Server-Sent Event
+once, and keeps the newest ones in memory; a watcher that has caught up
+takes its events from here, filtered by its prefix, and waits for the
+tail's version to move.  The refresher reads at most every REFRESH_SECONDS,
+so under load one query serves many commits and every watcher.
 
 It is a cache of the change log, not a queue: it holds every change
 between its start and its end positions, no watcher waits for it to be
 read, and a watcher whose position is before its start (resuming from far
-back, or fallen behind) reads the change log itself, as before.  It keeps
-at most MAX_EVENTS changes and MAX_BYTES of encoded events, the oldest
-going first.  When the history floor passes its start (a load, or trimming
-by age or count), it starts again empty at the store's revision.
+back, or fallen behind) reads the change log itself.  It keeps at most
+MAX_EVENTS changes and MAX_BYTES of encoded events, the oldest going first.
+When the history floor passes its start (a load, or trimming by age or
+count), it starts again empty at the store's revision.  The refresher runs
+while the process has watchers.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 
-from kvapp.store.base import WHOLE, Event, Store
+from kvapp.store.base import WHOLE, Event, StorageError, Store
+
+log = logging.getLogger("kvapp.watch")
 
 MAX_EVENTS = 10_000
 MAX_BYTES = 8 * 1024 * 1024
 # Changes read from the change log per query (here and by a watcher behind
-# the tail): a watcher far behind catches up a page, one write, at a time.
+# the tail): a watcher far behind catches up a page at a time.
 PAGE = 1000
+# The least time between two reads of the change log by the refresher.
+REFRESH_SECONDS = 0.02
+# How long the refresher waits on the feed before it looks whether it still has watchers.
+IDLE_SECONDS = 1.0
 
 Position = tuple[int, int]
 
@@ -39,53 +52,105 @@ class Tail:
     def __init__(self, repository: Store, encode: Callable[[Event], bytes]) -> None:
         self.repository = repository
         self.encode = encode
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._positions: list[Position] = []
         self._events: list[tuple[str, bytes]] = []  # (key, encoded event)
         self._bytes = 0
         self._start: Position | None = None  # every change after it, up to _end, is held
         self._end: Position = (0, WHOLE)
-        self._version = -1  # the feed's version when the tail was last brought up to date
+        self.version = 0  # moves each time the refresher has read the change log
+        self._users = 0
+        self._refresher: threading.Thread | None = None
+        self._pid = 0
 
-    def read(
-        self, position: Position, prefix: str, version: int
-    ) -> tuple[list[bytes], Position, bool] | None:
-        """Return the encoded events after position under prefix, the position they reach, False.
+    # -- watchers --------------------------------------------------------------
 
-        (False: no more follow; the change log's pages answer True when they do.)
+    def attach(self) -> None:
+        """A watcher starts: the refresher runs while there is one."""
+        with self._changed:
+            self._users += 1
+            alive = self._refresher is not None and self._refresher.is_alive()
+            if not alive or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._refresher = threading.Thread(
+                    target=self._refresh_loop, name="kvapp-tail", daemon=True
+                )
+                self._refresher.start()
 
-        version: the feed's version, read before this call; the tail first
-        reads the change log if it has moved since.  None when position is
-        before the tail's start: read the change log instead.  May raise
-        StorageError.
+    def detach(self) -> None:
+        with self._changed:
+            self._users -= 1
+
+    def read(self, position: Position, prefix: str) -> tuple[list[bytes], Position] | None:
+        """Return the encoded events after position under prefix, and the position they reach.
+
+        None when position is before the tail's start (or there is no tail
+        yet): read the change log instead.
         """
-        with self._lock:
-            if version != self._version:
-                self._refresh(version)
+        with self._changed:
             if self._start is None or position < self._start:
                 return None
             first = bisect.bisect_right(self._positions, position)
             chunks = [chunk for key, chunk in self._events[first:] if key.startswith(prefix)]
-            return chunks, max(position, self._end), False
+            return chunks, max(position, self._end)
 
-    def _refresh(self, version: int) -> None:
-        # The version first: a commit after the query moves the feed again.
-        self._version = version
+    def wait(self, version: int, timeout: float) -> None:
+        """Wait until the tail's version is no longer version, or timeout seconds."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != version, timeout)
+
+    def wake(self) -> None:
+        """Wake every waiting watcher (the server stops)."""
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    # -- the refresher -----------------------------------------------------------
+
+    def _refresh_loop(self) -> None:
+        feed = self.repository.feed
         while True:
-            history = self.repository.history(self._end, "", 0 if self._start is None else PAGE)
-            if self._start is None or history.floor > self._start[0]:
-                self._clear((history.revision, WHOLE))
+            with self._changed:
+                if not self._users:
+                    self._refresher = None
+                    return
+            # The version first: a commit after the query moves the feed again.
+            version = feed.version
+            try:
+                self._refresh()
+            except StorageError as exc:
+                log.warning("watchers get no changes now, will retry: %s", exc)
+                feed.wait(version, IDLE_SECONDS)
+                continue
+            # Let commits gather: one read of the log for all of them.  Before
+            # the wait, so that the first commit after a quiet spell goes out at once.
+            time.sleep(REFRESH_SECONDS)
+            feed.wait(version, IDLE_SECONDS)
+
+    def _refresh(self) -> None:
+        """Read what the change log holds after the tail's end; add it, then wake the watchers."""
+        while True:
+            start = self._start
+            history = self.repository.history(self._end, "", 0 if start is None else PAGE)
+            encoded = [
+                ((event.revision, event.n), event.key, self.encode(event))
+                for event in history.events
+            ]
+            with self._changed:
+                if start is None or history.floor > start[0]:
+                    self._clear((history.revision, WHOLE))
+                else:
+                    for position, key, chunk in encoded:
+                        self._positions.append(position)
+                        self._events.append((key, chunk))
+                        self._bytes += len(chunk)
+                    full = len(encoded) == PAGE
+                    self._end = self._positions[-1] if full else (history.revision, WHOLE)
+                    self._shrink()
+                self.version += 1
+                self._changed.notify_all()
+            if start is None or len(encoded) < PAGE:
                 return
-            for event in history.events:
-                chunk = self.encode(event)
-                self._positions.append((event.revision, event.n))
-                self._events.append((event.key, chunk))
-                self._bytes += len(chunk)
-            if len(history.events) < PAGE:
-                self._end = (history.revision, WHOLE)
-                break
-            self._end = self._positions[-1]
-        self._shrink()
 
     def _clear(self, position: Position) -> None:
         self._positions, self._events, self._bytes = [], [], 0

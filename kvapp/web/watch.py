@@ -39,10 +39,10 @@ EVENT_STREAM = "text/event-stream"
 # The largest revision a position may name: SQLite's and PostgreSQL's 64-bit integers.
 MAX_REVISION = 2**63 - 1
 FLAG = b"watch"
-# The least time between two sends of one stream while changes keep coming:
-# with 50 watchers of a busy store, one send per commit each cost more CPU
-# than the writes (docs/performance.md).  An idle stream sends at once.
-GATHER_SECONDS = 0.02
+# The least time between two sends of a busy stream (one whose sends carry
+# more than one change): with 50 watchers of a busy store, one send per commit
+# each cost more CPU than the writes (docs/performance.md).
+GATHER_SECONDS = 0.1
 
 
 def split_watch(query: bytes) -> tuple[bool, bytes]:
@@ -138,6 +138,10 @@ class Watching:
         with self._lock:
             self.active -= 1
 
+    def _end_stream(self) -> None:
+        self.tail.detach()
+        self._free_slot()
+
     def fit_threads(self, threads: int) -> None:
         """Make an automatic limit half of the server's threads (Settings.watcher_limit)."""
         if self.automatic:
@@ -147,6 +151,7 @@ class Watching:
         """End every stream and long-poll of this process (shutdown); refuse new ones."""
         self.closing.set()
         self.repository.feed.notify()
+        self.tail.wake()
 
     # -- the stream ----------------------------------------------------------
 
@@ -186,8 +191,9 @@ class Watching:
             ready = json.dumps({"revision": start.revision})
             first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
         client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
+        self.tail.attach()
         events = self._events(position, key_prefix, first, client_gone)
-        ending = Ending(events, lambda sent: self._free_slot())
+        ending = Ending(events, lambda sent: self._end_stream())
         headers = [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
         return Response(200, b"", EVENT_STREAM, headers, stream=ending)
 
@@ -215,34 +221,40 @@ class Watching:
         client_gone: Callable[[], bool],
     ) -> Iterator[bytes]:
         """Yield first, then every change after position as it comes, and heartbeats."""
-        feed = self.repository.feed
+        feed, tail = self.repository.feed, self.tail
         yield first
         beat = time.monotonic()
         # Asked at every turn, not only when idle: under waitress the first
         # call also makes the loop watch the connection for its end.
         while not self.closing.is_set() and not client_gone():
-            version = feed.version
+            tail_version, feed_version = tail.version, feed.version
             try:
-                page = self.tail.read(position, prefix, version)
-                if page is None:
-                    page = self._from_log(position, prefix)
+                in_tail = tail.read(position, prefix)
+                if in_tail is not None:
+                    (chunks, position), more = in_tail, False
+                else:  # behind the tail, or no tail yet: the change log itself
+                    from_log = self._from_log(position, prefix)
+                    if from_log is None:
+                        return  # trimmed past it: the client's reconnect gets the 410
+                    chunks, position, more = from_log
             except StorageError as exc:
                 log.warning("a watch stream ended: %s", exc)
                 return
-            if page is None:
-                return  # trimmed past it: the client's reconnect gets the 410
-            chunks, position, more = page
             if chunks:
                 yield b"".join(chunks)
                 beat = time.monotonic()
-                if not more:
-                    # Let the next changes gather: under load a watcher sends
-                    # at most once per GATHER_SECONDS, not once per commit.
+                if len(chunks) > 1 and not more:
+                    # Changes come faster than one per send: let the next ones
+                    # gather, so that a busy stream sends once per GATHER_SECONDS
+                    # rather than once per commit.  A lone change goes out at once.
                     self.closing.wait(GATHER_SECONDS)
                 continue
             if more:
                 continue
-            while feed.version == version and not self.closing.is_set():
+            # Caught up: wait for the tail to move, or the feed if it read the log.
+            source = tail if in_tail is not None else feed
+            version = tail_version if in_tail is not None else feed_version
+            while source.version == version and not self.closing.is_set():
                 if client_gone():
                     return
                 idle = time.monotonic() - beat
@@ -250,7 +262,7 @@ class Watching:
                     yield HEARTBEAT
                     beat = time.monotonic()
                 else:
-                    feed.wait(version, self.heartbeat - idle)
+                    source.wait(version, self.heartbeat - idle)
 
     def _from_log(
         self, position: tuple[int, int], prefix: str
