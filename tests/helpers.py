@@ -223,3 +223,12 @@ def curl(*args: str, data: bytes | None = None) -> tuple[int, dict[str, str], by
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, body
+
+
+# The schema of the first kvapp releases (version 1): no change log, no index.
+VERSION_1 = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
+    "CREATE TABLE kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
+    " content_type TEXT NOT NULL, revision INTEGER NOT NULL, expires_at INTEGER)",
+    "INSERT INTO meta (name, value) VALUES ('schema_version', 1), ('revision', 7)",
+)

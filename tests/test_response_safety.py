@@ -9,6 +9,7 @@ import webtest
 
 from kvapp import create_app
 from kvapp.store.base import StorageBusy, StorageFull
+from kvapp.store.feed import Feed
 from kvapp.web.app import App
 
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
@@ -21,6 +22,7 @@ class BrokenRepository:
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+        self.feed = Feed(lambda timeout: False, lambda: 0)
 
     def get(self, key):
         raise self.exc

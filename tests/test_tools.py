@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from bulk import TEXT, fill, sample
 from faultkit import overwrite, pages_of
-from helpers import ROOT, curl, server_environ
+from helpers import ROOT, VERSION_1, curl, server_environ
 from tools import (
     Writers,
     kvapp,
@@ -632,7 +632,7 @@ def test_stats_counts_from_the_file(tmp_path):
     figures = json.loads(result.stdout)
     assert figures == {
         "database": str(db),
-        "schema_version": 1,
+        "schema_version": 2,
         "revision": 500,
         "keys": 100,
         "expiring_keys": sum(1 for r in live if r.expires_at is not None),
@@ -823,3 +823,26 @@ def test_backup_during_writes_is_consistent_and_complete(server_factory, db_path
     key, value, _ = before[-1]
     status, _, body = curl(f"{again.url}/kv/{key}")
     assert (status, body) == (200, value)
+
+
+def test_check_accepts_a_version_1_file_that_kvapp_upgrades_when_it_opens_it(tmp_path):
+    # An old backup: the first releases' schema, without the change log.
+    db = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(db)
+    for statement in VERSION_1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO kv VALUES ('a', x'31', 'text/plain', 7, NULL)")
+    conn.commit()
+    conn.close()
+    result = kvapp("check", "--database", str(db))
+    assert result.returncode == 0, result.stderr
+    # A version 2 file without its change log is damaged.
+    db.unlink()
+    fill(db, iter(sample(3)))
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE changes")
+    conn.commit()
+    conn.close()
+    result = kvapp("check", "--database", str(db))
+    assert result.returncode == 1
+    assert "table changes is missing" in one_line_error(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from helpers import stored
+from helpers import VERSION_1, stored
 
 from kvapp.store import open_store
 from kvapp.store.base import (
@@ -191,15 +191,6 @@ def test_purge_and_expired_count_use_the_expiry_index(repo, db_path):
 )  # fmt: skip
 def test_successor(prefix, upper):
     assert successor(prefix) == upper
-
-
-# The schema of the first kvapp releases (version 1): no change log, no index.
-VERSION_1 = (
-    "CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)",
-    "CREATE TABLE kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
-    " content_type TEXT NOT NULL, revision INTEGER NOT NULL, expires_at INTEGER)",
-    "INSERT INTO meta (name, value) VALUES ('schema_version', 1), ('revision', 7)",
-)
 
 
 def test_a_version_1_database_is_upgraded_in_place(db_path):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kvapp.store.sqlite import SCHEMA, SCHEMA_VERSION, SQLITE_MAGIC
+from kvapp.store.sqlite import SCHEMA, SCHEMA_VERSION, SQLITE_MAGIC, UPGRADES
 
 # Pages copied per backup step: each step returns to Python, for the progress
 # bar and so that a signal can stop the backup between steps.
@@ -79,7 +79,7 @@ def _expected_columns() -> dict[str, list[tuple]]:
     try:
         for statement in SCHEMA:
             reference.execute(statement)
-        return {table: _columns(reference, table) for table in ("kv", "meta")}
+        return {table: _columns(reference, table) for table in ("kv", "meta", "changes")}
     finally:
         reference.close()
 
@@ -92,7 +92,9 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[tuple]:
 def schema_problems(conn: sqlite3.Connection) -> list[str]:
     """Return what makes the database unlike kvapp's schema, one line each; [] when it is alike."""
     problems = []
-    for table, expected in _expected_columns().items():
+    expected_columns = _expected_columns()
+    changes = expected_columns.pop("changes")
+    for table, expected in expected_columns.items():
         found = _columns(conn, table)
         if not found:
             problems.append(f"table {table} is missing: this is not a kvapp database")
@@ -101,10 +103,12 @@ def schema_problems(conn: sqlite3.Connection) -> list[str]:
     if problems:
         return problems
     meta = dict(conn.execute("SELECT name, value FROM meta"))
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        problems.append(
-            f"schema version is {meta.get('schema_version')!r}; this kvapp knows {SCHEMA_VERSION}"
-        )
+    version = meta.get("schema_version")
+    if version == SCHEMA_VERSION:
+        if _columns(conn, "changes") != changes:
+            problems.append("table changes is missing or has other columns than kvapp's schema")
+    elif version not in UPGRADES:  # an older version kvapp upgrades when it opens it is fine
+        problems.append(f"schema version is {version!r}; this kvapp knows {SCHEMA_VERSION}")
     revision = meta.get("revision")
     if type(revision) is not int:
         problems.append(f"meta revision is {revision!r}, not a whole number")
