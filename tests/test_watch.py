@@ -288,7 +288,7 @@ def test_ending_the_streams_ends_every_stream(app, watch):
         ("/kv/?watch&since=99999999999999999999", {}, "out of range"),
         ("/kv/?watch", {"Last-Event-ID": "4-x"}, "Last-Event-ID must be"),
         ("/kv/?watch", {"Last-Event-ID": "4-0-0"}, "Last-Event-ID must be"),
-        ("/kv/?watch&limit=3", {}, "a watch takes prefix and since"),
+        ("/kv/?watch&limit=3", {}, "this route takes prefix, since"),
         ("/kv/?watch&prefix=%FF", {}, "prefix"),
         ("/kv/?watch&prefix=a%00", {}, "control character"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from string import hexdigits
 
+from kvapp.store.base import show
 from kvapp.web.responses import BadRequest
 
 _HEX_PAIRS = {
@@ -90,3 +91,16 @@ def parse_pairs(data: bytes) -> list[tuple[str, bytes]]:
             raise BadRequest("each pair must have the form key=value (a pair has no '=')")
         pairs.append((utf8(unquote(name), "a key"), unquote(value)))
     return pairs
+
+
+def named_params(query: bytes, allowed: tuple[str, ...]) -> dict[str, bytes]:
+    """Return a query's parameters by name; 400 for an unknown or repeated one."""
+    params: dict[str, bytes] = {}
+    for name, value in parse_pairs(query):
+        if name not in allowed:
+            takes = ", ".join(allowed) if allowed else "no parameters"
+            raise BadRequest(f"unexpected parameter {show(name)}: this route takes {takes}")
+        if name in params:
+            raise BadRequest(f"give the {name} parameter at most once")
+        params[name] = value
+    return params

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode
 
 from kvapp.config import Settings
 from kvapp.store.base import MAX_CONTENT_TYPE, Condition, Delete, Put, Store, Write, check_key, show
-from kvapp.web.decoding import environ_bytes, parse_pairs, request_path, utf8
+from kvapp.web.decoding import environ_bytes, named_params, request_path, utf8
 from kvapp.web.etags import condition, etag
 from kvapp.web.request import Request
 from kvapp.web.responses import (
@@ -38,15 +38,7 @@ _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?")
 
 def query_params(request: Request, allowed: tuple[str, ...]) -> dict[str, bytes]:
     """Return the query's parameters by name; 400 for an unknown or repeated one."""
-    params: dict[str, bytes] = {}
-    for name, value in parse_pairs(request.query):
-        if name not in allowed:
-            takes = ", ".join(allowed) if allowed else "no parameters"
-            raise BadRequest(f"unexpected parameter {show(name)}: this route takes {takes}")
-        if name in params:
-            raise BadRequest(f"give the {name} parameter at most once")
-        params[name] = value
-    return params
+    return named_params(request.query, allowed)
 
 
 def read_conditions(

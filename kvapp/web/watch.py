@@ -4,9 +4,11 @@ The stream is Server-Sent Events (https://html.spec.whatwg.org/multipage/
 server-sent-events.html): one event per change, in (revision, n) order,
 each with id "<revision>-<n>".  A client resumes after the last id it saw
 (Last-Event-ID, which EventSource sends by itself, or ?since=), and sees
-every later change exactly once: the stream reads the change log
-(Store.history) from that position, never a queue in memory, and waits on
-the store's feed when it has caught up.
+every later change exactly once.  A stream behind reads the change log
+(Store.history) from its position; once caught up it takes the newest
+changes from the process's tail (kvapp.web.tail), a cache of the log that
+one thread fills, and waits for the tail to move.  No change is queued per
+watcher, and a writer never waits for one.
 
 Each watcher holds a server thread while it waits, so a process serves at
 most Settings.watcher_limit of them at once (503 beyond).  A stream ends
@@ -28,7 +30,7 @@ from typing import Any
 
 from kvapp.config import Settings
 from kvapp.store.base import EXPIRED, PUT, WHOLE, Event, StorageError, Store, check_key, show
-from kvapp.web.decoding import parse_pairs, utf8
+from kvapp.web.decoding import named_params, utf8
 from kvapp.web.request import Request
 from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
 from kvapp.web.tail import PAGE, Tail
@@ -157,19 +159,9 @@ class Watching:
 
     def stream(self, request: Request, query: bytes) -> Response:
         """GET /kv/?watch[&prefix=p][&since=R]: Server-Sent Events, one per change."""
-        prefix, since = b"", None
-        for name, value in parse_pairs(query):
-            if name not in ("prefix", "since"):
-                raise BadRequest(
-                    f"unexpected parameter {show(name)}: a watch takes prefix and since"
-                )
-            if (name == "prefix" and prefix) or (name == "since" and since is not None):
-                raise BadRequest(f"give the {name} parameter at most once")
-            if name == "prefix":
-                prefix = value
-            else:
-                since = value
-        key_prefix = utf8(prefix, "prefix")
+        params = named_params(query, ("prefix", "since"))
+        since = params.get("since")
+        key_prefix = utf8(params.get("prefix", b""), "prefix")
         if key_prefix:
             check_key(key_prefix, self.max_key_bytes)
         # EventSource sends Last-Event-ID when it reconnects to the same URL,
