@@ -22,7 +22,7 @@ import pytest
 from helpers import KvappServer, Server, child_pids, curl
 from proxykit import NGINX, connections_to
 from test_nginx import stack_factory  # noqa: F401  (the fixture: nginx in front of kvapp)
-from test_workers import one_client_per_worker, owner, socket_inode, workers_of
+from workerkit import one_client_per_worker, owner, socket_inode, workers_of
 
 pytestmark = pytest.mark.slow
 
