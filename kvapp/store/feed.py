@@ -1,18 +1,19 @@
 """The feed: wakes this process's watchers when any process may have committed a change.
 
-Watchers read what changed from the change log (Store.history); the feed
-only says when to look again, so a slow watcher never makes a writer wait
-and no event is held in memory.  A watcher reads feed.version, then reads
-the log, and if nothing new was there waits for the version to move.  Every
-commit moves it after the commit, so a commit the read missed always wakes
-the watcher: no change waits for the next one.
+Readers of the change log (Store.history) learn from the feed when to look
+again: the tail's refresher (kvapp.web.tail), a watch stream behind it, a
+long-poll.  So a slow watcher never makes a writer wait.  A reader reads
+feed.version, then reads the store, and if nothing new was there waits for
+the version to move.  Every commit moves it after the commit, so a commit
+the read missed always wakes the reader: no change waits for the next one.
 
 What moves the version:
 - a commit in this process: the store calls notify() after COMMIT;
 - a commit in another process: while watchers wait, one listener thread
   calls the backend's listen(timeout), which returns True when another
   process may have committed (SQLite: a commit counter in the shared -gen
-  file, read every POLL_SECONDS; PostgreSQL: LISTEN/NOTIFY);
+  file, read every 10 ms, kvapp.store.sqlite.LISTEN_POLL_SECONDS; PostgreSQL:
+  LISTEN/NOTIFY);
 - and once a second the listener compares the store's revision with the
   last it saw, which covers a writer killed between its COMMIT and its
   signal.
