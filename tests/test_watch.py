@@ -530,3 +530,14 @@ def test_a_load_ends_the_streams_that_predate_it(client, app, watch):
     with pytest.raises(StopIteration):
         stream.events(1)
     client.get("/kv/?watch", headers={"Last-Event-ID": "1-0"}, status=410)
+
+
+def test_a_position_inside_a_revision_that_was_trimmed_is_410(client, app, watch):
+    # Revision 1 holds two changes; once it is trimmed, 1-0 cannot resume: 1-1 is gone.
+    client.get("/set?a=1&b=2")
+    client.put("/kv/c", b"3")
+    client.put("/kv/d", b"4")
+    assert app.repository.trim_history(3600, 2) == 2  # revision 1, whole
+    answer = client.get("/kv/?watch", headers={"Last-Event-ID": "1-0"}, status=410)
+    assert "the oldest revision to resume from is 1" in answer.text
+    assert watch(headers={"Last-Event-ID": "1"}).status == "200 OK"  # after all of it: fine

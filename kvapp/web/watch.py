@@ -211,7 +211,7 @@ class Watching:
             "list the keys again (GET /kv/?prefix=...), then watch with since= the"
             " X-Kvapp-Revision of that listing"
         )
-        if position[0] < floor:
+        if position < (floor, WHOLE):
             raise Gone(
                 f"changes up to revision {floor} are no longer kept (watch_history_seconds,"
                 f" watch_history_max); the oldest revision to resume from is {floor}: {remedy}"
@@ -281,7 +281,7 @@ class Watching:
         None when the log no longer reaches back to position.
         """
         history = self.repository.history(position, prefix, PAGE)
-        if position[0] < history.floor:
+        if position < (history.floor, WHOLE):
             return None
         chunks = [event_bytes(event) for event in history.events]
         if len(history.events) == PAGE:
