@@ -182,7 +182,7 @@ class Watching:
         if key_prefix:
             check_key(key_prefix, self.max_key_bytes)
         # EventSource sends Last-Event-ID when it reconnects to the same URL,
-        # since= included: the later position wins.
+        # since= included: Last-Event-ID is where the client got to, so it wins.
         last_id = request.header("HTTP_LAST_EVENT_ID").strip(" \t")
         position = None
         if last_id:
