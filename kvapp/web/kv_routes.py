@@ -96,22 +96,9 @@ class Resources:
         """
         key = self._key(request)
         query_params(request, ())
-        item = self.repository.get(key)
-        applied: list[tuple[str, str]] = []
-        tags = condition(request.environ)
-        wait = self.watching.wait_seconds(request)
-        if wait is not None and tags is not None and tags.if_none_match is not None:
-            applied.append(("Preference-Applied", f"wait={wait}"))
-            unchanged = Condition(if_none_match=tags.if_none_match)
-
-            def changed() -> bool:
-                nonlocal item
-                item = self.repository.get(key)
-                return item is None or unchanged.holds(item.revision)
-
-            if wait and item is not None and not unchanged.holds(item.revision):
-                client_gone = request.environ.get("waitress.client_disconnected")
-                self.watching.hold(wait, changed, client_gone or (lambda: False))
+        item, applied = self.watching.long_poll(
+            request, self.repository.get(key), lambda: self.repository.get(key)
+        )
         if item is None:
             raise NotFound(f"no such key: {show(key)}", tuple(applied))
         headers = [("ETag", etag(item.revision)), ("Cache-Control", "no-cache"), *applied]

@@ -29,8 +29,20 @@ from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring
 
 from kvapp.config import Settings
-from kvapp.store.base import EXPIRED, PUT, WHOLE, Event, StorageError, Store, check_key, show
+from kvapp.store.base import (
+    EXPIRED,
+    PUT,
+    WHOLE,
+    Condition,
+    Event,
+    Item,
+    StorageError,
+    Store,
+    check_key,
+    show,
+)
 from kvapp.web.decoding import named_params, utf8
+from kvapp.web.etags import condition
 from kvapp.web.request import Request
 from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
 from kvapp.web.tail import PAGE, Tail
@@ -309,6 +321,32 @@ class Watching:
                 return None
             return min(int(value), self.max_wait)
         return None
+
+    def long_poll(
+        self, request: Request, item: Item | None, read: Callable[[], Item | None]
+    ) -> tuple[Item | None, list[tuple[str, str]]]:
+        """Return the key's item once a long-poll is over, and the headers it adds to the answer.
+
+        item: the key's item as just read; read() reads it again.  A long-poll
+        is a GET with If-None-Match and Prefer: wait=N: while If-None-Match
+        names the current version, it waits up to N seconds for a change.
+        Any other request gets item back at once, and no header.
+        """
+        tags = condition(request.environ)
+        wait = self.wait_seconds(request)
+        if wait is None or tags is None or tags.if_none_match is None:
+            return item, []
+        unchanged = Condition(if_none_match=tags.if_none_match)
+        if wait and item is not None and not unchanged.holds(item.revision):
+
+            def changed() -> bool:
+                nonlocal item
+                item = read()
+                return item is None or unchanged.holds(item.revision)
+
+            client_gone = request.environ.get("waitress.client_disconnected")
+            self.hold(wait, changed, client_gone or (lambda: False))
+        return item, [("Preference-Applied", f"wait={wait}")]
 
     def hold(self, wait: int, changed: Callable[[], bool], client_gone: Callable[[], bool]) -> None:
         """Return once changed() is True, wait seconds have passed, or the server shuts down.
