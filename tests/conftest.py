@@ -18,6 +18,7 @@ from hypothesis import settings as hypothesis_settings
 
 from kvapp import create_app
 from kvapp.config import load_config
+from kvapp.store import open_store
 from kvapp.store.location import is_postgres_url
 
 BACKENDS = ("sqlite", "postgres")
@@ -100,6 +101,14 @@ def make_settings(database: str, tmp_path: Path):
         return load_config(ROOT / "config.ini", environ={}, database=database, **overrides)
 
     return make
+
+
+@pytest.fixture
+def repo(make_settings, clock):
+    """The store on this test's database, its time read from clock."""
+    repository = open_store(make_settings(), clock=clock)
+    yield repository
+    repository.close()
 
 
 @pytest.fixture

@@ -31,13 +31,6 @@ pytestmark = pytest.mark.backends("sqlite", "postgres")
 T = "text/plain"
 
 
-@pytest.fixture
-def repo(make_settings, clock):
-    repository = open_store(make_settings(), clock=clock)
-    yield repository
-    repository.close()
-
-
 def put(key, value=b"v", ttl=None, condition=None):
     return Put(key, value, T, ttl, condition)
 

@@ -22,7 +22,7 @@ import pytest
 from helpers import KvappServer, Server, child_pids, curl
 from proxykit import NGINX, connections_to
 from test_nginx import stack_factory  # noqa: F401  (the fixture: nginx in front of kvapp)
-from workerkit import one_client_per_worker, owner, socket_inode, workers_of
+from workerkit import one_client_per_worker, owner, socket_inode, wait_for, workers_of
 
 pytestmark = pytest.mark.slow
 
@@ -154,22 +154,12 @@ def raw_get(port: int, target: str) -> tuple[socket.socket, int, bytes]:
     return sock, int(data.split()[1]), data
 
 
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start_long_poll(port: int, path: str, etag: str, wait: int) -> http.client.HTTPConnection:
     """Send GET path with If-None-Match: etag and Prefer: wait; return once the server read it."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
     conn.request("GET", path, headers={"If-None-Match": etag, "Prefer": f"wait={wait}"})
     client_port = conn.sock.getsockname()[1]
-    wait_for(lambda: request_read(port, client_port), "the server to read the long-poll")
+    wait_for(lambda: request_read(port, client_port), WAIT, "the server to read the long-poll")
     return conn
 
 
@@ -384,7 +374,7 @@ def test_through_nginx_a_client_that_goes_away_frees_its_stream(stack_factory): 
     assert status == 200
     # kvapp writes the access line of a stream when the stream ends and frees its slot.
     ended = '"GET /kv/?watch" 200 '
-    wait_for(lambda: ended in stack.kvapp.output(), "kvapp to end the stream")
+    wait_for(lambda: ended in stack.kvapp.output(), WAIT, "kvapp to end the stream")
 
 
 @needs_nginx
@@ -394,7 +384,9 @@ def test_a_long_poll_through_nginx_answers_the_change(stack_factory):  # noqa: F
     etag = put_value(stack.kvapp.url, "k", b"old")
     prefer = ("-H", f"If-None-Match: {etag}", "-H", "Prefer: wait=30")
     with Watch(f"{stack.url}/kv/k", *prefer) as poll:
-        wait_for(lambda: passed_on(stack.kvapp.port), "nginx to pass the long-poll on to kvapp")
+        wait_for(
+            lambda: passed_on(stack.kvapp.port), WAIT, "nginx to pass the long-poll on to kvapp"
+        )
         assert poll.proc.poll() is None
         new_etag = put_value(stack.url, "k", b"new")
         assert poll.finish() == 0
@@ -431,7 +423,7 @@ def test_a_client_that_goes_away_frees_its_watcher_slot(server_factory):
         assert status in (200, 503)
         return status == 200
 
-    wait_for(accepted, "the slot of the closed stream to be freed", timeout=10)
+    wait_for(accepted, 10, "the slot of the closed stream to be freed")
 
 
 @pytest.mark.parametrize(

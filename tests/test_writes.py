@@ -11,7 +11,6 @@ import sqlite3
 import pytest
 from helpers import VERSION_1, stored
 
-from kvapp.store import open_store
 from kvapp.store.base import (
     ANY,
     WHOLE,
@@ -28,13 +27,6 @@ from kvapp.store.sqlite import INDEXES, SCHEMA_VERSION, SQLiteStore
 from kvapp.store.sweeper import Sweeper
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
-
-
-@pytest.fixture
-def repo(make_settings, clock):
-    repository = open_store(make_settings(), clock=clock)
-    yield repository
-    repository.close()
 
 
 def put(key, value=b"v", ttl=None, condition=None):

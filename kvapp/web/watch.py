@@ -94,6 +94,14 @@ def parse_position(text: str, what: str) -> tuple[int, int]:
     return int(revision), int(n) if dash else WHOLE
 
 
+def trimmed(position: tuple[int, int], floor: int) -> bool:
+    """Return True if changes after position may be gone: it is within the history floor.
+
+    The floor is the last revision removed whole, so (floor, n) is gone too.
+    """
+    return position < (floor, WHOLE)
+
+
 def event_bytes(event: Event) -> bytes:
     """Return one change as a Server-Sent Event: id, event and one data line of JSON.
 
@@ -223,7 +231,7 @@ class Watching:
             "list the keys again (GET /kv/?prefix=...), then watch with since= the"
             " X-Kvapp-Revision of that listing"
         )
-        if position < (floor, WHOLE):
+        if trimmed(position, floor):
             raise Gone(
                 f"changes up to revision {floor} are no longer kept (watch_history_seconds,"
                 f" watch_history_max); the oldest revision to resume from is {floor}: {remedy}"
@@ -293,7 +301,7 @@ class Watching:
         None when the log no longer reaches back to position.
         """
         history = self.repository.history(position, prefix, PAGE)
-        if position < (history.floor, WHOLE):
+        if trimmed(position, history.floor):
             return None
         chunks = [event_bytes(event) for event in history.events]
         if len(history.events) == PAGE:
