@@ -39,7 +39,7 @@ def test_set_and_get_through_granian(server_factory, workers):
     deadline = time.monotonic() + 10
     while len(child_pids(server.proc.pid)) < int(workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(child_pids(server.proc.pid)) >= int(workers)
+    assert len(child_pids(server.proc.pid)) >= int(workers), server.output()
     for _ in range(10):  # fresh connections: with 2 workers both get some
         assert curl(f"{server.url}/get?key=a")[::2] == (200, b"1")
         status, headers, body = curl(f"{server.url}/get?key=%C3%A9t%C3%A9")

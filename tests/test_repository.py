@@ -72,6 +72,30 @@ def test_a_new_database_and_its_folder_are_created(tmp_path: Path):
         repository.close()
 
 
+def test_a_new_database_waits_for_another_process_creating_it(tmp_path: Path):
+    """Two workers (granian --workers 2) open one new file at once.
+
+    The other's write lock makes switching to WAL fail at once with
+    SQLITE_BUSY, without SQLite's busy handler; the store must wait instead.
+    """
+    path = tmp_path / "kv.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE unrelated (x)")
+    release = threading.Timer(0.3, lambda: other.execute("ROLLBACK"))
+    release.start()
+    try:
+        repository = SQLiteStore(str(path), busy_timeout_ms=5000)
+    finally:
+        release.join()
+        other.close()
+    try:
+        repository.set_many([("a", b"1", TEXT)])
+        assert value_of(repository, "a") == b"1"
+    finally:
+        repository.close()
+
+
 @BOTH
 def test_reopen_after_commit_sees_the_data(repo: SQLiteStore, make_settings, database: str):
     repo.set_many([("a", b"1", TEXT), ("b", b"", TEXT)])

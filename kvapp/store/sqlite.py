@@ -285,7 +285,7 @@ class SQLiteStore:
                     )
             # Check before switching to WAL: refusing a file must not change it.
             self._check_schema(conn)
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if mode != "wal":
                 raise self._refuse(f"it cannot use WAL mode (got {mode})", "check the filesystem")
             conn.execute("BEGIN IMMEDIATE")
@@ -315,6 +315,25 @@ class SQLiteStore:
             conn.close()
         if not existed:
             _fsync_dir(path.parent)
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """Set journal_mode=WAL, waiting up to busy_timeout for another process.
+
+        Changing the journal mode needs an exclusive lock, and SQLite returns
+        SQLITE_BUSY at once, without calling the busy handler, while another
+        connection holds a write lock: waiting could deadlock
+        (https://sqlite.org/c3ref/busy_handler.html).  Two workers creating a
+        new database together met this in 2 of 1,000 starts, so retry here.
+        """
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                return cast(str, conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+                if code != _SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _check_writable(self, path: Path) -> None:
         """Refuse a read-only database before SQLite opens it.
