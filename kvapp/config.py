@@ -201,6 +201,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "largest request body, refused with 413 before it is read",
     ),
     (
+        "limits",
+        "max_txn_ops",
+        asint(1, 10_000),
+        "128",
+        "most conditions, and most operations in each branch, of one POST /txn (400 beyond)",
+    ),
+    (
         "server",
         "host",
         asstr,
@@ -376,6 +383,7 @@ class Settings:
     max_key_bytes: int
     max_value_bytes: int
     max_body_bytes: int
+    max_txn_ops: int
     host: str
     port: int
     threads: int

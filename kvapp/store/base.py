@@ -90,14 +90,47 @@ class Delete(NamedTuple):
 Change = Put | Delete
 
 
+class Check(NamedTuple):
+    """A condition on a key's live version, which the Write need not change."""
+
+    key: str
+    condition: Condition
+
+
 class Write(NamedTuple):
-    """Changes of distinct keys, applied together or not at all."""
+    """Changes of distinct keys, applied together or not at all.
+
+    A transaction (POST /txn) adds checks, reads and otherwise: when every
+    check holds, the Write makes its changes and answers its reads; when one
+    does not, otherwise does instead (or nothing), and the Outcome says
+    succeeded=False.  Checks and reads see the state before the Write's own
+    changes: one snapshot, the one its changes replace.
+    """
 
     changes: tuple[Change, ...]
+    reads: tuple[str, ...] = ()
+    checks: tuple[Check, ...] = ()
+    otherwise: Write | None = None
 
     @classmethod
     def of(cls, *changes: Change) -> Write:
         return cls(tuple(changes))
+
+    def branches(self) -> tuple[Write, ...]:
+        """Return the Write and its otherwise, if it has one."""
+        return (self,) if self.otherwise is None else (self, self.otherwise)
+
+    def keys(self) -> list[str]:
+        """Return every key the Write may touch, checked, read or changed, once each."""
+        keys = [check.key for check in self.checks]
+        for branch in self.branches():
+            keys += [change.key for change in branch.changes]
+            keys += branch.reads
+        return list(dict.fromkeys(keys))
+
+    def read_keys(self) -> list[str]:
+        """Return the keys whose values the Write or its otherwise reads."""
+        return [key for branch in self.branches() for key in branch.reads]
 
 
 class Outcome(NamedTuple):
@@ -105,11 +138,15 @@ class Outcome(NamedTuple):
 
     revision: the revision the Write's puts carry (their ETag), or the store's
     current revision when it changed nothing.  existed: for each change, whether
-    its key had a live value before.
+    its key had a live value before.  succeeded: whether its checks held (and
+    so its own changes, not its otherwise's, were made).  items: for each
+    read of the branch taken, the live Item before the Write, or None.
     """
 
     revision: int
     existed: tuple[bool, ...]
+    succeeded: bool = True
+    items: tuple[Item | None, ...] = ()
 
 
 class ConditionFailed(Exception):
@@ -215,6 +252,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The longest content type stored with a value, in printable ASCII characters.
 MAX_CONTENT_TYPE = 255
 
+# type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?")
+
 
 def show(text: str, limit: int = 40) -> str:
     """Return text as a short quoted one-line excerpt for an error message."""
@@ -241,6 +282,16 @@ def check_key(key: str, max_key_bytes: int) -> str:
             f"the key is {size} bytes long; the limit is {max_key_bytes} bytes of UTF-8"
         )
     return key
+
+
+def check_content_type(content_type: str) -> str:
+    """Return content_type if it may be stored with a value; raise InvalidInput saying why not."""
+    if len(content_type) > MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
+        raise InvalidInput(
+            f"the content type must be a media type such as text/plain, at most"
+            f" {MAX_CONTENT_TYPE} printable ASCII characters"
+        )
+    return content_type
 
 
 def successor(prefix: str) -> str | None:

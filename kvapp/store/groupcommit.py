@@ -63,7 +63,8 @@ def write_size(write: Write) -> int:
     """Return about how many bytes a write carries: its keys and values."""
     return sum(
         len(change.key) + (len(change.value) if isinstance(change, Put) else 0)
-        for change in write.changes
+        for branch in write.branches()
+        for change in branch.changes
     )
 
 
@@ -92,9 +93,10 @@ class GroupCommit:
         applied), ValueError if it changes a key twice (before it joins a
         batch), or whatever failed its whole batch.
         """
-        changes = write.changes
-        if len(changes) > 1 and len({change.key for change in changes}) != len(changes):
-            raise ValueError("a Write changes each key at most once")
+        for branch in write.branches():
+            changes = branch.changes
+            if len(changes) > 1 and len({change.key for change in changes}) != len(changes):
+                raise ValueError("a Write changes each key at most once")
         waiter = _Waiter(write, write_size(write))
         with self._mutex:
             self._queue.append(waiter)

@@ -25,6 +25,11 @@ The rules:
 - Every change made is one Event of its Write's revision, numbered from 0
   in the Write's order: a put, a delete, or (a Delete that removed an
   expired row) an expiry.
+- A transaction's checks are all evaluated on the state before it; if all
+  hold, its own changes and reads are the branch taken, else its
+  otherwise's (succeeded=False).  Its reads see that same state, before
+  any change of the branch: a read of a key the branch puts answers the
+  value it replaces.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from kvapp.store.base import (
     ConditionFailed,
     Delete,
     Event,
+    Item,
     Outcome,
     Put,
     Result,
@@ -74,22 +80,33 @@ class Plan(NamedTuple):
 
 
 def plan(
-    rows: Mapping[str, tuple[int, int | None]], writes: Sequence[Write], revision: int, now: int
+    rows: Mapping[str, tuple[int, int | None]],
+    writes: Sequence[Write],
+    revision: int,
+    now: int,
+    values: Mapping[str, tuple[bytes, str]] | None = None,
 ) -> Plan:
     """Return the Plan of writes applied in order to rows, at the store's revision and time now.
 
     rows: (revision, expires_at) of every stored row, live or expired, that
-    the writes touch; a key missing from rows has no row.  Raises ValueError
-    for a Write that changes one key twice.
+    the writes touch; a key missing from rows has no row.  values: (value,
+    content_type) of the stored rows of every key the writes read.  Raises
+    ValueError for a Write that changes one key twice.
     """
     state: dict[str, tuple[int, int | None] | None] = dict(rows)
+    contents: dict[str, tuple[bytes, str]] = dict(values or {})
     final: dict[str, NewRow | None] = {}
     results: list[Result] = []
     events: list[Event] = []
     for write in writes:
-        changes = write.changes
+        succeeded = all(
+            check.condition.holds(_live(state.get(check.key), now)) for check in write.checks
+        )
+        branch = write if succeeded else write.otherwise or _NOTHING
+        changes = branch.changes
         if len(changes) != len({change.key for change in changes}):
             raise ValueError("a Write changes each key at most once")
+        items = tuple(_item(key, state.get(key), contents, now) for key in branch.reads)
         live = [_live(state.get(change.key), now) for change in changes]
         failed = _failed_condition(changes, live)
         if failed is not None:
@@ -102,6 +119,7 @@ def plan(
             if isinstance(change, Put):
                 expires_at = None if change.ttl is None else now + change.ttl * 1000
                 state[key] = (next_revision, expires_at)
+                contents[key] = (change.value, change.content_type)
                 final[key] = (key, change.value, change.content_type, next_revision, expires_at)
                 event = Event(
                     next_revision, n, key, PUT, change.value, change.content_type, expires_at
@@ -116,10 +134,28 @@ def plan(
             n += 1
         if n:
             revision = next_revision
-        results.append(Outcome(revision, tuple(current is not None for current in live)))
+        existed = tuple(current is not None for current in live)
+        results.append(Outcome(revision, existed, succeeded, items))
     puts = {key: row for key, row in final.items() if row is not None}
     deletes = [key for key, row in final.items() if row is None]
     return Plan(results, revision, puts, deletes, events)
+
+
+_NOTHING = Write(())
+
+
+def _item(
+    key: str,
+    row: tuple[int, int | None] | None,
+    contents: Mapping[str, tuple[bytes, str]],
+    now: int,
+) -> Item | None:
+    """Return the live Item of key at now, or None."""
+    revision = _live(row, now)
+    if revision is None:
+        return None
+    value, content_type = contents[key]
+    return Item(value, content_type, revision)
 
 
 def _live(row: tuple[int, int | None] | None, now: int) -> int | None:

@@ -619,7 +619,8 @@ class PostgresStore:
         version; then the upserts of the final values, the deletes, the new
         revision and COMMIT.
         """
-        keys = list({change.key for write in writes for change in write.changes})
+        keys = list({key for write in writes for key in write.keys()})
+        reads = list({key for write in writes for key in write.read_keys()})
 
         def batch(conn: psycopg.Connection) -> list[Result]:
             with self._transaction(conn, pipelined=True) as commit:
@@ -628,9 +629,13 @@ class PostgresStore:
                 current = conn.execute(
                     "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
                 )
+                stored = reads and conn.execute(
+                    "SELECT key, value, content_type FROM kv WHERE key = ANY(%s)", (reads,)
+                )
                 start = _scalar(lock)  # the first round trip
                 rows = {key: (revision, expires) for key, revision, expires in current.fetchall()}
-                planned = plan(rows, writes, start, now)
+                values = stored and {key: (bytes(v), ct) for key, v, ct in stored.fetchall()}
+                planned = plan(rows, writes, start, now, values or None)
                 if planned.puts:
                     conn.execute(_UPSERT, _columns(planned.puts.values()))
                 if planned.deletes:

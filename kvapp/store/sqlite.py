@@ -582,10 +582,12 @@ class SQLiteStore:
         then nothing of it is stored.
         """
         with self._transaction() as conn:
-            keys = list(dict.fromkeys(change.key for write in writes for change in write.changes))
+            keys = list(dict.fromkeys(key for write in writes for key in write.keys()))
             start, rows = _read(conn, keys)
+            reads = [key for write in writes for key in write.read_keys()]
+            values = _read_values(conn, list(dict.fromkeys(reads))) if reads else None
             now = self._now_ms()
-            planned = plan(rows, writes, start, now)
+            planned = plan(rows, writes, start, now, values)
             if planned.revision != start:
                 if planned.puts:
                     _upsert(conn, list(planned.puts.values()))
@@ -858,6 +860,17 @@ def _read(
     if revision is None:
         raise StorageUnavailable("the database has no revision row: it is not kvapp's")
     return revision, found
+
+
+def _read_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[bytes, str]]:
+    """Return (value, content_type) of the rows stored under keys, for a transaction's reads."""
+    found: dict[str, tuple[bytes, str]] = {}
+    for start in range(0, len(keys), _MAX_IN):
+        chunk, marks = _padded(keys[start : start + _MAX_IN])
+        sql = f"SELECT key, value, content_type FROM kv WHERE key IN ({marks})"
+        for key, value, content_type in conn.execute(sql, chunk):
+            found[key] = (bytes(value), content_type)
+    return found
 
 
 def _upsert(conn: sqlite3.Connection, rows: list[NewRow]) -> None:

@@ -34,6 +34,7 @@ from kvapp.web.responses import (
     status_line,
 )
 from kvapp.web.seed_routes import Handlers
+from kvapp.web.txn_routes import Transactions
 from kvapp.web.watch import Watching
 
 log = logging.getLogger("kvapp")
@@ -94,6 +95,7 @@ class App:
             "/healthz": {"GET": operations.healthz, "HEAD": operations.healthz},
             "/metrics": {"GET": operations.metrics_page, "HEAD": operations.metrics_page},
             "/openapi.json": {"GET": operations.openapi, "HEAD": operations.openapi},
+            "/txn": {"POST": Transactions(repository, settings).txn},
         }
         # Every longer path under /kv/ names a key.
         self.key_methods: dict[str, Handler] = {

@@ -37,10 +37,9 @@ def parse_tags(value: str, strong: bool) -> Tag:
     for weak, opaque in _ENTITY_TAG.findall(value):
         if weak and strong:
             continue
-        # Only the canonical form of a revision is a tag kvapp sent: "007" is not "7".
-        if opaque.isascii() and opaque.isdigit() and len(opaque) < 20:
-            if opaque == str(int(opaque)):
-                revisions.add(int(opaque))
+        revision = revision_of(f'"{opaque}"')
+        if revision is not None:
+            revisions.add(revision)
     return frozenset(revisions)
 
 
@@ -54,3 +53,16 @@ def condition(environ: dict) -> Condition | None:
         None if if_match is None else parse_tags(if_match, strong=True),
         None if if_none_match is None else parse_tags(if_none_match, strong=False),
     )
+
+
+def revision_of(tag: str) -> int | None:
+    """Return the revision of an ETag exactly as kvapp sends it ("42"), or None for other text.
+
+    Only the canonical form of a revision is a tag kvapp sent: "007" is not "7".
+    """
+    opaque = tag[1:-1]
+    if len(tag) < 3 or tag[0] != '"' or tag[-1] != '"' or len(opaque) >= 20:
+        return None
+    if not (opaque.isascii() and opaque.isdigit()) or opaque != str(int(opaque)):
+        return None
+    return int(opaque)

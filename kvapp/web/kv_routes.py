@@ -8,11 +8,20 @@ answers 304.
 from __future__ import annotations
 
 import json
-import re
 from urllib.parse import quote, urlencode
 
 from kvapp.config import Settings
-from kvapp.store.base import MAX_CONTENT_TYPE, Condition, Delete, Put, Store, Write, check_key, show
+from kvapp.store.base import (
+    Condition,
+    Delete,
+    InvalidInput,
+    Put,
+    Store,
+    Write,
+    check_content_type,
+    check_key,
+    show,
+)
 from kvapp.web.decoding import environ_bytes, named_params, request_path, utf8
 from kvapp.web.etags import condition, etag
 from kvapp.web.request import Request
@@ -30,11 +39,6 @@ from kvapp.web.watch import Watching, split_watch
 OCTET_STREAM = "application/octet-stream"
 MAX_TTL_SECONDS = 2**31 - 1
 DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
-
-# type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?")
-
 
 def query_params(request: Request, allowed: tuple[str, ...]) -> dict[str, bytes]:
     """Return the query's parameters by name; 400 for an unknown or repeated one."""
@@ -113,11 +117,10 @@ class Resources:
         params = query_params(request, ("ttl",))
         ttl = positive_int(params["ttl"], "ttl", MAX_TTL_SECONDS) if "ttl" in params else None
         content_type = request.header("CONTENT_TYPE").strip() or OCTET_STREAM
-        if len(content_type) > MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
-            raise BadRequest(
-                f"Content-Type must be a media type such as text/plain, at most"
-                f" {MAX_CONTENT_TYPE} printable ASCII characters"
-            )
+        try:
+            check_content_type(content_type)
+        except InvalidInput as exc:
+            raise BadRequest(f"Content-Type: {exc}") from None
         write_condition = condition(request.environ)
         value = request.body(self.max_value_bytes)
         outcome = self.repository.apply(

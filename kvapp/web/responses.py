@@ -143,6 +143,8 @@ class HTTPError(Exception):
 
     status = 500
     headers: tuple[tuple[str, str], ...] = ()
+    field: str | None = None
+    """The path of the bad field of a JSON body (then[2].put), for problem details."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -158,6 +160,8 @@ class HTTPError(Exception):
             "status": self.status,
             "detail": self.message,
         }
+        if self.field is not None:
+            problem["field"] = self.field  # an extension member (RFC 9457 section 3.2)
         body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
         return Response(self.status, body, PROBLEM, list(self.headers))
 
