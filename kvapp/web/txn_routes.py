@@ -169,6 +169,9 @@ class Transactions:
                 value = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
             except (UnicodeEncodeError, binascii.Error):
                 raise invalid(path, "is not base64 (RFC 4648 section 4, padded)") from None
+            # "AB==" decodes as "AA==" does: accept one spelling per value (RFC 4648 3.5).
+            if binascii.b2a_base64(value, newline=False) != text.encode("ascii"):
+                raise invalid(path, "is not canonical base64: its unused bits must be 0") from None
         if len(value) > self.max_value_bytes:
             raise invalid(
                 path,
