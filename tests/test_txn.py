@@ -714,3 +714,33 @@ def test_transactions_match_a_dict_model(client, data):
     for key in KEYS:
         found = model.data.get(prefix + key)
         assert stored_value(client, prefix + key) == found
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["if", "then", "else", "key", "etag", "exists", *VERBS, "value", "ttl"])
+            | st.text(max_size=4),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@BEFORE_STORAGE
+@hypothesis_settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(document=JSON_VALUES)
+def test_any_json_document_is_answered_200_or_400_never_500(client, snapshot, document):
+    before = snapshot()
+    body = json.dumps(document).encode("utf-8", "surrogatepass")
+    response = txn(client, body, status="*")
+    assert response.status_int in (200, 400), response.text
+    if response.status_int == 400:
+        assert response.text.count("\n") == 1
+        assert snapshot() == before
