@@ -256,8 +256,10 @@ def test_values_and_defaults(client):
     assert results["results"][2]["value"] == ""
 
 
-def test_a_ttl_sets_the_deadline(timed_client, clock, database):
-    txn(timed_client, {"then": [{"put": "t", "value": "v", "ttl": 30}]})
+@pytest.mark.parametrize("ttl", [b"30", b"30.0", b"3e1", b"300e-1"])
+def test_a_ttl_sets_the_deadline(timed_client, clock, database, ttl):
+    body = b'{"then": [{"put": "t", "value": "v", "ttl": ' + ttl + b"}]}"
+    txn(timed_client, body)
     assert stored(database, "SELECT expires_at FROM kv") == [(int(clock.now * 1000) + 30_000,)]
 
 
@@ -372,13 +374,18 @@ BAD = [
     ({"then": [{**OK_PUT, "content_type": "text"}]}, "then[0].content_type", "media type"),
     ({"then": [{**OK_PUT, "content_type": ""}]}, "then[0].content_type", "media type"),
     ({"then": [{**OK_PUT, "content_type": "a/b\r\nX: y"}]}, "then[0].content_type", "media"),
+    ({"then": [{**OK_PUT, "content_type": "a/b\n;x"}]}, "then[0].content_type", "media"),
+    ({"then": [{**OK_PUT, "content_type": "a/b\u3000;x"}]}, "then[0].content_type", "media"),
+    ({"then": [{**OK_PUT, "content_type": "a/b\x85;x"}]}, "then[0].content_type", "media"),
+    ({"then": [{**OK_PUT, "content_type": "a/b\x1c;x"}]}, "then[0].content_type", "media"),
     ({"then": [{**OK_PUT, "content_type": "a/" + "b" * 300}]}, "then[0].content_type", "255"),
     ({"then": [{**OK_PUT, "content_type": None}]}, "then[0].content_type", "must be a string"),
     ({"then": [{**OK_PUT, "ttl": 0}]}, "then[0].ttl", "from 1 to"),
     ({"then": [{**OK_PUT, "ttl": -1}]}, "then[0].ttl", "from 1 to"),
     ({"then": [{**OK_PUT, "ttl": 2**31}]}, "then[0].ttl", "from 1 to"),
     ({"then": [{**OK_PUT, "ttl": 1.5}]}, "then[0].ttl", "whole number"),
-    ({"then": [{**OK_PUT, "ttl": 30.0}]}, "then[0].ttl", "whole number"),
+    ({"then": [{**OK_PUT, "ttl": 2147483648.0}]}, "then[0].ttl", "from 1 to"),
+    (b'{"then": [{"put": "k", "value": "v", "ttl": 1e400}]}', "then[0].ttl", "whole number"),
     ({"then": [{**OK_PUT, "ttl": True}]}, "then[0].ttl", "whole number"),
     ({"then": [{**OK_PUT, "ttl": "30"}]}, "then[0].ttl", "whole number"),
     (b'{"then": [{"put": "k", "value": "v", "ttl": 1' + b"0" * 5000 + b"}]}", None, "JSON"),
@@ -467,7 +474,13 @@ def test_other_media_types_are_415(client, snapshot, content_type):
 
 @BEFORE_STORAGE
 @pytest.mark.parametrize(
-    "content_type", ["application/json", "Application/JSON", "application/json; charset=UTF-8"]
+    "content_type",
+    [
+        "application/json",
+        "Application/JSON",
+        "application/json; charset=UTF-8",
+        'application/json;charset="utf-8"',
+    ],
 )
 def test_json_with_or_without_utf8_charset_is_accepted(client, content_type):
     txn(client, {"then": [OK_PUT]}, content_type=content_type)

@@ -254,7 +254,9 @@ MAX_CONTENT_TYPE = 255
 
 # type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(\s*;[\x20-\x7e]*)?")
+# OWS is spaces and tabs only: Python's \s would also let CR, LF, NEL and
+# U+3000 into a Content-Type header that every later read sends.
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[\x20-\x7e]*)?")
 
 
 def show(text: str, limit: int = 40) -> str:

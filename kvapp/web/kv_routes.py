@@ -40,6 +40,7 @@ OCTET_STREAM = "application/octet-stream"
 MAX_TTL_SECONDS = 2**31 - 1
 DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
 
+
 def query_params(request: Request, allowed: tuple[str, ...]) -> dict[str, bytes]:
     """Return the query's parameters by name; 400 for an unknown or repeated one."""
     return named_params(request.query, allowed)

@@ -49,6 +49,7 @@ CONDITION = ("key", "etag", "exists")
 VERBS = ("put", "delete", "get")
 PUT_MEMBERS = ("put", "value", "value_base64", "content_type", "ttl")
 OPERATION = (*PUT_MEMBERS, "delete", "get")
+CHARSETS = ("", "charset=utf-8", 'charset="utf-8"')
 
 
 class Branch(NamedTuple):
@@ -74,7 +75,7 @@ class Transactions:
         content_type = request.header("CONTENT_TYPE")
         media_type, _, params = content_type.partition(";")
         charset = params.strip().lower().replace(" ", "")
-        if media_type.strip().lower() != JSON or charset not in ("", "charset=utf-8"):
+        if media_type.strip().lower() != JSON or charset not in CHARSETS:
             raise UnsupportedMediaType(
                 f"the body must be {JSON} (UTF-8), not {content_type[:60]!r}"
             )
@@ -187,12 +188,25 @@ class Transactions:
                 raise invalid(f"{where}.content_type", str(exc)) from None
         ttl = None
         if "ttl" in fields:
-            ttl = fields["ttl"]
-            if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TTL_SECONDS:
+            ttl = _seconds(fields["ttl"])
+            if ttl is None:
                 raise invalid(
                     f"{where}.ttl", f"must be a whole number of seconds from 1 to {MAX_TTL_SECONDS}"
                 )
         return Put(key, value, content_type, ttl)
+
+
+def _seconds(number: Any) -> int | None:
+    """Return a JSON number that is a whole number of seconds in range, or None.
+
+    30.0 and 3e1 are 30, as JSON (RFC 8259 section 6) and JSON Schema's
+    "integer" have it; 30.5, true and "30" are not numbers of seconds.
+    """
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int):
+        return None
+    return number if 1 <= number <= MAX_TTL_SECONDS else None
 
 
 def _results(branch: Branch, outcome: Outcome) -> list[dict[str, Any]]:
