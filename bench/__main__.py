@@ -1,10 +1,11 @@
 """Benchmark kvapp with wrk, side by side with a hello-world ceiling, in one run.
 
-    python -m bench                 the whole matrix (~26 minutes at --duration 5)
+    python -m bench                 the whole matrix (~30 minutes at --duration 5)
     python -m bench --quick         a smoke run of a few cells (~1 minute)
     python -m bench --scale         1k, 1M and 10M keys: load, start, memory, GET/SET
     python -m bench --profile       py-spy profiles of the read and write paths
     python -m bench --scenarios watch-latency,watch-load   the watch cells only (~2 minutes)
+    python -m bench --connections 16 --scenarios set-unique,txn   POST /txn against durable SET
 
 Every cell is one wrk run (2 threads, 1 at 1 connection; keep-alive; loopback)
 against a server this command starts on a free port with a temporary database:
@@ -13,6 +14,9 @@ starts (initdb, fsync on; --backends).  Each figure is also given as a ratio
 to its ceiling: the hello-world app (bench/hello.py) on the same server with
 the same settings, workers and connections, driven by the same wrk script,
 measured right before and right after the kvapp cells of that scenario.
+The txn cells (one POST /txn: 2 conditions, 2 puts) are also given as a
+ratio to set-unique (one durable SET of 1 key) on the same server, backend
+and sync setting in the same run.
 wrk shares the machine's cores with the servers, and other load skews
 everything: compare ratios within one run.
 
@@ -39,7 +43,7 @@ from bench.servers import Running, Spec
 from kvapp.config import load_config
 from tests import pgcluster
 
-SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle")
+SCENARIOS = ("get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle", "txn")
 # Cells of their own (bench/watch.py), measured after the matrix.
 ALL_SCENARIOS = SCENARIOS + watch.SCENARIOS
 DEFAULT_OUT = servers.ROOT / "bench" / "results"
@@ -250,6 +254,7 @@ def cell(
         keys=args.keys,
         tag=tag,
         all_404=False if hello else None,
+        must_succeed=False if hello else None,
     )
     if ended is not None:
         ended()
@@ -494,6 +499,10 @@ def matrix_lines(args: argparse.Namespace, rows: list[dict], env: dict) -> list[
     load_targets = report.load_targets_table(rows)
     if load_targets:
         lines += ["## Many clients at once", "", *load_targets, ""]
+    transactions = report.txn_table(rows)
+    if transactions:
+        note = report.TXN_NOTE.format(value=len(wrk.VALUE))
+        lines += ["## Transactions", "", note, "", *transactions, ""]
     if args.reference:
         lines += [
             f"webdis + Redis ({env['reference']}): {webdis.__doc__.splitlines()[0]}"

@@ -29,14 +29,33 @@ def _group(row: dict) -> tuple:
     return (row["server"], row["workers"], row["scenario"], row["connections"])
 
 
+def _setting(row: dict) -> tuple:
+    """Return what a txn cell shares with the SET cell it is compared with: all but the script."""
+    return (row["server"], row["workers"], row["backend"], row["synchronous"], row["connections"])
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Give each row its req/s, p50 and p99 as ratios to the ceiling row of its group."""
+    """Give each row its req/s, p50 and p99 as ratios to the ceiling row of its group.
+
+    A txn cell also gets rps_set_ratio: its req/s over set-unique's on the same
+    server, workers, backend, sync and connections (None if set-unique was not run).
+    """
     ceilings = {_group(row): row for row in rows if row["app"] == "hello"}
     for row in rows:
         ceiling = ceilings.get(_group(row))
         for name in ("rps", "p50_ms", "p99_ms"):
             base = ceiling[name] if ceiling else 0
             row[f"{name}_ratio"] = round(row[name] / base, 3) if base else None
+    sets = {_setting(row): row for row in rows if _is_kvapp(row, "set-unique")}
+    for row in rows:
+        if _is_kvapp(row, "txn"):
+            found = sets.get(_setting(row))
+            base = found["rps"] if found else 0
+            row["rps_set_ratio"] = round(row["rps"] / base, 3) if base else None
+
+
+def _is_kvapp(row: dict, scenario: str) -> bool:
+    return row["app"] == "kvapp" and row["scenario"] == scenario
 
 
 def method(duration: int, keys: int, value_bytes: int, backends, env: dict) -> list[str]:
@@ -45,17 +64,18 @@ def method(duration: int, keys: int, value_bytes: int, backends, env: dict) -> l
         f"Each cell: wrk for {duration} s, 2 threads (1 at 1 connection), keep-alive,"
         f" loopback; {keys} keys loaded; SET stores {value_bytes} bytes."
         " errors: socket errors, timeouts and answers of an unexpected status"
-        " (get-miss expects 404 from kvapp; the ceiling answers 200 to everything).",
+        " (get-miss expects 404 from kvapp; the ceiling answers 200 to everything), and"
+        " transactions whose answer did not say succeeded: true.",
         "",
         "The ceiling (backend `ceiling`) of each group of cells is the hello-world app"
         " (bench/hello.py: 200 and 6 bytes for any path and query) on the same server,"
         " with the same settings, worker count and connection count, driven by the same"
-        " wrk script as the cells below it (get-hit, get-miss, set-unique, set-hot or mix),"
-        " so that wrk, which shares the cores with the servers, does the same work per"
-        " request in both. Its figures are the mean of a run right before and one right"
-        " after kvapp's cells of that scenario and connection count, which ran between"
-        " them. ×ceil: a cell's figure divided by its ceiling's (for latencies, above 1 is"
-        " slower).",
+        " wrk script as the cells below it (get-hit, get-miss, set-unique, set-hot, mix,"
+        " set-idle or txn; for txn it answers the POST after reading its body), so that wrk,"
+        " which shares the cores with the servers, does the same work per request in both."
+        " Its figures are the mean of a run right before and one right after kvapp's cells"
+        " of that scenario and connection count, which ran between them. ×ceil: a cell's"
+        " figure divided by its ceiling's (for latencies, above 1 is slower).",
         "",
         "What a request costs the server: CPU µs/req is the CPU time (user + system) of all"
         " the server's processes and threads during the cell, per request answered (wrk's"
@@ -233,6 +253,39 @@ def load_targets_table(rows: list[dict]) -> list[str]:
                 f" | {_num(row['rps'])} | - | - | {row['errors']} errors | 0 errors"
                 f" | {'yes' if row['errors'] == 0 else 'no'} |"
             )
+    return lines if len(lines) > 2 else []
+
+
+TXN_NOTE = (
+    "txn: each request is one POST /txn with 2 conditions (exists: true on a loaded key,"
+    " exists: false on the first key it puts) and 2 puts of new keys, {value} bytes each."
+    " No two requests share a key, so every transaction should succeed; one that does not"
+    " counts as an error. × SET: its req/s over set-unique's (a /set of one new key) on the"
+    " same server, workers, backend, sync setting and connection count, in this run (both"
+    " durable at sync FULL and on PostgreSQL). keys/s: the 2 keys each transaction stores."
+)
+
+
+def txn_table(rows: list[dict]) -> list[str]:
+    """Return the txn cells: transactions per second, and against durable SET in the same run."""
+    lines = [
+        "| server | workers | backend | sync | conns | txn req/s | keys/s | SET req/s | × SET"
+        " | p50 ms | p99 ms | writes/commit | errors |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sets = {_setting(row): row for row in rows if _is_kvapp(row, "set-unique")}
+    for row in rows:
+        if not _is_kvapp(row, "txn"):
+            continue
+        found = sets.get(_setting(row))
+        lines.append(
+            f"| {row['server']} | {row['workers']} | {row['backend']}"
+            f" | {row['synchronous'] or '-'} | {row['connections']} | {_num(row['rps'])}"
+            f" | {_num(row['rps'] * 2)} | {_num(found['rps'] if found else None)}"
+            f" | {_ratio(row.get('rps_set_ratio'))} | {_num(row['p50_ms'], 2)}"
+            f" | {_num(row['p99_ms'], 2)} | {_num(row.get('writes_per_commit'), 2)}"
+            f" | {row['errors']} |"
+        )
     return lines if len(lines) > 2 else []
 
 

@@ -18,26 +18,36 @@ from bench.servers import VALUE
 INSTALL_HINT = "wrk is not installed: apt-get install wrk (Debian/Ubuntu), brew install wrk"
 
 # Every script ends with this: wrk calls done() once, with all threads' figures.
-# Latencies are in microseconds; errors.status counts answers >= 400.
+# Latencies are in microseconds; errors.status counts answers >= 400;
+# unsucceeded sums the threads' own count of answers that said the request
+# did not do its work (only the txn script counts any).
 _DONE = r"""
 done = function(summary, latency, requests)
   local e = summary.errors
+  local unsucceeded = 0
+  for _, thread in ipairs(threads or {}) do
+    unsucceeded = unsucceeded + (thread:get("unsucceeded") or 0)
+  end
   io.write(string.format(
     'BENCH {"requests": %d, "duration_us": %d, "connect_errors": %d, "read_errors": %d,'
-    .. ' "write_errors": %d, "timeouts": %d, "status_errors": %d,'
+    .. ' "write_errors": %d, "timeouts": %d, "status_errors": %d, "unsucceeded": %d,'
     .. ' "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\n',
     summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout, e.status,
+    unsucceeded,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
 
 # wrk runs each thread in its own Lua state; setup() numbers them so that
-# generated keys differ between threads, and the run tag between runs.
+# generated keys differ between threads, and the run tag between runs, and
+# keeps them so that done() can read their counters.
 _THREADS = r"""
 local next_id = 0
+threads = {}
 setup = function(thread)
   next_id = next_id + 1
   thread:set("id", next_id)
+  table.insert(threads, thread)
 end
 """
 
@@ -116,6 +126,49 @@ end
 """,
 }
 
+# txn: each request is one POST /txn with 2 conditions and 2 puts of VALUE.
+# It is built to succeed every time at any connection count, so that the cell
+# measures transactions that commit, not ones that fall through to an empty else:
+#   - if: exists: true on a loaded key picked at random (no cell deletes those
+#     keys, so it holds; the transaction checks a key it does not write, as a
+#     guard on another record does), and exists: false on the first key it
+#     puts (create-only, as If-None-Match: *);
+#   - then: 2 puts of new keys, unique as set-unique's are (run tag, wrk
+#     thread, request count), so no two requests, on whichever connection,
+#     write a key in common or make each other's conditions fail.
+# Conditions on keys that other connections also write (an ETag read back from
+# an earlier answer) would measure contention and retries instead, and wrk's
+# threads cannot share what they read.  response() counts the answers below
+# 400 that do not say succeeded: true: errors for kvapp, not for the
+# hello-world ceiling, which runs this same script (and so the same Lua).
+SCRIPTS["txn"] = (
+    _THREADS
+    + r"""
+local tag, n, keys = "", 0, 1
+local headers = {["Content-Type"] = "application/json"}
+init = function(args)
+  keys = tonumber(args[1])
+  tag = args[2]
+  math.randomseed(id * 49979687)
+end
+request = function()
+  n = n + 1
+  local key = string.format("t%s-%d-%d", tag, id, n)
+  local body = string.format(
+    '{"if": [{"key": "key-%09d", "exists": true}, {"key": "%s-a", "exists": false}],'
+    .. ' "then": [{"put": "%s-a", "value": "VALUE"}, {"put": "%s-b", "value": "VALUE"}]}',
+    math.random(keys), key, key, key)
+  return wrk.format("POST", "/txn", headers, body)
+end
+unsucceeded = 0
+response = function(status, _, body)
+  if status < 400 and not string.find(body, '"succeeded": true', 1, true) then
+    unsucceeded = unsucceeded + 1
+  end
+end
+"""
+)
+
 # set-idle: set-unique's load while IDLE_CONNECTIONS other keep-alive
 # connections, each having made one request, stay open and silent.
 SCRIPTS["set-idle"] = SCRIPTS["set-unique"]
@@ -124,6 +177,8 @@ IDLE_CONNECTIONS = 1000
 # Answers that each scenario must get from kvapp: for get-miss every one is a
 # 404.  The hello-world app answers 200 to everything.
 ALL_404 = {"get-miss"}
+# Scenarios whose every answer below 400 from kvapp must say succeeded: true.
+MUST_SUCCEED = {"txn"}
 
 
 class Result(NamedTuple):
@@ -131,7 +186,7 @@ class Result(NamedTuple):
     seconds: float
     p50_ms: float
     p99_ms: float
-    errors: int  # socket errors, timeouts, and answers of an unexpected status
+    errors: int  # socket errors, timeouts, answers of an unexpected status, txns not succeeded
 
     @property
     def rps(self) -> float:
@@ -151,16 +206,23 @@ def run(
     tag: str = "0",
     wrk: str = "wrk",
     all_404: bool | None = None,
+    must_succeed: bool | None = None,
 ) -> Result:
     """Run wrk against url for duration seconds (wrk takes whole seconds); return its figures.
 
     all_404: every answer must be a 404, else below 400 (default: what kvapp must answer).
+    must_succeed: a transaction that did not succeed counts as an error (default: as
+    all_404; the hello-world ceiling passes False to both).
     """
     if all_404 is None:
         all_404 = scenario in ALL_404
+    if must_succeed is None:
+        must_succeed = scenario in MUST_SUCCEED
     idle = IDLE_CONNECTIONS if scenario == "set-idle" else 0
     with idle_connections(url, idle) as failed:
-        result = _run(url, SCRIPTS[scenario], connections, duration, keys, tag, wrk, all_404)
+        result = _run(
+            url, SCRIPTS[scenario], connections, duration, keys, tag, wrk, all_404, must_succeed
+        )
         idle_failures = failed()
     return result._replace(errors=result.errors + idle_failures)
 
@@ -236,7 +298,7 @@ def run_script(
     """Run wrk with script (a SCRIPTS entry in another server's URLs); every answer < 400."""
     if find_wrk() is None:
         raise RuntimeError(INSTALL_HINT)
-    return _run(url, script, connections, duration, keys, tag, "wrk", False)
+    return _run(url, script, connections, duration, keys, tag, "wrk", False, False)
 
 
 def _run(
@@ -248,6 +310,7 @@ def _run(
     tag: str,
     wrk: str,
     all_404: bool,
+    must_succeed: bool,
 ) -> Result:
     script = script_text.replace("VALUE", VALUE) + _DONE
     threads = min(2, connections)
@@ -269,6 +332,8 @@ def _run(
     figures = json.loads(line[len("BENCH ") :])
     status = figures["status_errors"]
     unexpected = figures["requests"] - status if all_404 else status
+    if must_succeed:
+        unexpected += figures["unsucceeded"]
     errors = unexpected + sum(
         figures[name] for name in ("connect_errors", "read_errors", "write_errors", "timeouts")
     )

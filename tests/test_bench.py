@@ -17,7 +17,7 @@ from pgcluster import find_bindir
 
 from kvapp.store.sqlite import SQLiteStore
 
-SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle"]
+SCENARIOS = ["get-hit", "get-miss", "set-unique", "set-hot", "mix", "set-idle", "txn"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def check_cells(rows: list[dict], table: str, backend: str, sync: str) -> None:
         if row["backend"] != backend:
             continue
         assert row["connections"] == 16 and row["workers"] == 1
-        # Every answer was the expected one: 200s, and 404s for get-miss.
+        # Every answer was the expected one: 200s, 404s for get-miss, and every
+        # transaction succeeded.
         assert row["errors"] == 0, row
         assert row["requests"] > 0 and row["rps"] > 0, row
         # The ratios are to the hello-world app driven by the cell's own wrk script.
@@ -72,7 +73,7 @@ def check_cells(rows: list[dict], table: str, backend: str, sync: str) -> None:
             assert measured["cpu_user_us"] + measured["cpu_system_us"] > 0, measured
             assert measured["switches"] > 0, measured
         # Writes were counted in commits (at least one write per commit); reads made none.
-        if row["scenario"].startswith("set"):
+        if row["scenario"].startswith("set") or row["scenario"] == "txn":
             assert row["writes_per_commit"] >= 1, row
         elif row["scenario"].startswith("get"):
             assert row["writes_per_commit"] is None, row
@@ -87,6 +88,11 @@ def test_quick_run_writes_a_table_with_every_scenario_on_both_servers(quick):
     for server, scenario in (("waitress", "get-hit"), ("granian", "set-unique")):
         assert f"| {server} {scenario} (FULL) |" in table  # the Targets table
     assert "## Targets" in table
+    assert "## Transactions" in table
+    for server in ("waitress", "granian"):  # txn against durable SET, in the same run
+        txn = next(r for r in rows if r["server"] == server and r["app"] == "kvapp"
+                   and r["backend"] == "sqlite" and r["scenario"] == "txn")  # fmt: skip
+        assert txn["rps_set_ratio"] is not None and txn["rps_set_ratio"] > 0, txn
     # The same table is printed.
     assert table.strip() in result.stdout
 
@@ -100,6 +106,77 @@ def test_quick_run_has_a_postgresql_column_when_postgresql_is_installed(quick):
     check_cells(rows, table, "postgresql", "on")
     assert {r["synchronous"] for r in rows if r["backend"] == "postgresql"} == {"on"}
     assert "fsync on" in table and "synchronous_commit = on" in table
+
+
+def txn_rows() -> list[dict]:
+    """Return kvapp cells as run_matrix makes them: set-unique and txn, at 16 and 64."""
+    rows = []
+    for scenario, connections, rps in (
+        ("set-unique", 16, 2000.0),
+        ("txn", 16, 1500.0),
+        ("set-unique", 64, 2500.0),
+        ("txn", 64, 1000.0),
+    ):
+        rows.append(
+            {
+                "server": "waitress", "workers": 1, "app": "kvapp", "backend": "sqlite",
+                "synchronous": "FULL", "scenario": scenario, "connections": connections,
+                "rps": rps, "p50_ms": 5.0, "p99_ms": 20.0, "errors": 0, "requests": 9000,
+                "writes_per_commit": 4.0,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def test_txn_cells_are_compared_with_set_unique_of_the_same_run():
+    from bench import report
+
+    rows = txn_rows()
+    # A txn cell at 256 connections without its SET cell: no ratio.
+    rows.append({**rows[1], "connections": 256, "rps": 800.0})
+    report.add_ratios(rows)
+    assert [r.get("rps_set_ratio") for r in rows] == [None, 0.75, None, 0.4, None]
+    table = report.txn_table(rows)
+    assert table[2] == (
+        "| waitress | 1 | sqlite | FULL | 16 | 1,500 | 3,000 | 2,000 | 0.75 | 5.00 | 20.00"
+        " | 4.00 | 0 |"
+    )
+    assert table[3].startswith(
+        "| waitress | 1 | sqlite | FULL | 64 | 1,000 | 2,000 | 2,500 | 0.40 |"
+    )
+    assert table[4].startswith("| waitress | 1 | sqlite | FULL | 256 | 800 | 1,600 | - | - |")
+    assert report.txn_table(rows[:1]) == []  # no txn cell, no table
+
+
+def test_the_txn_script_sends_transactions_that_succeed(client):
+    import re
+
+    from bench import wrk
+
+    script = wrk.SCRIPTS["txn"].replace("VALUE", wrk.VALUE)
+    assert 'wrk.format("POST", "/txn", headers, body)' in script
+    assert '["Content-Type"] = "application/json"' in script
+    # The body's format: two Lua string literals joined by .., then its arguments.
+    pieces = re.search(r"local body = string.format\(\s*'(.*)'\s*\.\.\s*'(.*)',", script)
+    assert pieces is not None, script
+    body = "".join(pieces.groups())
+    client.post("/set", {"key-000000007": "loaded"})
+    for n in (1, 2):  # %09d and %s mean the same in Lua's string.format as in Python's %
+        key = f"tc16-1-{n}"
+        answer = client.post(
+            "/txn",
+            (body % (7, key, key, key)).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        # What response() looks for, as kvapp writes it.
+        assert '"succeeded": true' in answer.text, answer.text
+        assert answer.json["results"] == [
+            {"put": f"{key}-a", "etag": answer.json["results"][0]["etag"], "created": True},
+            {"put": f"{key}-b", "etag": answer.json["results"][0]["etag"], "created": True},
+        ]
+    assert client.get("/get", {"key": "tc16-1-2-b"}).text == wrk.VALUE
+    # Only kvapp's cells count answers without it; the hello-world ceiling answers "hello".
+    assert wrk.MUST_SUCCEED == {"txn"}
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -410,6 +487,8 @@ def test_dry_run_lists_the_watch_cells():
         "watch-load: waitress, sqlite FULL, workers 1, 2: set-unique at 16 connections"
         " for 3 s with 0, 50, 0 watchers of prefix=u"
     ) in lines
+    txn = bench("--dry-run", "--scenarios", "set-unique,txn").stdout.splitlines()
+    assert "scenarios: set-unique, txn" in txn
     # The whole matrix has them; --quick only when asked for; --profile has no such scenario.
     assert "watch-latency" in bench("--dry-run").stdout
     assert "watch" not in bench("--dry-run", "--quick").stdout
