@@ -2,14 +2,14 @@
 
 POST /txn enforces one rule that JSON Schema cannot state, so a body the
 document allows may still rightly get a 400, which the fuzzer would count
-as valid data rejected: a branch may write (put or delete) a key only once
-(JSON Schema cannot say "no two items of this array share the value of a
-member").
+as valid data rejected: a branch may write (put or delete) a key only once,
+and read (get) it only once (JSON Schema cannot say "no two items of this
+array share the value of a member").
 
 Rather than accept any 400 from /txn as valid data accepted (which would
 hide a real one), each positive case gets a fresh key for every repeated
-write; everything else about it, and every negative case, is sent as
-generated.
+write or read; everything else about it, and every negative case, is sent
+as generated.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ def within_txn_rules(context: schemathesis.HookContext, case: schemathesis.Case)
     if not isinstance(body, dict):
         return case
     for branch in ("then", "else"):
-        written: set[str] = set()
+        seen: dict[str, set[str]] = {"written": set(), "read": set()}
         for index, operation in enumerate(body.get(branch) or []):
-            verb = "put" if "put" in operation else "delete" if "delete" in operation else None
+            verb = next((verb for verb in ("put", "delete", "get") if verb in operation), None)
             if verb is None:
                 continue
+            done = seen["read" if verb == "get" else "written"]
             key, again = operation[verb], 0
-            while key in written:  # short and plain: valid wherever the original was
+            while key in done:  # short and plain: valid wherever the original was
                 again += 1
                 key = f"{operation[verb][:40]}~{index}.{again}"
             operation[verb] = key
-            written.add(key)
+            done.add(key)
     return case

@@ -10,7 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvapp.store.base import ANY, Condition, ConditionFailed, Delete, Outcome, Put, Write
+from kvapp.store.base import (
+    ANY,
+    Check,
+    Condition,
+    ConditionFailed,
+    Delete,
+    Item,
+    Outcome,
+    Put,
+    ReadsTooLarge,
+    Write,
+)
 from kvapp.store.plan import Plan, plan
 
 NOW = 1_000_000
@@ -21,7 +32,7 @@ def put(key, value=b"v", ttl=None, condition=None):
 
 
 def test_an_empty_batch_changes_nothing():
-    assert plan({}, [], 7, NOW) == Plan([], 7, {}, [], [])
+    assert plan({}, [], 7, NOW) == Plan([], 7, {}, [], [], [])
 
 
 def test_each_applied_write_takes_the_next_revision_and_its_puts_carry_it():
@@ -64,7 +75,7 @@ def test_a_delete_of_an_absent_key_ignores_its_condition_and_takes_no_revision()
     # RFC 9110 section 13.2.1: the answer is 404 whatever the precondition says.
     result = plan({}, [Write.of(Delete("a", Condition(if_match=frozenset({1}))))], 9, NOW)
     assert result.results == [Outcome(9, (False,))]
-    assert result == Plan(result.results, 9, {}, [], [])
+    assert result == Plan(result.results, 9, {}, [], [], [])
 
 
 def test_a_delete_removes_an_expired_row_but_reports_the_key_absent():
@@ -195,3 +206,72 @@ def test_a_batch_plans_as_its_writes_one_by_one(rows, writes, revision):
         (type(r), getattr(r, "key", r)) for r in results
     ]
     assert whole.revision == revision
+
+
+# -- transactions in a batch ---------------------------------------------------------------------
+
+
+def txn(checks, changes=(), reads=(), otherwise=None, read_limit=None):
+    return Write(tuple(changes), tuple(reads), tuple(checks), otherwise, read_limit)
+
+
+def test_a_transaction_sees_the_writes_before_it_in_its_batch():
+    rows = {"a": (3, None)}
+    sizes = {"a": 5}
+    writes = [
+        Write.of(put("a", b"new")),  # revision 8
+        txn([Check("a", Condition(if_match=frozenset({8})))], [put("b")], ["a", "b"]),
+        txn(
+            [Check("a", Condition(if_match=frozenset({3})))],
+            [put("c")],
+            otherwise=Write((), ("a",)),
+        ),
+        Write.of(Delete("a")),  # revision 10
+        txn([Check("a", Condition(if_none_match=ANY))], reads=["a"]),
+    ]
+    planned = plan(rows, writes, 7, NOW, sizes)
+    assert planned.fetch == []  # every read is of a value put in this batch, or of none
+    results = planned.results
+    assert results[1] == Outcome(9, (False,), True, (Item(b"new", "text/plain", 8), None))
+    assert results[2] == Outcome(9, (), False, (Item(b"new", "text/plain", 8),))
+    assert results[4] == Outcome(10, (), True, (None,))
+
+
+def test_a_read_of_a_stored_value_is_filled_from_the_store_before_the_batch_writes_it():
+    rows = {"a": (3, None), "old": (2, NOW - 1)}
+    writes = [txn([], [put("a", b"2")], ["a", "old", "none"]), txn([], reads=["a"])]
+    planned = plan(rows, writes, 7, NOW, {"a": 1, "old": 9})
+    assert planned.fetch == [(0, 0, "a")]  # the expired row is absent: nothing to read
+    assert planned.fetch_keys() == ["a"]
+    results = planned.filled({"a": (b"1", "x/y")})
+    assert results[0].items == (Item(b"1", "x/y", 3), None, None)
+    assert results[1].items == (Item(b"2", "text/plain", 8),)
+
+
+def test_reads_over_the_limit_fail_their_write_alone_and_read_nothing():
+    rows = {"a": (3, None), "b": (4, None)}
+    writes = [
+        txn([], [put("c")], ["a", "b"], read_limit=10),
+        txn([], [put("d")], ["a"], read_limit=10),
+        txn(
+            [Check("a", Condition(if_match=frozenset({9})))],
+            [],
+            ["a", "b"],
+            otherwise=Write((), ("b",)),
+            read_limit=10,
+        ),
+    ]
+    planned = plan(rows, writes, 7, NOW, {"a": 6, "b": 5})
+    assert isinstance(planned.results[0], ReadsTooLarge)
+    assert str(planned.results[0]).startswith("the gets of this transaction would answer 11 bytes")
+    assert planned.results[1] == Outcome(8, (False,), True, (Item(b"", "", 3),))
+    assert planned.results[2] == Outcome(8, (), False, (Item(b"", "", 4),))
+    assert set(planned.puts) == {"d"}
+    assert [index for index, _, _ in planned.fetch] == [1, 2]
+
+
+def test_a_transactions_branch_ignores_its_changes_conditions_no_more_than_a_write_does():
+    rows = {"a": (3, None)}
+    failing = put("a", condition=Condition(if_match=frozenset({1})))
+    planned = plan(rows, [txn([], [failing])], 7, NOW, {})
+    assert isinstance(planned.results[0], ConditionFailed)

@@ -352,6 +352,9 @@ BAD = [
     ({"then": [OK_PUT, OK_PUT]}, "then[1].put", "already written by then[0]"),
     ({"else": [{"delete": "k"}, OK_PUT]}, "else[1].put", "already written by else[0]"),
     ({"then": [OK_PUT, {"get": "k"}, {"delete": "k"}]}, "then[2].delete", "already written"),
+    ({"then": [{"get": "k"}, OK_PUT, {"get": "k"}]}, "then[2].get", "already read by then[0]"),
+    ({"if": [{}] * 386}, None, "more than 385 JSON objects"),
+    (b"{\"then\": [" + b"{}," * 1_300_000 + b"{}]}", None, "more than 385 JSON objects"),
     ({"then": [{"put": ""}]}, "then[0].put", "empty"),
     ({"then": [{"delete": "a\nb"}]}, "then[0].delete", "control character"),
     ({"then": [{"get": "\u0085"}]}, "then[0].get", "control character"),
@@ -463,6 +466,10 @@ def make_client(make_settings):
         "application/merge-patch+json",
         "application/json; charset=latin-1",
         "application/json; charset=utf-16",
+        "application/json;",
+        "application/json; charset = utf-8",
+        "application/json; charset=utf-8; x=y",
+        "application/json, text/plain",
     ],
 )
 def test_other_media_types_are_415(client, snapshot, content_type):
@@ -485,6 +492,27 @@ def test_other_media_types_are_415(client, snapshot, content_type):
 def test_json_with_or_without_utf8_charset_is_accepted(client, content_type):
     txn(client, {"then": [OK_PUT]}, content_type=content_type)
     assert stored_value(client, "k")[0] == b"v"
+
+
+@BEFORE_STORAGE
+def test_gets_that_would_answer_more_than_max_body_bytes_are_400_and_change_nothing(
+    make_client, snapshot
+):
+    client = make_client(max_body_bytes=1000)
+    client.app.repository.set_many([("a", b"x" * 600, TEXT), ("b", b"y" * 600, TEXT)])
+    before = snapshot()
+    document = {"then": [{"get": "a"}, {"put": "c", "value": "1"}, {"get": "b"}]}
+    response = txn(client, document, status=400)
+    assert response.text == (
+        "the gets of this transaction would answer 1200 bytes of values; the limit is 1000"
+        " (max_body_bytes); get fewer keys; nothing was changed\n"
+    )
+    assert snapshot() == before
+    # The else branch's gets count only when it runs; a value put earlier counts too.
+    document["if"] = [{"key": "a", "exists": True}]
+    document["else"] = [{"get": "a"}, {"get": "b"}]
+    document["then"] = [{"get": "a"}, {"put": "c", "value": "1"}]
+    assert txn(client, document).json["results"][0]["value"] == "x" * 600
 
 
 @BEFORE_STORAGE
@@ -649,10 +677,9 @@ def operations(draw):
     for _ in range(draw(st.integers(0, 5))):
         key = draw(st.sampled_from(KEYS))
         verb = draw(st.sampled_from(["put", "delete", "get"]))
-        if verb != "get":
-            if key in written:
-                continue
-            written.add(key)
+        if (key, verb == "get") in written:
+            continue
+        written.add((key, verb == "get"))
         if verb == "put":
             if draw(st.booleans()):
                 value = draw(st.text(max_size=5).filter(_encodable))

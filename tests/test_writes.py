@@ -19,6 +19,7 @@ from kvapp.store.base import (
     Delete,
     Event,
     History,
+    Outcome,
     Put,
     Write,
     successor,
@@ -75,7 +76,7 @@ def test_write_of_a_key_twice_is_refused(repo):
 def test_delete_that_changes_nothing_keeps_the_revision(repo):
     repo.apply(put("a"))
     outcome = repo.apply(Write.of(Delete("zzz")))
-    assert outcome == (1, (False,))
+    assert outcome == Outcome(1, (False,))
     assert repo.apply(put("b")).revision == 2
 
 

@@ -100,17 +100,20 @@ class Check(NamedTuple):
 class Write(NamedTuple):
     """Changes of distinct keys, applied together or not at all.
 
-    A transaction (POST /txn) adds checks, reads and otherwise: when every
-    check holds, the Write makes its changes and answers its reads; when one
-    does not, otherwise does instead (or nothing), and the Outcome says
-    succeeded=False.  Checks and reads see the state before the Write's own
-    changes: one snapshot, the one its changes replace.
+    A transaction adds checks, reads and otherwise: when every check holds,
+    the Write makes its changes and answers its reads; when one does not,
+    otherwise (changes and reads only) does instead, or nothing, and the
+    Outcome says succeeded=False.  Checks and reads see the state before the
+    Write's own changes: one snapshot, the one its changes replace.  The
+    values its reads answer may add up to read_limit bytes at most; past it,
+    the Write fails alone with ReadsTooLarge, having changed nothing.
     """
 
     changes: tuple[Change, ...]
     reads: tuple[str, ...] = ()
     checks: tuple[Check, ...] = ()
     otherwise: Write | None = None
+    read_limit: int | None = None
 
     @classmethod
     def of(cls, *changes: Change) -> Write:
@@ -179,8 +182,18 @@ class Item(NamedTuple):
     revision: int
 
 
-Result = Outcome | ConditionFailed
-"""What apply_batch gives for one Write: its Outcome, or the ConditionFailed that skipped it."""
+class ReadsTooLarge(Exception):
+    """A Write's reads would answer more than its read_limit; nothing of it was applied."""
+
+    def __init__(self, total: int, limit: int) -> None:
+        super().__init__(
+            f"the gets of this transaction would answer {total} bytes of values;"
+            f" the limit is {limit}"
+        )
+
+
+Result = Outcome | ConditionFailed | ReadsTooLarge
+"""What apply_batch gives for one Write: its Outcome, or the error that skipped it."""
 
 
 PUT, DELETE, EXPIRED = "put", "delete", "expired"
@@ -251,6 +264,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # The longest content type stored with a value, in printable ASCII characters.
 MAX_CONTENT_TYPE = 255
+# The content type of a value given without one (RFC 9110 section 8.3).
+OCTET_STREAM = "application/octet-stream"
+# The longest TTL in seconds: 68 years, and a signed 32-bit count as Redis's EXPIRE takes.
+MAX_TTL_SECONDS = 2**31 - 1
 
 # type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -294,6 +311,13 @@ def check_content_type(content_type: str) -> str:
             f" {MAX_CONTENT_TYPE} printable ASCII characters"
         )
     return content_type
+
+
+def check_ttl(seconds: int) -> int:
+    """Return seconds if it is a TTL a value may have; raise InvalidInput saying why not."""
+    if not 1 <= seconds <= MAX_TTL_SECONDS:
+        raise InvalidInput(f"a ttl is a whole number of seconds from 1 to {MAX_TTL_SECONDS}")
+    return seconds
 
 
 def successor(prefix: str) -> str | None:

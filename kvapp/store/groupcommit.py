@@ -15,8 +15,8 @@ Leader and followers, no committer thread and no timer:
   fsync, however many threads write.
 - Every submitter is woken only after apply_batch has returned (the batch
   is durable) or raised (nothing of it is): nothing is acknowledged early.
-  Each gets its own result, an Outcome or a ConditionFailed (apply_batch
-  fails a write whose condition does not hold alone), or the error that
+  Each gets its own result, an Outcome, a ConditionFailed or a
+  ReadsTooLarge (apply_batch fails such a write alone), or the error that
   failed the whole batch, which then reaches every request of it.
 With no thread of its own, it works unchanged in forked worker processes.
 """
@@ -28,9 +28,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from kvapp.store.base import ConditionFailed, Outcome, Put, Write
+from kvapp.store.base import ConditionFailed, Outcome, Put, ReadsTooLarge, Result, Write
 
-Result = Outcome | ConditionFailed
 ApplyBatch = Callable[[Sequence[Write]], Sequence[Result]]
 
 # A batch stops growing at whichever comes first.  The first write always
@@ -60,12 +59,17 @@ class _Waiter:
 
 
 def write_size(write: Write) -> int:
-    """Return about how many bytes a write carries: its keys and values."""
-    return sum(
+    """Return about how many bytes a write carries: its keys and values.
+
+    A Write that reads may answer up to its read_limit of values, which the
+    batch holds in memory until it commits: that counts too.
+    """
+    carried = sum(
         len(change.key) + (len(change.value) if isinstance(change, Put) else 0)
         for branch in write.branches()
         for change in branch.changes
     )
+    return carried + (write.read_limit or 0 if write.read_keys() else 0)
 
 
 class GroupCommit:
@@ -93,6 +97,8 @@ class GroupCommit:
         applied), ValueError if it changes a key twice (before it joins a
         batch), or whatever failed its whole batch.
         """
+        if write.otherwise is not None and (write.otherwise.checks or write.otherwise.otherwise):
+            raise ValueError("an otherwise has changes and reads only")
         for branch in write.branches():
             changes = branch.changes
             if len(changes) > 1 and len({change.key for change in changes}) != len(changes):
@@ -109,7 +115,7 @@ class GroupCommit:
             self._lead()
         if waiter.error is not None:
             raise waiter.error
-        if isinstance(waiter.result, ConditionFailed):
+        if isinstance(waiter.result, ConditionFailed | ReadsTooLarge):
             raise waiter.result
         assert waiter.result is not None
         return waiter.result

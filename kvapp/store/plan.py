@@ -47,6 +47,7 @@ from kvapp.store.base import (
     Item,
     Outcome,
     Put,
+    ReadsTooLarge,
     Result,
     Write,
 )
@@ -77,6 +78,30 @@ class Plan(NamedTuple):
     puts: dict[str, NewRow]
     deletes: list[str]
     events: list[Event]
+    fetch: list[tuple[int, int, str]]
+    """(result, item, key) of each read answered by a stored value: filled() fills them in."""
+
+    def fetch_keys(self) -> list[str]:
+        """Return the keys whose stored values and content types the reads answer."""
+        return list(dict.fromkeys(key for _, _, key in self.fetch))
+
+    def filled(self, values: Mapping[str, tuple[bytes, str]]) -> list[Result]:
+        """Return the results, each read of a stored value answered from values.
+
+        values: (value, content_type) of fetch_keys(), read after plan() and
+        before its rows are written, in the same transaction.
+        """
+        results = list(self.results)
+        for index, position, key in self.fetch:
+            outcome = results[index]
+            assert isinstance(outcome, Outcome)
+            items = list(outcome.items)
+            pending = items[position]
+            assert pending is not None
+            value, content_type = values[key]
+            items[position] = Item(value, content_type, pending.revision)
+            results[index] = outcome._replace(items=tuple(items))
+        return results
 
 
 def plan(
@@ -84,20 +109,22 @@ def plan(
     writes: Sequence[Write],
     revision: int,
     now: int,
-    values: Mapping[str, tuple[bytes, str]] | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> Plan:
     """Return the Plan of writes applied in order to rows, at the store's revision and time now.
 
     rows: (revision, expires_at) of every stored row, live or expired, that
-    the writes touch; a key missing from rows has no row.  values: (value,
-    content_type) of the stored rows of every key the writes read.  Raises
-    ValueError for a Write that changes one key twice.
+    the writes touch; a key missing from rows has no row.  sizes: the length
+    of the stored value of every key the writes read, so that a read over
+    its Write's read_limit costs no more than its length.  Raises ValueError
+    for a Write that changes one key twice.
     """
     state: dict[str, tuple[int, int | None] | None] = dict(rows)
-    contents: dict[str, tuple[bytes, str]] = dict(values or {})
+    contents: dict[str, tuple[bytes, str]] = {}  # values put by the batch so far
     final: dict[str, NewRow | None] = {}
     results: list[Result] = []
     events: list[Event] = []
+    fetch: list[tuple[int, int, str]] = []
     for write in writes:
         succeeded = all(
             check.condition.holds(_live(state.get(check.key), now)) for check in write.checks
@@ -106,12 +133,30 @@ def plan(
         changes = branch.changes
         if len(changes) != len({change.key for change in changes}):
             raise ValueError("a Write changes each key at most once")
-        items = tuple(_item(key, state.get(key), contents, now) for key in branch.reads)
+        items: list[Item | None] = []
+        pending: list[tuple[int, int, str]] = []
+        total = 0
+        for position, key in enumerate(branch.reads):
+            live_revision = _live(state.get(key), now)
+            if live_revision is None:
+                items.append(None)
+            elif key in contents:
+                value, content_type = contents[key]
+                items.append(Item(value, content_type, live_revision))
+                total += len(value)
+            else:  # the stored value, read once the plan is made
+                items.append(Item(b"", "", live_revision))
+                pending.append((len(results), position, key))
+                total += (sizes or {})[key]
+        if write.read_limit is not None and total > write.read_limit:
+            results.append(ReadsTooLarge(total, write.read_limit))
+            continue
         live = [_live(state.get(change.key), now) for change in changes]
         failed = _failed_condition(changes, live)
         if failed is not None:
             results.append(failed)
             continue
+        fetch += pending
         next_revision = revision + 1
         n = 0
         for change, current in zip(changes, live, strict=True):
@@ -135,27 +180,13 @@ def plan(
         if n:
             revision = next_revision
         existed = tuple(current is not None for current in live)
-        results.append(Outcome(revision, existed, succeeded, items))
+        results.append(Outcome(revision, existed, succeeded, tuple(items)))
     puts = {key: row for key, row in final.items() if row is not None}
     deletes = [key for key, row in final.items() if row is None]
-    return Plan(results, revision, puts, deletes, events)
+    return Plan(results, revision, puts, deletes, events, fetch)
 
 
 _NOTHING = Write(())
-
-
-def _item(
-    key: str,
-    row: tuple[int, int | None] | None,
-    contents: Mapping[str, tuple[bytes, str]],
-    now: int,
-) -> Item | None:
-    """Return the live Item of key at now, or None."""
-    revision = _live(row, now)
-    if revision is None:
-        return None
-    value, content_type = contents[key]
-    return Item(value, content_type, revision)
 
 
 def _live(row: tuple[int, int | None] | None, now: int) -> int | None:

@@ -629,13 +629,21 @@ class PostgresStore:
                 current = conn.execute(
                     "SELECT key, revision, expires_at FROM kv WHERE key = ANY(%s)", (keys,)
                 )
+                # octet_length of a TOASTed value reads its size, not the value.
                 stored = reads and conn.execute(
-                    "SELECT key, value, content_type FROM kv WHERE key = ANY(%s)", (reads,)
+                    "SELECT key, octet_length(value) FROM kv WHERE key = ANY(%s)", (reads,)
                 )
                 start = _scalar(lock)  # the first round trip
                 rows = {key: (revision, expires) for key, revision, expires in current.fetchall()}
-                values = stored and {key: (bytes(v), ct) for key, v, ct in stored.fetchall()}
-                planned = plan(rows, writes, start, now, values or None)
+                sizes: dict[str, int] | None = dict(stored.fetchall()) if stored else None
+                planned = plan(rows, writes, start, now, sizes)
+                fetch = planned.fetch_keys()
+                results = planned.results
+                if fetch:  # one more round trip, before the batch's rows are written
+                    values = conn.execute(
+                        "SELECT key, value, content_type FROM kv WHERE key = ANY(%s)", (fetch,)
+                    ).fetchall()
+                    results = planned.filled({key: (bytes(v), ct) for key, v, ct in values})
                 if planned.puts:
                     conn.execute(_UPSERT, _columns(planned.puts.values()))
                 if planned.deletes:
@@ -646,7 +654,7 @@ class PostgresStore:
                         "UPDATE meta SET value = %s WHERE name = 'revision'", (planned.revision,)
                     )
                 commit()
-            return planned.results
+            return results
 
         results = self._run(batch)
         self.on_commit(len(writes))

@@ -584,10 +584,13 @@ class SQLiteStore:
         with self._transaction() as conn:
             keys = list(dict.fromkeys(key for write in writes for key in write.keys()))
             start, rows = _read(conn, keys)
-            reads = [key for write in writes for key in write.read_keys()]
-            values = _read_values(conn, list(dict.fromkeys(reads))) if reads else None
+            reads = list(dict.fromkeys(key for write in writes for key in write.read_keys()))
+            sizes = _read_sizes(conn, reads) if reads else None
             now = self._now_ms()
-            planned = plan(rows, writes, start, now, values)
+            planned = plan(rows, writes, start, now, sizes)
+            # Before the batch's rows are written: a read answers the value before it.
+            fetch = planned.fetch_keys()
+            results = planned.filled(_read_values(conn, fetch)) if fetch else planned.results
             if planned.revision != start:
                 if planned.puts:
                     _upsert(conn, list(planned.puts.values()))
@@ -603,7 +606,7 @@ class SQLiteStore:
         self.on_commit(len(writes))
         if planned.revision != start:
             self.feed.notify()
-        return planned.results
+        return results
 
     def purge_expired(self, limit: int = 500) -> int:
         """Delete up to limit expired rows in one short transaction; return how many.
@@ -860,6 +863,20 @@ def _read(
     if revision is None:
         raise StorageUnavailable("the database has no revision row: it is not kvapp's")
     return revision, found
+
+
+def _read_sizes(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    """Return the length of the value stored under each of keys (not the value itself).
+
+    length() of a BLOB reads its size from the record header, without the
+    value's overflow pages (https://sqlite.org/lang_corefunc.html#length).
+    """
+    found: dict[str, int] = {}
+    for start in range(0, len(keys), _MAX_IN):
+        chunk, marks = _padded(keys[start : start + _MAX_IN])
+        sql = f"SELECT key, length(value) FROM kv WHERE key IN ({marks})"
+        found.update(conn.execute(sql, chunk).fetchall())
+    return found
 
 
 def _read_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[bytes, str]]:

@@ -9,7 +9,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvapp.config import Settings
-from kvapp.store.base import ConditionFailed, InvalidInput, StorageError, StorageFull, Store, show
+from kvapp.store.base import (
+    ConditionFailed,
+    InvalidInput,
+    ReadsTooLarge,
+    StorageError,
+    StorageFull,
+    Store,
+    show,
+)
 from kvapp.store.metricsfile import MetricsStore, metrics_path
 from kvapp.store.sweeper import Sweeper
 from kvapp.web.guard import Guard
@@ -138,6 +146,8 @@ class App:
                 f"precondition failed: the key {show(exc.key)} is not at the version that"
                 " If-Match or If-None-Match asks for; nothing was changed"
             )
+        except ReadsTooLarge as exc:
+            error = BadRequest(f"{exc} (max_body_bytes); get fewer keys; nothing was changed")
         except StorageError as exc:
             error = (InsufficientStorage if isinstance(exc, StorageFull) else ServiceUnavailable)(
                 str(exc)

@@ -12,6 +12,8 @@ from urllib.parse import quote, urlencode
 
 from kvapp.config import Settings
 from kvapp.store.base import (
+    MAX_TTL_SECONDS,
+    OCTET_STREAM,
     Condition,
     Delete,
     InvalidInput,
@@ -36,8 +38,6 @@ from kvapp.web.responses import (
 )
 from kvapp.web.watch import Watching, split_watch
 
-OCTET_STREAM = "application/octet-stream"
-MAX_TTL_SECONDS = 2**31 - 1
 DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
 
 

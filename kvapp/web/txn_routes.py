@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 from kvapp.config import Settings
 from kvapp.store.base import (
     ANY,
+    MAX_TTL_SECONDS,
+    OCTET_STREAM,
     Change,
     Check,
     Condition,
@@ -36,11 +38,11 @@ from kvapp.store.base import (
     Write,
     check_content_type,
     check_key,
+    check_ttl,
     show,
 )
 from kvapp.web.etags import etag, revision_of
 from kvapp.web.jsonbody import array, boolean, invalid, members, parse_json, string
-from kvapp.web.kv_routes import MAX_TTL_SECONDS, OCTET_STREAM
 from kvapp.web.request import Request
 from kvapp.web.responses import JSON, TEXT, PayloadTooLarge, Response, UnsupportedMediaType
 
@@ -49,7 +51,7 @@ CONDITION = ("key", "etag", "exists")
 VERBS = ("put", "delete", "get")
 PUT_MEMBERS = ("put", "value", "value_base64", "content_type", "ttl")
 OPERATION = (*PUT_MEMBERS, "delete", "get")
-CHARSETS = ("", "charset=utf-8", 'charset="utf-8"')
+CHARSETS = ("charset=utf-8", 'charset="utf-8"')
 
 
 class Branch(NamedTuple):
@@ -73,14 +75,14 @@ class Transactions:
     def txn(self, request: Request) -> Response:
         """POST /txn: 200 with succeeded, revision and the results of the branch taken."""
         content_type = request.header("CONTENT_TYPE")
-        media_type, _, params = content_type.partition(";")
-        charset = params.strip().lower().replace(" ", "")
-        if media_type.strip().lower() != JSON or charset not in CHARSETS:
+        if not _is_json(content_type):
             raise UnsupportedMediaType(
                 f"the body must be {JSON} (UTF-8), not {content_type[:60]!r}"
             )
+        # The document, each condition, and each operation of both branches.
+        max_objects = 1 + 3 * self.max_txn_ops
         document = members(
-            parse_json(request.body(self.max_body_bytes)),
+            parse_json(request.body(self.max_body_bytes), max_objects),
             "",
             TOP,
             "a transaction has if, then, else",
@@ -93,7 +95,13 @@ class Transactions:
         )
         then = self._branch(document.get("then", []), "then")
         otherwise = self._branch(document.get("else", []), "else")
-        write = Write(then.changes, then.reads, checks, Write(otherwise.changes, otherwise.reads))
+        write = Write(
+            then.changes,
+            then.reads,
+            checks,
+            Write(otherwise.changes, otherwise.reads),
+            read_limit=self.max_body_bytes,
+        )
         outcome = self.repository.apply(write)
         taken = then if outcome.succeeded else otherwise
         answer = {
@@ -130,6 +138,7 @@ class Transactions:
         reads: list[str] = []
         operations: list[tuple[str, str]] = []
         written: dict[str, str] = {}
+        read: dict[str, str] = {}
         for index, item in enumerate(array(value, path, self.max_txn_ops, "max_txn_ops")):
             where = f"{path}[{index}]"
             fields = members(item, where, OPERATION, "an operation is put, delete or get")
@@ -143,14 +152,16 @@ class Transactions:
                     raise invalid(f"{where}.{name}", f"is not a member of a {verb} operation")
             key = self._key(fields[verb], f"{where}.{verb}")
             operations.append((verb, key))
+            seen = read if verb == "get" else written
+            if key in seen:
+                done = "read" if verb == "get" else "written"
+                raise invalid(
+                    f"{where}.{verb}", f"the key {show(key)} is already {done} by {seen[key]}"
+                )
+            seen[key] = where
             if verb == "get":
                 reads.append(key)
                 continue
-            if key in written:
-                raise invalid(
-                    f"{where}.{verb}", f"the key {show(key)} is already written by {written[key]}"
-                )
-            written[key] = where
             changes.append(self._put(fields, key, where) if verb == "put" else Delete(key))
         return Branch(tuple(changes), tuple(reads), operations)
 
@@ -206,7 +217,22 @@ def _seconds(number: Any) -> int | None:
         number = int(number)
     if isinstance(number, bool) or not isinstance(number, int):
         return None
-    return number if 1 <= number <= MAX_TTL_SECONDS else None
+    try:
+        return check_ttl(number)
+    except InvalidInput:
+        return None
+
+
+def _is_json(content_type: str) -> bool:
+    """Return whether a Content-Type is application/json, with at most charset=utf-8.
+
+    Parameters as RFC 9110 section 5.6.6 has them: no space around "=", the
+    value a token or a quoted string.
+    """
+    media_type, *params = content_type.split(";")
+    if media_type.strip(" \t").lower() != JSON or len(params) > 1:
+        return False
+    return all(param.strip(" \t").lower() in CHARSETS for param in params)
 
 
 def _results(branch: Branch, outcome: Outcome) -> list[dict[str, Any]]:
