@@ -354,7 +354,7 @@ BAD = [
     ({"then": [OK_PUT, {"get": "k"}, {"delete": "k"}]}, "then[2].delete", "already written"),
     ({"then": [{"get": "k"}, OK_PUT, {"get": "k"}]}, "then[2].get", "already read by then[0]"),
     ({"if": [{}] * 386}, None, "more than 385 JSON objects"),
-    (b"{\"then\": [" + b"{}," * 1_300_000 + b"{}]}", None, "more than 385 JSON objects"),
+    (b'{"then": [' + b"{}," * 1_300_000 + b"{}]}", None, "more than 385 JSON objects"),
     ({"then": [{"put": ""}]}, "then[0].put", "empty"),
     ({"then": [{"delete": "a\nb"}]}, "then[0].delete", "control character"),
     ({"then": [{"get": "\u0085"}]}, "then[0].get", "control character"),
