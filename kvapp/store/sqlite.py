@@ -203,7 +203,7 @@ class SQLiteStore:
         try:
             self._generations = Generations(generations_path(path), busy_timeout_ms / 1000)
         except GenerationsUnavailable as exc:
-            raise self._refuse(str(exc), "check the folder's free space and permissions") from None
+            raise self._refuse(str(exc), exc.advice) from None
         self._cache = ReadCache(self._generations, read_cache_bytes)
         self._writer = self._connect()
         self._group_commit = GroupCommit(self.apply_batch)
@@ -260,7 +260,7 @@ class SQLiteStore:
         """Create or check the file and its schema; raise DatabaseUnusable if it is unfit."""
         path = Path(self.path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(path.parent)
         except OSError as exc:
             raise self._refuse(
                 f"cannot create its folder ({exc.strerror})", "check the path and permissions"
@@ -929,6 +929,34 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def make_folders(folder: Path) -> None:
+    """Create folder and its missing parents so that they survive a power cut.
+
+    mkdir(2) changes the parent folder's entries in memory only.  A new entry
+    is on disk once its folder is fsynced (fsync(2): "Calling fsync() does not
+    necessarily ensure that the entry in the directory containing the file has
+    also reached disk. For that an explicit fsync() on a file descriptor for the
+    directory is also needed"), which is why SQLite's unix VFS fsyncs a folder
+    after creating certain files in it, "to ensure that those files will still
+    appear in the filesystem following a power loss or system crash"
+    (https://sqlite.org/rescode.html#ioerr_dir_fsync).  That reaches the file's
+    own folder only: without the same for each folder made here, a power cut
+    could take a new database, and the writes acknowledged in it, away with the
+    folders that held it.  So each missing folder is made, then the folder
+    holding each new entry is fsynced, from the deepest up to the first folder
+    that existed.  A folder that another process made meanwhile is fsynced too:
+    no acknowledgement here may rest on that process's fsync.
+    """
+    missing = []
+    while not folder.is_dir() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    for created in missing:
+        _fsync_dir(created.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

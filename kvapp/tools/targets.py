@@ -18,6 +18,7 @@ from kvapp.config import Settings
 from kvapp.store import open_store
 from kvapp.store.base import Store
 from kvapp.store.location import LocationError, check_location, is_postgres_url, redact
+from kvapp.store.sqlite import make_folders
 from kvapp.tools import atomicfile
 
 
@@ -93,7 +94,9 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
     """
     if not is_postgres_url(location(url)) and not Path(url).exists():
         path = Path(url).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Folders made durably: the new file's rename into place is fsynced, and
+        # a folder lost in a power cut would take the finished file with it.
+        make_folders(path.parent)
         with atomicfile.aside(path) as temp:
             # synchronous=OFF: the file is fsynced once, whole, before the rename.
             store = _open(str(temp), settings, "OFF")
