@@ -14,11 +14,14 @@ destination; the next run that writes the same destination removes it.
 
 A caller that must not replace a file already at the destination passes
 replace=False: the complete file is then named with link(2), which fails
-where rename(2) would replace (DestinationExists).
+where rename(2) would replace (DestinationExists).  On a filesystem without
+hard links (FAT, exFAT, many FUSE filesystems: link(2) fails with EPERM)
+it is renamed with renameat2(2)'s RENAME_NOREPLACE, the same one step.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Iterator
@@ -76,7 +79,39 @@ def _put(temp: Path, dest: Path, replace: bool) -> None:
         os.link(temp, dest)
     except FileExistsError:
         raise DestinationExists(dest) from None
+    except OSError as exc:
+        # EPERM: "The filesystem containing oldpath and newpath does not
+        # support the creation of hard links" (link(2)).
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        _rename_noreplace(temp, dest, exc)
+        return
     os.unlink(temp)
+
+
+_AT_FDCWD = -100  # <fcntl.h>
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+
+
+def _rename_noreplace(temp: Path, dest: Path, refused: OSError) -> None:
+    """Rename temp to dest unless a file is there (DestinationExists), in one step.
+
+    renameat2(2) with RENAME_NOREPLACE (Linux 3.15, glibc 2.28; Python has no
+    wrapper).  Where it is missing too, the link(2) error that led here is raised.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        raise refused from None
+    old, new = os.fsencode(temp), os.fsencode(dest)
+    if renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        raise DestinationExists(dest)
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the flag is not supported
+        raise refused from None
+    raise OSError(code, os.strerror(code), str(temp), None, str(dest))
 
 
 def _temp_name(dest: Path, pid: int) -> Path:
@@ -84,13 +119,20 @@ def _temp_name(dest: Path, pid: int) -> Path:
 
 
 def remove_stale(dest: Path) -> None:
-    """Remove the temporary files that killed runs writing dest left behind."""
-    for path in dest.parent.glob(f".{dest.name}.tmp-*"):
-        pid = path.name.rpartition("-")[2]
+    """Remove the temporary files that killed runs writing dest left behind.
+
+    A power cut can keep a companion (.NAME.tmp-PID-gen) without its file, so
+    the PID is read from either name.
+    """
+    prefix = f".{dest.name}.tmp-"
+    for path in dest.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix) :]
+        for suffix in SQLITE_SUFFIXES[1:]:
+            pid = pid.removesuffix(suffix)
         if not pid.isdigit() or _alive(int(pid)):
             continue
         for suffix in SQLITE_SUFFIXES:
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+            dest.with_name(f"{prefix}{pid}{suffix}").unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -133,6 +175,11 @@ def aside(dest: Path, replace: bool = True) -> Iterator[Path]:
             # Renaming a database away from its WAL would lose the WAL's commits.
             raise RuntimeError(f"{temp} still has a WAL: close its connections first")
         fsync_file(temp)
+        # The companions that opening temp made (its -gen, an empty -shm) go
+        # before the rename, so that the fsync of the folder below records
+        # their removal with it: a power cut after it leaves none of them.
+        for suffix in SQLITE_SUFFIXES[1:]:
+            Path(f"{temp}{suffix}").unlink(missing_ok=True)
         _put(temp, dest, replace)
         fsync_dir(dest.parent)
     finally:
