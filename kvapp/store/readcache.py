@@ -36,8 +36,11 @@ happened before E's R2, then g even means W's W5 had run too (the slot is
 odd from W3 to W5, and writers are serialised by the flock), so W
 committed before R2 and Q saw it.  If W's W3 happened after R2, W changed
 the slot to a new value, and since the flock makes every change a
-serialised increment, counters only grow: at R the slot holds more than g
-and R misses.  Either way R answers W's value or a later one.
+serialised increment, counters only move forward: at R the slot no longer
+holds g and R misses.  Either way R answers W's value or a later one.
+Counters wrap around at 2**64 (a file left full of ones by damage would
+otherwise stop every write): a slot comes back to g only after 2**64
+increments, and since 2**64 is even, wrapping keeps each counter's parity.
 Why the flock: SQLite's lock serialises W2 to W4 but is gone by W5, so
 without it one writer's W5 (a read-modify-write) could interleave with the
 next writer's W3 and store an older value over it; a later writer could
@@ -82,6 +85,7 @@ from typing import Any
 
 SLOTS = 8192  # 64 KiB of counters; a write of one key invalidates 1/SLOTS of the cache
 _MASK = SLOTS - 1
+_WRAP = 2**64 - 1  # counters are unsigned 64-bit: + is modulo 2**64 (see "Counters wrap")
 COMMITS = SLOTS  # the index of the commit counter, in a page of its own after the slots
 FILE_BYTES = SLOTS * 8 + 4096
 
@@ -98,7 +102,11 @@ MISS: Any = object()
 
 
 class GenerationsUnavailable(Exception):
-    """The -gen file cannot be created, sized or mapped; the message says why."""
+    """The -gen file cannot be created, sized or mapped; the message says why, advice what to do."""
+
+    def __init__(self, message: str, advice: str = "check the folder's free space and permissions"):
+        super().__init__(message)
+        self.advice = advice
 
 
 class LockTimeout(Exception):
@@ -128,12 +136,20 @@ class Generations:
             size = os.fstat(fd).st_size
             if size > FILE_BYTES:
                 # Made with another slot count: processes would disagree on slots.
-                raise ValueError(f"it is {size} bytes, not {FILE_BYTES}: made by another kvapp")
+                # Its counters matter only while processes run (a new process
+                # starts with an empty cache), so once none runs it can go.
+                raise GenerationsUnavailable(
+                    f"{path} is {size} bytes, not {FILE_BYTES}: made by another kvapp",
+                    f"stop every kvapp process that uses this database, then delete {path}",
+                )
             # Allocate the blocks now: a store into a sparse page of a full
             # disk would kill the process with SIGBUS later.
             if size < FILE_BYTES:
                 os.posix_fallocate(fd, 0, FILE_BYTES)
             self._mmap = mmap.mmap(fd, FILE_BYTES, mmap.MAP_SHARED)
+        except GenerationsUnavailable:
+            os.close(fd)
+            raise
         except (OSError, ValueError) as exc:
             os.close(fd)
             reason = getattr(exc, "strerror", None) or exc
@@ -156,13 +172,13 @@ class Generations:
             try:
                 counters = self.counters
                 for slot in self._changing:
-                    counters[slot] += 1
+                    counters[slot] = (counters[slot] + 1) & _WRAP
                 self._changing.clear()
                 if self._committing:
                     # A rolled-back transaction counts too: a watcher that
                     # wakes for nothing finds nothing new and waits again.
                     self._committing = False
-                    counters[COMMITS] += 1
+                    counters[COMMITS] = (counters[COMMITS] + 1) & _WRAP
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -186,7 +202,7 @@ class Generations:
         counters = self.counters
         for slot in slots - self._changing:
             generation = counters[slot]
-            counters[slot] = generation + (1 if generation % 2 == 0 else 2)
+            counters[slot] = (generation + (1 if generation % 2 == 0 else 2)) & _WRAP
         self._changing |= slots
 
     def _lock(self) -> None:
