@@ -17,7 +17,7 @@ A line on stdin pulls the plug, then the process exits at once:
     tear SEED     keep the first 1 to 7 512-byte sectors of one unsynced
                   page and nothing else (a torn write)
 Directory entries are only ever kept by an fsync of their directory, as
-POSIX promises (ext4 happens to keep more).  Mapped files (MAP_SHARED, as
+POSIX promises (ext4 happens to keep more).  There are no hard links.  Mapped files (MAP_SHARED, as
 SQLite's -shm and kvapp's -gen) work: the kernel writes their dirty pages
 back through write(), into the volatile layer.
 
@@ -322,6 +322,12 @@ class PowerCut(fuse.Operations):
                 raise fuse.FuseOSError(errno.ENOENT)
             self.entries[new] = self.entries.pop(old)
             return 0
+
+    def link(self, target: str, source: str) -> int:
+        # No hard links, as on FAT or exFAT: kvapp's data tools then name a
+        # finished file with renameat2(RENAME_NOREPLACE), which is the path
+        # the power-cut tests cut; link(2) itself is tested on the usual disks.
+        raise fuse.FuseOSError(errno.EPERM)
 
     def chmod(self, path: str, mode: int) -> int:
         with self.mutex:
