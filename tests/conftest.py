@@ -20,6 +20,7 @@ from kvapp import create_app
 from kvapp.config import load_config
 from kvapp.store import open_store
 from kvapp.store.location import is_postgres_url
+from kvapp.web.guard import parse_allowed_hosts
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -126,6 +127,26 @@ def app(settings):
 @pytest.fixture
 def client(app) -> webtest.TestApp:
     return webtest.TestApp(app)
+
+
+@pytest.fixture
+def make_client(make_settings):
+    """Return a function building a WebTest client (and its app) for settings overrides.
+
+    allowed_hosts may be given as the config file's text.
+    """
+    apps = []
+
+    def make(**overrides) -> webtest.TestApp:
+        if isinstance(overrides.get("allowed_hosts"), str):
+            overrides["allowed_hosts"] = parse_allowed_hosts(overrides["allowed_hosts"])
+        application = create_app(make_settings(**overrides))
+        apps.append(application)
+        return webtest.TestApp(application)
+
+    yield make
+    for application in apps:
+        application.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -232,3 +233,18 @@ VERSION_1 = (
     " content_type TEXT NOT NULL, revision INTEGER NOT NULL, expires_at INTEGER)",
     "INSERT INTO meta (name, value) VALUES ('schema_version', 1), ('revision', 7)",
 )
+
+
+def copy_database(db: Path, into: Path) -> Path:
+    """Copy a crashed SQLite database and its WAL into a fresh folder; return the copy's path.
+
+    The originals stay as the crash left them, for the next round's restart.
+    """
+    if into.exists():
+        shutil.rmtree(into)
+    into.mkdir()
+    for suffix in ("", "-wal"):
+        source = Path(f"{db}{suffix}")
+        if source.exists():
+            shutil.copy2(source, into / f"{db.name}{suffix}")
+    return into / db.name

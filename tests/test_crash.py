@@ -22,7 +22,6 @@ import http.client
 import os
 import random
 import re
-import shutil
 import sqlite3
 import threading
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import Client
+from helpers import copy_database
 
 pytestmark = pytest.mark.slow
 
@@ -85,18 +85,6 @@ def client_loop(thread_no: int, port: int, ledger: Ledger, stop: threading.Event
                     ledger.refused[rid] = response.status
     finally:
         conn.close()
-
-
-def snapshot(db: Path, into: Path) -> Path:
-    """Copy the crashed database and its WAL, leaving the originals for the restart."""
-    if into.exists():
-        shutil.rmtree(into)
-    into.mkdir()
-    for suffix in ("", "-wal"):
-        source = Path(f"{db}{suffix}")
-        if source.exists():
-            shutil.copy2(source, into / f"{db.name}{suffix}")
-    return into / db.name
 
 
 def audit(db: Path, ledger: Ledger) -> dict[str, int]:
@@ -164,7 +152,7 @@ def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
             thread.join(timeout=30)
         assert not any(thread.is_alive() for thread in threads)
 
-        counts = audit(snapshot(db_path, tmp_path / "crash-state"), ledger)
+        counts = audit(copy_database(db_path, tmp_path / "crash-state"), ledger)
         counts["acknowledged"] = len(ledger.acknowledged) - acknowledged_before
         rounds.append(counts)
         assert counts == {

@@ -16,23 +16,6 @@ from kvapp.web.guard import is_write, parse_allowed_hosts, parse_token, split_ho
 TOKEN = "Zq3-v9_kT2.xW~p+7/Lm"
 
 
-@pytest.fixture
-def make_client(make_settings):
-    """Return a function building a WebTest client (and its app) for settings overrides."""
-    apps = []
-
-    def make(**overrides) -> webtest.TestApp:
-        if isinstance(overrides.get("allowed_hosts"), str):
-            overrides["allowed_hosts"] = parse_allowed_hosts(overrides["allowed_hosts"])
-        application = create_app(make_settings(**overrides))
-        apps.append(application)
-        return webtest.TestApp(application)
-
-    yield make
-    for application in apps:
-        application.close()
-
-
 def stored(client: webtest.TestApp, key: str) -> bytes | None:
     """Return the value under key straight from the repository, bypassing HTTP."""
     item = client.app.repository.get(key)

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from kvapp import create_app
 from kvapp.web.app import App
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -437,20 +436,6 @@ def test_max_txn_ops_is_a_setting(make_client):
     txn(client, {"then": [{"get": "a"}, {"get": "b"}]})
     response = txn(client, {"if": [{"key": "a", "exists": True}] * 3}, status=400)
     assert response.text == "if: holds 3 items; the limit is 2 (max_txn_ops)\n"
-
-
-@pytest.fixture
-def make_client(make_settings):
-    apps = []
-
-    def make(**overrides) -> webtest.TestApp:
-        application = create_app(make_settings(**overrides))
-        apps.append(application)
-        return webtest.TestApp(application)
-
-    yield make
-    for application in apps:
-        application.close()
 
 
 @BEFORE_STORAGE

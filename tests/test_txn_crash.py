@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import threading
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import KvappServer, child_pids, stored
+from helpers import KvappServer, child_pids, copy_database, stored
 from workerkit import wait_for, workers_of
 
 pytestmark = pytest.mark.slow
@@ -158,18 +157,6 @@ def kill_9(server: KvappServer, workers: list[int]) -> None:
     assert child_pids(server.proc.pid) == []
 
 
-def snapshot(db: Path, into: Path) -> Path:
-    """Copy the crashed database and its WAL, leaving the originals for the restart."""
-    if into.exists():
-        shutil.rmtree(into)
-    into.mkdir()
-    for suffix in ("", "-wal"):
-        source = Path(f"{db}{suffix}")
-        if source.exists():
-            shutil.copy2(source, into / f"{db.name}{suffix}")
-    return into / db.name
-
-
 def crash_state(database: str, backend: str, into: Path) -> tuple[bool, dict[str, tuple[str, int]]]:
     """Return whether the committed state passes integrity_check, and its rows.
 
@@ -180,7 +167,7 @@ def crash_state(database: str, backend: str, into: Path) -> tuple[bool, dict[str
         rows = stored(database, sql)
         integrity_ok = True  # PostgreSQL's own business
     else:
-        conn = sqlite3.connect(snapshot(Path(database), into))
+        conn = sqlite3.connect(copy_database(Path(database), into))
         try:
             integrity_ok = conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             rows = conn.execute(sql).fetchall()
