@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from faultkit import (
     require_tool,
     run_entry_point,
 )
-from helpers import curl, free_port
+from helpers import ROOT, curl, free_port, server_environ
 
 pytestmark = pytest.mark.slow
 
@@ -509,6 +510,32 @@ def test_damaged_database_is_refused_at_startup_with_one_line(db_path, kind, say
     assert lines[0].startswith(f"kvapp: cannot use database {db_path}: ")
     assert says in lines[0]
     assert db_path.read_bytes() == before  # refusing does not touch the file
+
+
+def test_a_database_refused_at_startup_comes_back_by_the_documented_restore(
+    db_path, server_factory, tmp_path
+):
+    """docs/data-tools.md "Backups and restore", steps 2 to 4, after a damaged file is refused."""
+    items = build_database(db_path)
+    backup = tmp_path / "backup.sqlite3"
+    kvapp = [sys.executable, "-m", "kvapp"]
+    env = {**server_environ(), "KVAPP_DATABASE": str(db_path)}
+    subprocess.run([*kvapp, "backup", str(backup)], cwd=ROOT, env=env, check=True)
+    damage(db_path, "damaged page")
+    refused = run_entry_point("python -m kvapp", db_path, free_port())
+    assert refused.returncode == 1 and "restore a backup" in refused.stderr
+    replaced = db_path.parent / "replaced"
+    replaced.mkdir()
+    for name in (db_path.name, f"{db_path.name}-wal"):
+        if (db_path.parent / name).exists():
+            (db_path.parent / name).rename(replaced / name)
+    for name in (f"{db_path.name}-shm", f"{db_path.name}-gen"):
+        (db_path.parent / name).unlink(missing_ok=True)
+    shutil.copy(backup, db_path)
+    subprocess.run([*kvapp, "check"], cwd=ROOT, env=env, check=True, capture_output=True)
+    server = server_factory()
+    for key in ("key0000", "key0299"):
+        assert curl(f"{server.url}/get?key={key}")[::2] == (200, items[key])
 
 
 def damage_while_serving(db: Path, kind: str) -> None:
