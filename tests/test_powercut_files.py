@@ -51,6 +51,7 @@ from kvapp.store.base import Record
 from kvapp.store.readcache import FILE_BYTES
 from kvapp.store.sqlite import SQLiteStore
 from kvapp.tools import sqlitefile, transfer
+from kvapp.tools.atomicfile import fsync_file
 
 pytestmark = [pytest.mark.slow, needs_fuse]
 
@@ -98,26 +99,18 @@ def remount(disk: Disk) -> None:
 # -- durable set-up on the mount -------------------------------------------------------------
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def new_folder(path: Path) -> Path:
     """Make a folder on the mount that a cut keeps."""
     path.mkdir()
-    fsync_path(path)
-    fsync_path(path.parent)
+    fsync_file(path)
+    fsync_file(path.parent)
     return path
 
 
 def put_durably(path: Path, data: bytes) -> None:
     path.write_bytes(data)
-    fsync_path(path)
-    fsync_path(path.parent)
+    fsync_file(path)
+    fsync_file(path.parent)
 
 
 # -- the sources, outside the mount ----------------------------------------------------------
