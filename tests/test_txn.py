@@ -284,6 +284,20 @@ def test_metrics_count_it_as_route_txn(client):
 
 
 @BEFORE_STORAGE
+@pytest.mark.parametrize("query", ["dry_run=1", "ttl=5", "a"])
+def test_a_query_string_is_400_and_stores_nothing(client, snapshot, query):
+    before = snapshot()
+    response = client.post(
+        f"/txn?{query}",
+        json.dumps({"then": [OK_PUT]}).encode(),
+        headers={"Content-Type": JSON_TYPE},
+        status=400,
+    )
+    assert response.text.count("\n") == 1
+    assert snapshot() == before
+
+
+@BEFORE_STORAGE
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "HEAD"])
 def test_other_methods_are_405(client, method):
     response = client.request("/txn", method=method, status=405)
@@ -305,7 +319,8 @@ OK_PUT = {"put": "k", "value": "v"}
 
 BAD = [
     # (document or raw body, field, words in the message)
-    (b"", None, "not valid JSON"),
+    (b"", None, "the body is empty"),
+    (b" \r\n", None, "the body is empty"),
     (b"{", None, "not valid JSON"),
     (b"{}x", None, "not valid JSON"),
     (b'{"then": [], }', None, "not valid JSON"),
@@ -389,7 +404,7 @@ BAD = [
     ({"then": [{**OK_PUT, "ttl": 2147483648.0}]}, "then[0].ttl", "from 1 to"),
     (b'{"then": [{"put": "k", "value": "v", "ttl": 1e400}]}', "then[0].ttl", "whole number"),
     ({"then": [{**OK_PUT, "ttl": True}]}, "then[0].ttl", "whole number"),
-    ({"then": [{**OK_PUT, "ttl": "30"}]}, "then[0].ttl", "whole number"),
+    ({"then": [{**OK_PUT, "ttl": "30"}]}, "then[0].ttl", "must be a JSON number"),
     (b'{"then": [{"put": "k", "value": "v", "ttl": 1' + b"0" * 5000 + b"}]}", None, "JSON"),
     ({"if": [{"key": "a", "exists": True}] * 129}, "if", "limit is 128 (max_txn_ops)"),
     ({"then": [{"get": "a"}] * 129}, "then", "limit is 128"),

@@ -50,6 +50,8 @@ def parse_json(data: bytes, max_objects: int) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip(" \t\r\n"):
+        raise BadRequest("the body is empty; send a JSON object such as {}")
     if text.startswith("\ufeff"):
         raise BadRequest("the body starts with a byte order mark; send plain UTF-8 JSON")
     try:

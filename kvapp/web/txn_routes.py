@@ -41,6 +41,7 @@ from kvapp.store.base import (
     check_ttl,
     show,
 )
+from kvapp.web.decoding import named_params
 from kvapp.web.etags import etag, revision_of
 from kvapp.web.jsonbody import array, boolean, invalid, members, parse_json, string
 from kvapp.web.request import Request
@@ -74,6 +75,7 @@ class Transactions:
 
     def txn(self, request: Request) -> Response:
         """POST /txn: 200 with succeeded, revision and the results of the branch taken."""
+        named_params(request.query, ())  # a typo'd option must not write regardless
         content_type = request.header("CONTENT_TYPE")
         if not _is_json(content_type):
             raise UnsupportedMediaType(
@@ -201,8 +203,9 @@ class Transactions:
         if "ttl" in fields:
             ttl = _seconds(fields["ttl"])
             if ttl is None:
+                number = "a JSON number" if isinstance(fields["ttl"], str) else "a whole number"
                 raise invalid(
-                    f"{where}.ttl", f"must be a whole number of seconds from 1 to {MAX_TTL_SECONDS}"
+                    f"{where}.ttl", f"must be {number} of seconds from 1 to {MAX_TTL_SECONDS}"
                 )
         return Put(key, value, content_type, ttl)
 
