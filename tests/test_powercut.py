@@ -8,7 +8,8 @@ first sectors of one page), as a power cut loses the page cache.
 
 Each round: `waitress-serve wsgi:app` on the files the last cut left (so
 every round also proves the server starts on them), 6 clients sending
-multi-pair /set requests and PUTs with a ledger of what was acknowledged,
+multi-pair /set requests, PUTs and transactions of two puts, with a ledger
+of what was acknowledged,
 the plug pulled at a random moment, the server killed, the filesystem
 remounted on what its disk kept.  Then PRAGMA integrity_check must be ok,
 no request may be there in part, and with synchronous = FULL every
@@ -22,6 +23,7 @@ run longer or repeat one; the seed of every run is printed.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import sqlite3
@@ -47,6 +49,7 @@ class Ledger:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sent: dict[str, dict[str, str]] = field(default_factory=dict)
     acknowledged: set[str] = field(default_factory=set)
+    unexpected: list[bytes] = field(default_factory=list)
 
     def new(self, rid: str, pairs: dict[str, str]) -> None:
         with self.lock:
@@ -54,7 +57,7 @@ class Ledger:
 
 
 def writer(number: int, port: int, round_no: int, ledger: Ledger, stop: threading.Event) -> None:
-    """Alternate a /set of 3 keys and a PUT of 1, on one connection, until the power goes."""
+    """Take turns: a /set of 3 keys, a PUT of 1, a /txn of 2 puts; until the power goes."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     sequence = 0
     try:
@@ -62,22 +65,33 @@ def writer(number: int, port: int, round_no: int, ledger: Ledger, stop: threadin
             sequence += 1
             rid = f"{round_no}.{number}.{sequence}"
             pad = "x" * (sequence * 131 % 3000)  # values of varied size: commits span pages
-            if sequence % 2:
+            headers = {}
+            if sequence % 3 == 0:
                 pairs = {f"s{rid}.{slot}": f"{rid}.{slot}.{pad}" for slot in "abc"}
                 ledger.new(rid, pairs)
                 query = "&".join(f"{key}={value}" for key, value in pairs.items())
                 request = ("GET", f"/set?{query}", None)
-            else:
+            elif sequence % 3 == 1:
                 pairs = {f"p{rid}": f"{rid}.{pad}"}
                 ledger.new(rid, pairs)
                 request = ("PUT", f"/kv/p{rid}", pairs[f"p{rid}"].encode())
+            else:
+                pairs = {f"t{rid}.{slot}": f"{rid}.{slot}.{pad}" for slot in "ab"}
+                ledger.new(rid, pairs)
+                puts = [{"put": key, "value": value} for key, value in pairs.items()]
+                document = {"if": [{"key": f"t{rid}.a", "exists": False}], "then": puts}
+                request = ("POST", "/txn", json.dumps(document).encode())
+                headers = {"Content-Type": "application/json"}
             try:
-                conn.request(request[0], request[1], body=request[2])
+                conn.request(request[0], request[1], body=request[2], headers=headers)
                 response = conn.getresponse()
-                response.read()
+                body = response.read()
             except (OSError, http.client.HTTPException):
                 return  # the power went mid-request: its outcome is unknown
             if response.status in (200, 201):
+                if request[1] == "/txn" and b'"succeeded": true' not in body:
+                    ledger.unexpected.append(body)  # its key cannot exist: it must succeed
+                    continue
                 with ledger.lock:
                     ledger.acknowledged.add(rid)
     finally:
@@ -157,6 +171,7 @@ def test_power_cuts_under_writes(tmp_path: Path, synchronous: str):
         f" acknowledged, {total[2]} lost; by variant (cuts, acknowledged, lost): {figures}"
     )
     assert total[1] > ROUNDS  # the clients did write in the rounds
+    assert ledger.unexpected == []
 
 
 def http_get(port: int, target: str) -> tuple[int, bytes]:
