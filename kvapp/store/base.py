@@ -125,15 +125,17 @@ class Write(NamedTuple):
 
     def keys(self) -> list[str]:
         """Return every key the Write may touch, checked, read or changed, once each."""
+        if self.otherwise is None and not self.checks and not self.reads:
+            return [change.key for change in self.changes]  # every write but a transaction
         keys = [check.key for check in self.checks]
         for branch in self.branches():
             keys += [change.key for change in branch.changes]
             keys += branch.reads
         return list(dict.fromkeys(keys))
 
-    def read_keys(self) -> list[str]:
+    def read_keys(self) -> tuple[str, ...]:
         """Return the keys whose values the Write or its otherwise reads."""
-        return [key for branch in self.branches() for key in branch.reads]
+        return self.reads if self.otherwise is None else self.reads + self.otherwise.reads
 
 
 class Outcome(NamedTuple):

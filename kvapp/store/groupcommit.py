@@ -69,7 +69,9 @@ def write_size(write: Write) -> int:
         for branch in write.branches()
         for change in branch.changes
     )
-    return carried + (write.read_limit or 0 if write.read_keys() else 0)
+    if write.read_limit and write.read_keys():
+        carried += write.read_limit
+    return carried
 
 
 class GroupCommit:

@@ -126,7 +126,7 @@ def plan(
     events: list[Event] = []
     fetch: list[tuple[int, int, str]] = []
     for write in writes:
-        succeeded = all(
+        succeeded = not write.checks or all(
             check.condition.holds(_live(state.get(check.key), now)) for check in write.checks
         )
         branch = write if succeeded else write.otherwise or _NOTHING
@@ -136,7 +136,7 @@ def plan(
         items: list[Item | None] = []
         pending: list[tuple[int, int, str]] = []
         total = 0
-        for position, key in enumerate(branch.reads):
+        for position, key in enumerate(branch.reads):  # none but in a transaction
             live_revision = _live(state.get(key), now)
             if live_revision is None:
                 items.append(None)

@@ -589,8 +589,9 @@ class SQLiteStore:
             now = self._now_ms()
             planned = plan(rows, writes, start, now, sizes)
             # Before the batch's rows are written: a read answers the value before it.
-            fetch = planned.fetch_keys()
-            results = planned.filled(_read_values(conn, fetch)) if fetch else planned.results
+            results = planned.results
+            if planned.fetch:
+                results = planned.filled(_read_values(conn, planned.fetch_keys()))
             if planned.revision != start:
                 if planned.puts:
                     _upsert(conn, list(planned.puts.values()))
