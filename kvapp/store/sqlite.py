@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from kvapp.store.base import (
     EXPIRED,
@@ -585,13 +585,14 @@ class SQLiteStore:
             keys = list(dict.fromkeys(key for write in writes for key in write.keys()))
             start, rows = _read(conn, keys)
             reads = list(dict.fromkeys(key for write in writes for key in write.read_keys()))
-            sizes = _read_sizes(conn, reads) if reads else None
+            sizes = dict(_columns_of(conn, "length(value)", reads)) if reads else None
             now = self._now_ms()
             planned = plan(rows, writes, start, now, sizes)
             # Before the batch's rows are written: a read answers the value before it.
             results = planned.results
             if planned.fetch:
-                results = planned.filled(_read_values(conn, planned.fetch_keys()))
+                found = _columns_of(conn, "value, content_type", planned.fetch_keys())
+                results = planned.filled({key: (bytes(v), ct) for key, v, ct in found})
             if planned.revision != start:
                 if planned.puts:
                     _upsert(conn, list(planned.puts.values()))
@@ -866,29 +867,16 @@ def _read(
     return revision, found
 
 
-def _read_sizes(conn: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
-    """Return the length of the value stored under each of keys (not the value itself).
+def _columns_of(conn: sqlite3.Connection, columns: str, keys: list[str]) -> Iterator[Any]:
+    """Yield (key, *columns) of the rows stored under keys, for a transaction's reads.
 
-    length() of a BLOB reads its size from the record header, without the
-    value's overflow pages (https://sqlite.org/lang_corefunc.html#length).
+    A read's size comes first, as length(value): for a BLOB SQLite reads it
+    from the record header, without the value's overflow pages
+    (https://sqlite.org/lang_corefunc.html#length).
     """
-    found: dict[str, int] = {}
     for start in range(0, len(keys), _MAX_IN):
         chunk, marks = _padded(keys[start : start + _MAX_IN])
-        sql = f"SELECT key, length(value) FROM kv WHERE key IN ({marks})"
-        found.update(conn.execute(sql, chunk).fetchall())
-    return found
-
-
-def _read_values(conn: sqlite3.Connection, keys: list[str]) -> dict[str, tuple[bytes, str]]:
-    """Return (value, content_type) of the rows stored under keys, for a transaction's reads."""
-    found: dict[str, tuple[bytes, str]] = {}
-    for start in range(0, len(keys), _MAX_IN):
-        chunk, marks = _padded(keys[start : start + _MAX_IN])
-        sql = f"SELECT key, value, content_type FROM kv WHERE key IN ({marks})"
-        for key, value, content_type in conn.execute(sql, chunk):
-            found[key] = (bytes(value), content_type)
-    return found
+        yield from conn.execute(f"SELECT key, {columns} FROM kv WHERE key IN ({marks})", chunk)
 
 
 def _upsert(conn: sqlite3.Connection, rows: list[NewRow]) -> None:
