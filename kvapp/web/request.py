@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from kvapp.web.decoding import environ_bytes
-from kvapp.web.responses import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from kvapp.web.responses import JSON, BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 FORM = "application/x-www-form-urlencoded"
+# The charset parameter of a UTF-8 body, plain or quoted (RFC 9110 section 8.3.1).
+UTF8_CHARSETS = ("charset=utf-8", 'charset="utf-8"')
 
 
 class Request:
@@ -60,6 +62,23 @@ class Request:
                 f"the body must be {FORM} (curl -d or --data-urlencode), not {content_type[:60]!r}"
             )
         charset = params.strip().lower()
-        if charset and charset.replace(" ", "") not in ("charset=utf-8", 'charset="utf-8"'):
+        if charset and charset.replace(" ", "") not in UTF8_CHARSETS:
             raise UnsupportedMediaType("form bodies must be UTF-8")
         return data
+
+    def json(self, limit: int) -> bytes:
+        """Return an application/json body; 415 for any other type, before reading it.
+
+        At most the parameter charset=utf-8 (JSON is UTF-8, RFC 8259 section
+        8.1), written as RFC 9110 section 5.6.6 has it: no space around "=".
+        """
+        content_type = self.environ.get("CONTENT_TYPE", "")
+        media_type, *params = content_type.split(";")
+        allowed = len(params) < 2 and all(
+            param.strip(" \t").lower() in UTF8_CHARSETS for param in params
+        )
+        if media_type.strip(" \t").lower() != JSON or not allowed:
+            raise UnsupportedMediaType(
+                f"the body must be {JSON} (UTF-8), not {content_type[:60]!r}"
+            )
+        return self.body(limit)

@@ -45,14 +45,13 @@ from kvapp.web.decoding import named_params
 from kvapp.web.etags import etag, revision_of
 from kvapp.web.jsonbody import array, boolean, invalid, members, parse_json, string
 from kvapp.web.request import Request
-from kvapp.web.responses import JSON, TEXT, PayloadTooLarge, Response, UnsupportedMediaType
+from kvapp.web.responses import JSON, TEXT, PayloadTooLarge, Response
 
 TOP = ("if", "then", "else")
 CONDITION = ("key", "etag", "exists")
 VERBS = ("put", "delete", "get")
 PUT_MEMBERS = ("put", "value", "value_base64", "content_type", "ttl")
 OPERATION = (*PUT_MEMBERS, "delete", "get")
-CHARSETS = ("charset=utf-8", 'charset="utf-8"')
 
 
 class Branch(NamedTuple):
@@ -76,15 +75,10 @@ class Transactions:
     def txn(self, request: Request) -> Response:
         """POST /txn: 200 with succeeded, revision and the results of the branch taken."""
         named_params(request.query, ())  # a typo'd option must not write regardless
-        content_type = request.header("CONTENT_TYPE")
-        if not _is_json(content_type):
-            raise UnsupportedMediaType(
-                f"the body must be {JSON} (UTF-8), not {content_type[:60]!r}"
-            )
         # The document, each condition, and each operation of both branches.
         max_objects = 1 + 3 * self.max_txn_ops
         document = members(
-            parse_json(request.body(self.max_body_bytes), max_objects),
+            parse_json(request.json(self.max_body_bytes), max_objects),
             "",
             TOP,
             "a transaction has if, then, else",
@@ -224,18 +218,6 @@ def _seconds(number: Any) -> int | None:
         return check_ttl(number)
     except InvalidInput:
         return None
-
-
-def _is_json(content_type: str) -> bool:
-    """Return whether a Content-Type is application/json, with at most charset=utf-8.
-
-    Parameters as RFC 9110 section 5.6.6 has them: no space around "=", the
-    value a token or a quoted string.
-    """
-    media_type, *params = content_type.split(";")
-    if media_type.strip(" \t").lower() != JSON or len(params) > 1:
-        return False
-    return all(param.strip(" \t").lower() in CHARSETS for param in params)
 
 
 def _results(branch: Branch, outcome: Outcome) -> list[dict[str, Any]]:
