@@ -212,6 +212,68 @@ def test_an_interrupted_leader_fails_its_followers_without_interrupting_them():
     assert sum(isinstance(error, BatchInterrupted) for error in errors) == 2
 
 
+class Stalled(Exception):
+    pass
+
+
+def stalling_group(gate: Gate, after: float) -> GroupCommit:
+    return GroupCommit(gate, stalled_after=after, stalled=lambda age: Stalled(f"{age:.1f}"))
+
+
+def test_writes_waiting_behind_a_stalled_batch_fail_and_free_their_threads():
+    gate = Gate()
+    group = stalling_group(gate, 0.2)
+    submitters, opened = behind_a_held_batch(gate, group, numbered(3))
+    # The first batch never ends: every write queued behind it gives up.
+    wait_until(lambda: len(submitters.results) == 3, "the queued writes give up")
+    assert all(isinstance(submitters.results[f"w{n}"], Stalled) for n in range(3))
+    assert queued(group) == 0
+    with pytest.raises(Stalled):  # a new write does not even queue
+        group.submit(put("late"))
+    assert group.stalled_for() > 0.2
+    opened.set()
+    submitters.join()
+    # The stalled batch's own write waited for its outcome; nothing refused was applied.
+    assert submitters.results["first"] == Outcome(1, (False,))
+    assert gate.sizes == [1]
+    assert group.stalled_for() == 0
+    assert group.submit(put("after")) == Outcome(1, (False,))
+    assert gate.sizes == [1, 1]
+
+
+def test_writes_taken_into_a_stalled_batch_wait_for_its_outcome():
+    gate = Gate()
+    group = stalling_group(gate, WAIT_S)
+    started, opened_second = gate.hold(1)
+    submitters, opened = behind_a_held_batch(gate, group, numbered(3))
+    opened.set()
+    assert started.wait(WAIT_S)  # the three are in the second batch, which now hangs
+    group.stalled_after = 0.05
+    wait_until(lambda: group.stalled_for() > 0.2, "the second batch stalls")
+    with pytest.raises(Stalled):
+        group.submit(put("late"))
+    assert set(submitters.results) == {"first"}
+    opened_second.set()
+    submitters.join()
+    assert [submitters.results[f"w{n}"] for n in range(3)] == [
+        Outcome(n + 1, (False,)) for n in range(3)
+    ]
+    assert gate.sizes == [1, 3]
+
+
+def test_without_stalled_after_writes_wait_behind_any_batch():
+    with pytest.raises(ValueError):
+        GroupCommit(Gate(), stalled_after=1.0)
+    gate = Gate()
+    group = GroupCommit(gate)
+    submitters, opened = behind_a_held_batch(gate, group, numbered(2))
+    time.sleep(0.3)  # longer than the stalling groups above give a batch
+    assert set(submitters.results) == set()
+    opened.set()
+    submitters.join()
+    assert gate.sizes == [1, 2]
+
+
 def test_a_batch_is_capped_by_count_and_by_bytes():
     gate = Gate()
     group = GroupCommit(gate, max_writes=3)

@@ -19,12 +19,22 @@ Leader and followers, no committer thread and no timer:
   ReadsTooLarge (apply_batch fails such a write alone), or the error that
   failed the whole batch, which then reaches every request of it.
 With no thread of its own, it works unchanged in forked worker processes.
+
+A batch that the database does not answer (a PostgreSQL server cut off by
+the network, or waiting for a synchronous standby that is gone) would hold
+the thread of every write queued behind it until the database's own bound
+ends it.  With stalled_after set, once the batch being applied is older than
+that, the writes still waiting for the next batch, and every new one, fail
+at once with the error stalled(age) instead: their threads go back to serve
+reads, and nothing of them was stored.  Only the threads of the stuck batch
+wait for its outcome.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -46,7 +56,7 @@ class BatchInterrupted(RuntimeError):
 class _Waiter:
     """One submitted write, and the lock its thread sleeps on until it is answered or leads."""
 
-    __slots__ = ("write", "size", "wake", "leads", "result", "error")
+    __slots__ = ("write", "size", "wake", "leads", "taken", "result", "error")
 
     def __init__(self, write: Write, size: int) -> None:
         self.write = write
@@ -54,6 +64,7 @@ class _Waiter:
         self.wake = threading.Lock()
         self.wake.acquire()
         self.leads = False
+        self.taken = False  # in the batch being applied
         self.result: Result | None = None
         self.error: BaseException | None = None
 
@@ -82,15 +93,27 @@ class GroupCommit:
         apply_batch: ApplyBatch,
         max_writes: int = MAX_BATCH_WRITES,
         max_bytes: int = MAX_BATCH_BYTES,
+        stalled_after: float | None = None,
+        stalled: Callable[[float], Exception] | None = None,
     ) -> None:
         if max_writes < 1:
             raise ValueError("max_writes must be at least 1")
+        if (stalled_after is None) != (stalled is None):
+            raise ValueError("stalled_after and stalled go together")
         self.apply_batch = apply_batch
         self.max_writes = max_writes
         self.max_bytes = max_bytes
+        self.stalled_after = stalled_after
+        self.stalled = stalled
         self._mutex = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._busy = False  # a leader is applying a batch, or has been chosen to
+        self._applying_since: float | None = None  # time.monotonic() the batch began
+
+    def stalled_for(self) -> float:
+        """Return how long the batch being applied has been applied for (0: none is)."""
+        since = self._applying_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def submit(self, write: Write) -> Outcome:
         """Apply write in the next batch; return its Outcome once that batch is durable.
@@ -107,11 +130,15 @@ class GroupCommit:
                 raise ValueError("a Write changes each key at most once")
         waiter = _Waiter(write, write_size(write))
         with self._mutex:
+            self._refuse_if_stalled()
             self._queue.append(waiter)
             leads = not self._busy
             self._busy = True
         if not leads:
-            waiter.wake.acquire()  # until our batch is done, or we are the next leader
+            if self.stalled_after is None:
+                waiter.wake.acquire()  # until our batch is done, or we are the next leader
+            else:
+                self._wait_unless_stalled(waiter, self.stalled_after)
             leads = waiter.leads
         if leads:
             self._lead()
@@ -121,6 +148,32 @@ class GroupCommit:
             raise waiter.result
         assert waiter.result is not None
         return waiter.result
+
+    def _refuse_if_stalled(self) -> None:
+        """Raise stalled(age) if the batch being applied began over stalled_after ago."""
+        if self.stalled is not None and self.stalled_after is not None:
+            age = self.stalled_for()  # the caller holds _mutex
+            if age > self.stalled_after:
+                raise self.stalled(age)
+
+    def _wait_unless_stalled(self, waiter: _Waiter, stalled_after: float) -> None:
+        """Sleep until waiter's batch is done or it leads; leave the queue if the batch stalls."""
+        while True:
+            since = self._applying_since
+            timeout = stalled_after if since is None else since + stalled_after - time.monotonic()
+            if waiter.wake.acquire(timeout=max(timeout, 0.001)):
+                return
+            with self._mutex:
+                waits = waiter.taken or waiter.leads
+                if not waits:
+                    try:
+                        self._refuse_if_stalled()
+                    except Exception:
+                        self._queue.remove(waiter)
+                        raise
+            if waits:  # in a batch now, or its leader: its outcome is bounded by the database's
+                waiter.wake.acquire()
+                return
 
     def _take(self) -> list[_Waiter]:
         """Return the waiting writes of the next batch, oldest first, within the caps."""
@@ -132,8 +185,10 @@ class GroupCommit:
                 if batch and size + queue[0].size > self.max_bytes:
                     break
                 waiter = queue.popleft()
+                waiter.taken = True
                 size += waiter.size
                 batch.append(waiter)
+            self._applying_since = time.monotonic()
         return batch
 
     def _lead(self) -> None:
@@ -150,6 +205,7 @@ class GroupCommit:
             error = exc
         finally:
             with self._mutex:
+                self._applying_since = None
                 successor = self._queue[0] if self._queue else None
                 if successor is None:
                     self._busy = False
