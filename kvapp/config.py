@@ -145,6 +145,14 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
     ),
     (
         "storage",
+        "database_timeout_seconds",
+        asint(1, 3600),
+        "10",
+        "PostgreSQL: longest wait for any answer of the server; then 503 (outcome unknown"
+        " if the commit was sent)",
+    ),
+    (
+        "storage",
         "synchronous",
         aschoice("FULL", "NORMAL"),
         "FULL",
@@ -375,6 +383,7 @@ def default_config(environ: Mapping[str, str], installed: bool | None = None) ->
 class Settings:
     database: str
     busy_timeout_ms: int
+    database_timeout_seconds: int
     synchronous: str
     startup_check_max_bytes: int
     read_cache_bytes: int

@@ -46,6 +46,7 @@ def open_store(
             # One connection per waitress thread, plus the sweeper and one spare.
             pool_size=settings.threads + 2,
             clock=clock,
+            timeout_seconds=settings.database_timeout_seconds,
         )
     from kvapp.store.sqlite import SQLiteStore
 

@@ -252,6 +252,15 @@ class StorageUnavailable(StorageError):
     """The database cannot be written or read now: read-only, unreachable, I/O error, damaged."""
 
 
+class OutcomeUnknown(StorageUnavailable):
+    """A write's commit went out and its answer never came: it may or may not be stored.
+
+    The client must read the keys again, or retry a write that is safe to
+    repeat.  (A database server on another machine only: SQLite answers every
+    commit, or raises before it.)
+    """
+
+
 class DatabaseUnusable(Exception):
     """At startup: the database cannot serve as kvapp's store; the message says what to do."""
 

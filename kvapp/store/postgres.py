@@ -50,6 +50,7 @@ from kvapp.store.base import (
     Item,
     Listing,
     Outcome,
+    OutcomeUnknown,
     Put,
     Record,
     Result,
@@ -64,6 +65,7 @@ from kvapp.store.feed import Feed
 from kvapp.store.groupcommit import GroupCommit
 from kvapp.store.location import redact
 from kvapp.store.plan import history_cut, plan
+from kvapp.store.watchdog import Watchdog
 
 T = TypeVar("T")
 
@@ -123,6 +125,16 @@ SERIALIZATION_RETRIES = 5
 # reached: while it is down, requests answer 503 this fast instead of
 # holding every thread for the busy timeout.
 CONNECTION_WAIT = 1.0
+
+# Seconds after which a server that answers nothing counts as stalled: new
+# writes fail at once instead of queueing behind a batch that waits for it
+# (kvapp.store.groupcommit), and new operations get this bound instead of
+# timeout_seconds (kvapp.store.watchdog).  A healthy server answers a commit
+# in milliseconds, also from a synchronous standby on the same network.
+STALLED_AFTER = 1.0
+
+# Seconds /healthz waits for the database's answers, and for the write lock.
+HEALTH_TIMEOUT = 1.0
 
 _LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
 # Every row of a batch in one statement: one array per column, unnest() makes
@@ -188,6 +200,20 @@ COMMIT_UNKNOWN = (
     "the connection to the database server was lost while committing:"
     " the write may or may not be stored; retry"
 )
+TIMED_OUT = "the database server did not answer within {:g} s: nothing was stored; retry"
+COMMIT_UNANSWERED = (
+    "the database server did not answer the commit within {:g} s:"
+    " the write may or may not be stored; retry"
+)
+# PostgreSQL keeps a commit whose wait for its synchronous standbys is
+# cancelled, and says so with a WARNING: the standby may lack it, and a
+# failover may lose it (src/backend/replication/syncrep.c).
+NOT_REPLICATED = (
+    "the database server committed the write but gave up waiting for its synchronous"
+    " standby: the write may or may not be stored after a failover; retry"
+)
+STALLED_FOR = "the database server has not answered a commit for {:.0f} s"
+STALLED = STALLED_FOR + ": nothing was stored; retry"
 
 
 def storage_error(exc: psycopg.Error) -> StorageError:
@@ -256,16 +282,23 @@ class PostgresStore:
         synchronous: str = "FULL",
         pool_size: int = 8,
         clock: Callable[[], float] = time.time,
+        timeout_seconds: float = 10.0,
     ) -> None:
         self.url = url
         self.path = redact(url)  # what messages and logs name
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
         self.pool_size = max(pool_size, 2)
+        self.timeout_seconds = timeout_seconds
         self._clock = clock
         # Called after every commit of apply_batch with the number of Writes it held.
         self.on_commit: Callable[[int], None] = lambda size: None
-        self._group_commit = GroupCommit(self.apply_batch)
+        self._watchdog = Watchdog()
+        self._group_commit = GroupCommit(
+            self.apply_batch,
+            stalled_after=STALLED_AFTER,
+            stalled=lambda age: StorageUnavailable(STALLED.format(age)),
+        )
         self._kwargs = self._connection_kwargs()
         self._pool_lock = threading.Lock()
         self._pools: list[ConnectionPool] = []
@@ -297,10 +330,34 @@ class PostgresStore:
         if "connect_timeout" not in given:
             # libpq waits forever for an unreachable host by default.
             kwargs["connect_timeout"] = max(2, round(self.busy_timeout_ms / 1000))
+        # A peer whose TCP stack stopped answering (a host gone, a partition
+        # dropping packets): sent data unacknowledged for timeout_seconds ends
+        # the connection (tcp_user_timeout, Linux), and so do 3 unanswered
+        # keepalive probes 1 s apart after timeout_seconds / 2 of silence
+        # (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-KEEPALIVES).
+        # kvapp.store.watchdog bounds what these cannot see.
+        timeout = max(1, round(self.timeout_seconds))
+        defaults = {
+            "keepalives": 1,
+            "keepalives_idle": max(1, timeout // 2),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": timeout * 1000,
+        }
+        kwargs.update({name: value for name, value in defaults.items() if name not in given})
         return kwargs
 
     def _configure(self, conn: psycopg.Connection) -> None:
         """Set what kvapp relies on in a new session, whatever the server's defaults."""
+        with self._watchdog.guard(conn, self.timeout_seconds) as guard:
+            try:
+                self._settings(conn)
+            except psycopg.Error:
+                if guard.timed_out:
+                    conn.close()
+                raise
+
+    def _settings(self, conn: psycopg.Connection) -> None:
         if self.synchronous == "FULL":
             current = _scalar(conn.execute("SHOW synchronous_commit"))
             # remote_apply waits for more than on does: keep it.
@@ -310,6 +367,10 @@ class PostgresStore:
             conn.execute("SET synchronous_commit = off")
         # A write waits this long for the revision lock, then StorageBusy (503).
         conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
+        # The server ends a statement it runs for longer than a request may
+        # wait, also when kvapp is no longer there to cancel it.  It does not
+        # cover COMMIT (kvapp.store.watchdog).
+        conn.execute(f"SET statement_timeout = {int(self.timeout_seconds * 1000)}")
         # A kvapp process that stops mid-transaction (SIGSTOP, a frozen host)
         # must not hold the one write lock for ever: the server ends it.
         # A safety net only: a server without this setting still serves.
@@ -357,15 +418,18 @@ class PostgresStore:
                 self._pools.pop().close()
             self._pool_pid = 0
 
-    def _run(self, body: Callable[[psycopg.Connection], T]) -> T:
+    def _run(self, body: Callable[[psycopg.Connection], T], seconds: float | None = None) -> T:
         """Return body(conn) run on a pooled connection; raise StorageError for any failure.
 
-        When a pooled connection turns out dead before anything could be
-        committed (the server restarted since it was pooled), the pool checks
-        its idle connections and body runs once more on a new one.  When a
-        transaction loses a race under SERIALIZABLE (40001), body runs again,
-        up to SERIALIZATION_RETRIES times.
+        body gets seconds (default timeout_seconds) to end (kvapp.store.watchdog);
+        past that it fails, with OutcomeUnknown if its COMMIT was sent, and
+        the connection is closed.  When a pooled connection turns out dead
+        before anything could be committed (the server restarted since it was
+        pooled), the pool checks its idle connections and body runs once
+        more on a new one.  When a transaction loses a race under
+        SERIALIZABLE (40001), body runs again, up to SERIALIZATION_RETRIES times.
         """
+        bound = self.timeout_seconds if seconds is None else seconds
         reconnected = False
         conflicts = 0
         while True:
@@ -374,26 +438,40 @@ class PostgresStore:
                 conn = pool.getconn()
             except PoolTimeout:
                 raise StorageUnavailable(UNREACHABLE) from None
+            timed_out = False
             try:
-                return body(conn)
-            except psycopg.Error as exc:
-                if conn.broken and not reconnected:
-                    # _transaction turned a break during COMMIT into a
-                    # StorageError, so nothing of this one was committed.
-                    reconnected = True
-                elif exc.sqlstate in _CONFLICT and conflicts < SERIALIZATION_RETRIES:
-                    conflicts += 1
-                    time.sleep(random.uniform(0, 0.002 * 2**conflicts))
-                    continue
-                elif isinstance(exc, psycopg.InterfaceError) or (
-                    isinstance(exc, psycopg.ProgrammingError)
-                    and (exc.sqlstate is None or exc.sqlstate in _BUGS)
-                ):
-                    raise
-                else:
-                    raise storage_error(exc) from exc
+                with self._watchdog.guard(conn, bound, STALLED_AFTER) as guard:
+                    try:
+                        return body(conn)
+                    except OutcomeUnknown as exc:
+                        if guard.timed_out and str(exc) == COMMIT_UNKNOWN:  # cut by the watchdog
+                            raise OutcomeUnknown(COMMIT_UNANSWERED.format(guard.seconds)) from exc
+                        raise
+                    except psycopg.Error as exc:
+                        if guard.timed_out:
+                            raise StorageUnavailable(TIMED_OUT.format(guard.seconds)) from exc
+                        if conn.broken and not reconnected:
+                            # _transaction turned a break during COMMIT into a
+                            # StorageError, so nothing of this one was committed.
+                            reconnected = True
+                        elif exc.sqlstate in _CONFLICT and conflicts < SERIALIZATION_RETRIES:
+                            conflicts += 1
+                            time.sleep(random.uniform(0, 0.002 * 2**conflicts))
+                            continue
+                        elif isinstance(exc, psycopg.InterfaceError) or (
+                            isinstance(exc, psycopg.ProgrammingError)
+                            and (exc.sqlstate is None or exc.sqlstate in _BUGS)
+                        ):
+                            raise
+                        else:
+                            raise storage_error(exc) from exc
+                    finally:
+                        timed_out = guard.timed_out
             finally:
-                # A broken connection is dropped, and replaced, by the pool.
+                if timed_out:
+                    # A cancel sent late must not reach the connection's next user.
+                    conn.close()
+                # A broken or closed connection is dropped, and replaced, by the pool.
                 pool.putconn(conn)
             with suppress(Exception):
                 pool.check()
@@ -421,13 +499,19 @@ class PostgresStore:
         """
         committing = False
         pipeline: psycopg.Pipeline | None = None
+        warnings: list[str] = []
 
         def commit() -> None:
             nonlocal committing
             if pipeline is not None:
                 pipeline.sync()  # every change answered: any error is raised here
             committing = True
+            conn.add_notice_handler(notice)
             conn.execute("COMMIT")
+
+        def notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+            if diagnostic.severity_nonlocalized == "WARNING":
+                warnings.append(diagnostic.message_primary or "")
 
         try:
             with conn.pipeline() if pipelined else nullcontext() as pipeline:
@@ -435,12 +519,17 @@ class PostgresStore:
                 yield commit
         except psycopg.Error as exc:
             if committing and conn.broken:
-                raise StorageUnavailable(COMMIT_UNKNOWN) from exc
+                raise OutcomeUnknown(COMMIT_UNKNOWN) from exc
             raise
         finally:
+            if committing:
+                conn.remove_notice_handler(notice)
             if conn.info.transaction_status != TransactionStatus.IDLE and not conn.broken:
                 with suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
+        if warnings:
+            # The only WARNING a COMMIT gives: a cancelled wait for a synchronous standby.
+            raise OutcomeUnknown(NOT_REPLICATED)
 
     # -- startup -----------------------------------------------------------
 
@@ -456,29 +545,35 @@ class PostgresStore:
                 f"cannot connect ({connect_error(exc)})",
                 "check that the server runs and that the URL, user and password are right",
             ) from None
+        guard = None
         try:
-            self._configure(conn)
-            encoding = _scalar(conn.execute("SHOW server_encoding"))
-            if encoding.upper().replace("-", "") != "UTF8":
-                raise self._refuse(
-                    f"its encoding is {encoding}", "create the database with ENCODING 'UTF8'"
-                )
-            if _scalar(conn.execute("SHOW transaction_read_only")) == "on":
-                raise self._refuse(
-                    "it is read-only (a standby, or default_transaction_read_only)",
-                    "point kvapp at the primary",
-                )
-            for attempt in range(3):
-                try:
-                    self._create_schema(conn)
-                    break
-                except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
-                    # Another kvapp created the tables at the same moment.
-                    if attempt == 2:
-                        raise
-        except psycopg.Error as exc:
-            first = str(exc).splitlines()[0] if str(exc) else (exc.sqlstate or type(exc).__name__)
-            raise self._refuse(f"it failed ({first})", "check the server and its log") from None
+            with self._watchdog.guard(conn, self.timeout_seconds) as guard:
+                self._configure(conn)
+                encoding = _scalar(conn.execute("SHOW server_encoding"))
+                if encoding.upper().replace("-", "") != "UTF8":
+                    raise self._refuse(
+                        f"its encoding is {encoding}", "create the database with ENCODING 'UTF8'"
+                    )
+                if _scalar(conn.execute("SHOW transaction_read_only")) == "on":
+                    raise self._refuse(
+                        "it is read-only (a standby, or default_transaction_read_only)",
+                        "point kvapp at the primary",
+                    )
+                for attempt in range(3):
+                    try:
+                        self._create_schema(conn)
+                        break
+                    except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
+                        # Another kvapp created the tables at the same moment.
+                        if attempt == 2:
+                            raise
+        except (psycopg.Error, OutcomeUnknown) as exc:
+            if guard is not None and guard.timed_out:
+                problem = f"it did not answer within {guard.seconds:g} s"
+            else:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                problem = f"it failed ({first})"
+            raise self._refuse(problem, "check the server and its log") from None
         finally:
             conn.close()
 
@@ -584,15 +679,22 @@ class PostgresStore:
         """Return if the database answers a read and would accept a write; else raise StorageError.
 
         The write probe updates the revision row to itself and rolls back, so
-        it also waits for (and at most busy_timeout_ms on) the write lock.
+        it also waits for the write lock.  Each wait is HEALTH_TIMEOUT at most,
+        not timeout_seconds: a load balancer's probe must get its answer
+        before it gives up.  While writes stall, it fails at once.
         """
+        stalled = self._group_commit.stalled_for()
+        if stalled > STALLED_AFTER:
+            raise StorageUnavailable(STALLED_FOR.format(stalled))
+        wait_ms = int(HEALTH_TIMEOUT * 1000)
 
         def probe(conn: psycopg.Connection) -> None:
             conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
             with self._transaction(conn):
+                conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
                 conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
 
-        self._run(probe)
+        self._run(probe, HEALTH_TIMEOUT)
 
     # -- writes ------------------------------------------------------------
 
@@ -785,7 +887,15 @@ class PostgresStore:
         conn = self._listener
         if conn is None or conn.closed or self._listener_pid != os.getpid():
             conn = psycopg.connect(self.url, **self._kwargs)
-            conn.execute(f"LISTEN {CHANNEL}")
+            with self._watchdog.guard(conn, self.timeout_seconds) as guard:
+                try:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                except psycopg.Error:
+                    conn.close()
+                    raise
+            if guard.timed_out:
+                conn.close()
+                raise StorageUnavailable(TIMED_OUT.format(guard.seconds))
             self._listener, self._listener_pid = conn, os.getpid()
         try:
             for _ in conn.notifies(timeout=timeout, stop_after=1):

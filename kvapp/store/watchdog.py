@@ -1,0 +1,190 @@
+"""Deadlines for PostgreSQL connections: no request waits on the database server for ever.
+
+libpq waits for an answer with no time limit, and nothing the server
+offers bounds every wait:
+- statement_timeout ends a statement the server is running, but PostgreSQL
+  turns it off before a transaction commits (finish_xact_command in
+  src/backend/tcop/postgres.c), so it never covers the wait for a
+  synchronous standby, and a frozen or unreachable server enforces nothing;
+- tcp_user_timeout and keepalives notice a peer whose TCP stack stopped
+  answering, not one whose kernel acknowledges every packet while the
+  server process or its standby hangs.
+
+So each database operation runs guarded by a Watchdog, one thread per
+process that sleeps until the earliest deadline of the operations in
+flight.  When a deadline passes:
+1. it sends the server a cancel request (psycopg's cancel_safe, on a
+   connection of its own): a running statement fails with 57014, and a
+   COMMIT waiting for a synchronous standby returns, committed locally,
+   with a WARNING (https://www.postgresql.org/docs/current/warm-standby.html
+   #SYNCHRONOUS-REPLICATION-HA);
+2. CANCEL_GRACE seconds later, if the operation still waits (the cancel
+   could not reach the server), it shuts the connection's socket down:
+   libpq's wait ends at once with a broken connection.
+Either way the guard marks the operation as timed out, and the caller
+closes the connection: a late cancel must not hit its next statement.
+
+Cost: a guard takes one uncontended lock twice.  The thread wakes about
+once per deadline while operations run, and not at all while none do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import psycopg
+
+# Seconds from the cancel request to the socket's shutdown: a cancel that
+# reaches a live server is answered in milliseconds.
+CANCEL_GRACE = 1.0
+
+_NEVER = float("inf")
+
+
+class Guard:
+    """One operation on one connection, and what its watchdog did to it."""
+
+    __slots__ = ("conn", "started", "seconds", "due", "cancelled", "timed_out", "done", "lock")
+
+    def __init__(self, conn: psycopg.Connection, started: float, seconds: float) -> None:
+        self.conn = conn
+        self.started = started
+        self.seconds = seconds  # the bound it got
+        self.due = started + seconds
+        self.cancelled = False  # the cancel request was sent (or tried)
+        self.timed_out = False
+        self.done = False
+        # Held by the watchdog while it acts on the connection, and by the
+        # operation's thread while it ends: a cancel never reaches the
+        # connection's next user.
+        self.lock = threading.Lock()
+
+
+class Watchdog:
+    """Bounds the operations of one process's database connections; see the module."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active: dict[int, Guard] = {}
+        self._sleeping = True
+        self._pid = 0
+        # The newest time an operation was answered: while none has been since
+        # the oldest one in flight began, the server is silent.
+        self._answered: float | None = None
+        # When the oldest operation that timed out since then began.
+        self._unanswered: float | None = None
+
+    @contextmanager
+    def guard(
+        self, conn: psycopg.Connection, seconds: float, silent_seconds: float | None = None
+    ) -> Iterator[Guard]:
+        """Run the block with conn bounded to seconds; yield its Guard.
+
+        While the server has been silent (see silent_for) for over
+        silent_seconds, the bound is silent_seconds instead: a server that
+        answers nobody gets no long wait from each new request.  The block
+        sees the timeout as the psycopg error (or the warning) of the
+        cancelled or broken connection; the caller reads guard.timed_out.
+        """
+        now = time.monotonic()
+        with self._cond:
+            if self._pid != os.getpid():
+                self._start()
+            entry = Guard(conn, now, seconds)
+            if silent_seconds is not None and self._silent_for(now) > silent_seconds:
+                # A server that answers nobody gets no cancel request either: it
+                # could not answer that one.
+                entry.due = now + min(seconds, silent_seconds)
+                entry.cancelled = True
+                entry.seconds = min(seconds, silent_seconds)
+            key = id(entry)
+            self._active[key] = entry
+            if self._sleeping:
+                self._sleeping = False
+                self._cond.notify()
+        try:
+            yield entry
+        finally:
+            with entry.lock:
+                entry.done = True
+            with self._cond:
+                del self._active[key]
+                if not entry.timed_out:
+                    self._answered = time.monotonic()
+                    self._unanswered = None
+                elif self._unanswered is None:
+                    self._unanswered = entry.started
+
+    def silent_for(self) -> float:
+        """Return how long the server has answered nothing while operations waited (0: it answers).
+
+        An operation that timed out keeps the server silent until another one is answered.
+        """
+        with self._cond:
+            return self._silent_for(time.monotonic())
+
+    def _silent_for(self, now: float) -> float:
+        oldest = min((entry.started for entry in self._active.values()), default=_NEVER)
+        if self._unanswered is not None:
+            oldest = min(oldest, self._unanswered)
+        if oldest == _NEVER or (self._answered is not None and self._answered >= oldest):
+            return 0.0
+        return now - oldest
+
+    def _start(self) -> None:
+        # In a forked worker the parent's thread does not exist: start this
+        # process's own, and forget the parent's operations.
+        self._active.clear()
+        self._pid = os.getpid()
+        self._sleeping = False
+        threading.Thread(target=self._loop, name="kvapp-db-watchdog", daemon=True).start()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for entry in list(self._active.values()):
+                    if entry.due <= now:
+                        self._expire(entry, now)
+                due = min((e.due for e in self._active.values()), default=_NEVER)
+                if due < _NEVER:
+                    self._cond.wait(max(0.01, due - now))
+                else:
+                    self._sleeping = True  # until an operation begins
+                    self._cond.wait()
+
+    def _expire(self, entry: Guard, now: float) -> None:
+        """Cancel, then (CANCEL_GRACE later, if still waiting) cut: called with _cond held."""
+        entry.timed_out = True
+        if not entry.cancelled:
+            entry.cancelled = True
+            entry.due = now + CANCEL_GRACE
+            # Not on this thread: reaching an unreachable server takes CANCEL_GRACE.
+            threading.Thread(target=_cancel, args=(entry,), daemon=True).start()
+        else:
+            entry.due = _NEVER  # nothing more to do but wait for the block to end
+            threading.Thread(target=_cut, args=(entry,), daemon=True).start()
+
+
+def _cancel(entry: Guard) -> None:
+    with entry.lock:
+        if not entry.done:
+            with suppress(Exception):
+                entry.conn.cancel_safe(timeout=CANCEL_GRACE)
+
+
+def _cut(entry: Guard) -> None:
+    """Shut the connection's socket down: libpq's wait sees the end of the stream at once."""
+    with entry.lock:
+        if entry.done:
+            return
+        with suppress(Exception):
+            fd = os.dup(entry.conn.pgconn.socket)
+            # shutdown acts on the socket, which the duplicate shares; close does not.
+            with socket.socket(fileno=fd) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
