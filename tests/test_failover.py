@@ -27,12 +27,12 @@ import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from faultkit import Client
 from helpers import stored
+from ledgerkit import DEADLINE, UNKNOWN, Answer, Ledger, Writers, wait_until, writer
 from pgcluster import SUPERUSER, Cluster, find_bindir, running
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,6 @@ STANDBY_NAME = "standby1"
 WRITERS = 4
 ROUNDS = 3
 WRITE_BEFORE_KILL = 1.0  # seconds of writes on the primary before it is killed
-DEADLINE = 30.0  # seconds: for replication to start, and for writes to come back
 
 # The primary's replication settings (PostgreSQL 15's defaults for the first
 # two, stated because a standby needs them).  initdb --auth=trust already
@@ -89,14 +88,6 @@ class Standby(Cluster):
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote")
 
 
-def wait_until(condition, what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
-
-
 def sync_state(primary: Cluster) -> str | None:
     with primary.admin() as conn:
         row = conn.execute(
@@ -120,49 +111,6 @@ def pair():
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{primary.server_log()}\n{standby.server_log()}") from None
         yield primary, standby
-
-
-@dataclass
-class Answer:
-    key: str
-    status: int
-    sent: float  # time.monotonic() when the request went out
-    received: float  # and when its answer came back
-    body: bytes
-
-
-@dataclass
-class Ledger:
-    """Every answer of every writer, and what went wrong in a writer thread."""
-
-    answers: list[Answer] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def acknowledged(self) -> list[Answer]:
-        with self.lock:
-            return [answer for answer in self.answers if answer.status == 201]
-
-
-def writer(port: int, number: int, ledger: Ledger, stop: threading.Event) -> None:
-    """PUT /kv/k-<number>-<n>, n = 0, 1, ... (each key once), until stop; record each answer."""
-    client = Client(port, timeout=DEADLINE)
-    try:
-        for n in range(10**9):
-            if stop.is_set():
-                break
-            key = f"k-{number}-{n}"
-            sent = time.monotonic()
-            status, _, body = client.request("PUT", f"/kv/{key}", key.encode())
-            with ledger.lock:
-                ledger.answers.append(Answer(key, status, sent, time.monotonic(), body))
-            if status != 201:
-                time.sleep(0.05)  # as a client backing off; 503s must not spin
-    except BaseException as exc:  # noqa: BLE001 - reported by the test
-        with ledger.lock:
-            ledger.errors.append(exc)
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("round_number", range(ROUNDS))
@@ -255,4 +203,109 @@ def test_failover_to_a_clean_promoted_standby_loses_nothing_and_writes_resume(
             f" {first.received - promoted:.2f} s after the promotion began"
             f" (pg_ctl promote took {promotion:.2f} s); {len(outage)} writes answered 503"
             f" from the kill to then ({len(refused)} in all: {dict(reasons)})"
+        )
+
+
+HANG_TIMEOUT = 2  # kvapp's database_timeout_seconds in the variant whose commits hang
+HANG_WINDOW = 6.0  # seconds of hanging commits the variant watches
+SLACK = 3.0  # seconds allowed on top of a bound, for a loaded machine
+
+
+def timed(client: Client, method: str, target: str) -> tuple[int, bytes, float]:
+    sent = time.monotonic()
+    status, _, body = client.request(method, target)
+    return status, body, time.monotonic() - sent
+
+
+def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_reading(
+    pair, server_factory, capsys
+):
+    """The promoted standby keeps synchronous_standby_names: each COMMIT waits for ever.
+
+    No HA manager empties it, so every commit on the new primary waits for
+    a standby that no longer exists.  kvapp runs under waitress-serve's 4
+    threads with 8 writers, more than its threads.  Within the bound,
+    writes answer 503 (the stuck commits "may or may not be stored"), reads
+    keep being answered, and /healthz says 503.  Once the setting is
+    emptied, writes are acknowledged again by the same process.
+    """
+    primary, standby = pair
+    name = primary.create_database().rpartition("/")[2]
+    url = (
+        f"postgresql://{SUPERUSER}@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{name}"
+        "?target_session_attrs=read-write"
+    )
+    server = server_factory(path=url, env={"KVAPP_DATABASE_TIMEOUT_SECONDS": str(HANG_TIMEOUT)})
+    client = Client(server.port, timeout=DEADLINE)
+    old = {f"old-{n}": f"value {n}".encode() for n in range(10)}
+    for key, value in old.items():
+        assert client.request("PUT", f"/kv/{key}", value)[0] == 201
+    writers = Writers(server.port, 2 * WRITERS, prefix="w")
+    try:
+        wait_until(lambda: writers.ledger.acknowledged(), "a first write on the primary")
+        time.sleep(WRITE_BEFORE_KILL)
+        primary.stop("immediate")
+        standby.promote()
+        promoted = time.monotonic()
+        # kvapp reads from the new primary, whose commits all hang
+        wait_until(lambda: client.get("/kv/old-0")[0] == 200, "a read on the new primary")
+        reads: list[tuple[int, bytes, float]] = []
+        probes: list[tuple[int, bytes, float]] = []
+        window = time.monotonic()
+        while time.monotonic() - window < HANG_WINDOW:
+            reads.append(timed(client, "GET", f"/kv/old-{len(reads) % 10}"))
+            probes.append(timed(client, "GET", "/healthz"))
+            time.sleep(0.1)
+        stuck = time.monotonic()
+        # The HA manager, late: no synchronous standby is left to wait for.
+        with standby.admin() as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+            conn.execute("SELECT pg_reload_conf()")
+        released = time.monotonic()
+        wait_until(
+            lambda: any(a.sent > released for a in writers.ledger.acknowledged()),
+            "a write acknowledged once commits no longer hang",
+        )
+        time.sleep(0.3)
+    finally:
+        ledger = writers.stop()
+    client.close()
+
+    answers = ledger.all()
+    bound = HANG_TIMEOUT + 1 + SLACK  # the timeout, then 1 s for the cancel
+    assert {a.status for a in answers} <= {201, 503}
+    slow = [a for a in answers if a.seconds > bound]
+    assert not slow, f"{len(slow)} writes took over {bound} s: {slow[:3]}"
+    hung = [a for a in answers if promoted <= a.sent and a.received <= stuck]
+    assert hung and not [a for a in hung if a.status == 201]
+    unknown = [a for a in hung if UNKNOWN in a.body]
+    assert unknown, Counter(a.body for a in hung)
+    # Reads keep being answered, and quickly: the writes do not hold every thread.
+    assert {status for status, _, _ in reads} == {200}, Counter(body for _, body, _ in reads)
+    assert max(seconds for _, _, seconds in reads) < HANG_TIMEOUT + SLACK
+    assert all(body == old[f"old-{n % 10}"] for n, (_, body, _) in enumerate(reads))
+    assert {status for status, _, _ in probes} == {503}, probes[:3]
+    assert max(seconds for _, _, seconds in probes) < 1 + SLACK
+
+    rows = dict(stored(standby.url(name), "SELECT key, value FROM kv"))
+    lost = [a.key for a in ledger.acknowledged() if rows.get(a.key) != a.key.encode()]
+    assert not lost, f"{len(lost)} acknowledged writes lost: {lost[:10]}"
+    leaked = [a.key for a in ledger.refused() if a.key in rows]
+    assert not leaked, f"writes answered 'nothing was stored' are stored: {leaked[:10]}"
+    assert server.proc.poll() is None
+
+    with capsys.disabled():
+        kept = sum(a.key in rows for a in unknown)
+        again = min(a.received for a in ledger.acknowledged() if a.sent > released) - released
+        print(
+            f"\n[hanging standby] {2 * WRITERS} writers on 4 threads, {HANG_WINDOW:.0f} s of"
+            f" commits that hang (database_timeout_seconds = {HANG_TIMEOUT}):"
+            f" {len(hung)} writes answered 503 in at most {max(a.seconds for a in hung):.2f} s"
+            f" ({len(unknown)} 'may or may not be stored', {kept} of them kept;"
+            f" {len(hung) - len(unknown)} 'nothing was stored', in at most"
+            f" {max((a.seconds for a in hung if a not in unknown), default=0):.2f} s);"
+            f" {len(reads)} reads all 200 in at most {max(s for _, _, s in reads):.2f} s;"
+            f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s; writes acknowledged"
+            f" again {again:.2f}"
+            " s after synchronous_standby_names was emptied; 0 lost"
         )
