@@ -16,6 +16,9 @@ A line on stdin pulls the plug, then the process exits at once:
                   wrote some of the page cache back before the cut)
     tear SEED     keep the first 1 to 7 512-byte sectors of one unsynced
                   page and nothing else (a torn write)
+Two more lines make a disk that hangs, without a cut:
+    freeze        every fsync from now on waits (reads and writes do not)
+    thaw          the waiting fsyncs go on, and later ones do not wait
 Directory entries are only ever kept by an fsync of their directory, as
 POSIX promises (ext4 happens to keep more).  There are no hard links.  Mapped files (MAP_SHARED, as
 SQLite's -shm and kvapp's -gen) work: the kernel writes their dirty pages
@@ -142,6 +145,8 @@ class PowerCut(fuse.Operations):
     def __init__(self, backing: str) -> None:
         self.backing = backing
         self.mutex = threading.Lock()
+        self.thawed = threading.Event()  # cleared: fsync waits, as on a disk that hangs
+        self.thawed.set()
         os.makedirs(os.path.join(backing, "inodes"), exist_ok=True)
         self.namespace_path = os.path.join(backing, "namespace.json")
         try:
@@ -289,11 +294,13 @@ class PowerCut(fuse.Operations):
             return 0
 
     def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self.thawed.wait()
         with self.mutex:
             self._node(path, fh).sync()
             return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        self.thawed.wait()
         with self.mutex:
             for name in self._children(path, self.durable):
                 del self.durable[name]
@@ -376,8 +383,13 @@ def main() -> None:
 
     def control() -> None:
         for line in sys.stdin:
-            if line.strip():
-                filesystem.pull(line.strip())
+            command = line.strip()
+            if command == "freeze":
+                filesystem.thawed.clear()
+            elif command == "thaw":
+                filesystem.thawed.set()
+            elif command:
+                filesystem.pull(command)
         filesystem.pull("drop")  # stdin closed: the test went away
 
     threading.Thread(target=control, daemon=True).start()

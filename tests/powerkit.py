@@ -58,6 +58,19 @@ class Disk:
             time.sleep(0.02)
         return self
 
+    def _send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"{line}\n".encode())
+        self.proc.stdin.flush()
+
+    def freeze(self) -> None:
+        """Make every fsync wait from now on, as on a disk that hangs."""
+        self._send("freeze")
+
+    def thaw(self) -> None:
+        """Let the waiting fsyncs finish, and later ones run at once."""
+        self._send("thaw")
+
     def pull(self, variant: str, seed: int = 0) -> None:
         """Cut the power: keep what variant says of the unsynced writes, lose the rest."""
         assert self.proc is not None and self.proc.stdin is not None

@@ -405,6 +405,42 @@ def test_remote_apply_is_kept(admin, database, make_settings):
         repository.close()
 
 
+def test_sessions_bound_statements_and_watch_the_connection(make_settings):
+    repository = open_store(make_settings(database_timeout_seconds=4))
+    try:
+        assert session_setting(repository, "statement_timeout") == "4s"
+        given = repository._run(lambda conn: conn.info.get_parameters())
+        assert {name: given.get(name) for name in TCP_SETTINGS} == {
+            "keepalives": "1",
+            "keepalives_idle": "2",
+            "keepalives_interval": "1",
+            "keepalives_count": "3",
+            "tcp_user_timeout": "4000",
+        }
+    finally:
+        repository.close()
+
+
+def test_keepalives_and_tcp_user_timeout_of_the_url_are_kept(make_settings, database):
+    url = f"{database}?keepalives_idle=30&tcp_user_timeout=60000"
+    repository = open_store(make_settings(), url)
+    try:
+        given = repository._run(lambda conn: conn.info.get_parameters())
+        assert given["keepalives_idle"] == "30" and given["tcp_user_timeout"] == "60000"
+        assert given["keepalives_count"] == "3"
+    finally:
+        repository.close()
+
+
+TCP_SETTINGS = (
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
@@ -445,6 +481,46 @@ def test_lock_held_elsewhere_is_503_with_retry_after(make_settings, admin):
         admin.execute("ROLLBACK")
         client.put("/kv/a", b"2", status=204)
         client.get("/healthz", status=200)
+    finally:
+        app.close()
+
+
+def test_a_statement_canceled_on_the_server_is_503_and_stores_nothing(
+    make_settings, admin, pg_cluster, database
+):
+    app = create_app(make_settings(busy_timeout_ms=30_000))
+    client = webtest.TestApp(app)
+    answers = []
+    try:
+        client.put("/kv/a", b"1", status=201)
+        hold_write_lock(admin)
+        writer = threading.Thread(
+            target=lambda: answers.append(client.put("/kv/a", b"2", expect_errors=True))
+        )
+        writer.start()
+        with pg_cluster.admin(dbname(database)) as operator:
+            deadline = time.monotonic() + 20
+            while True:
+                waiting = operator.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'kvapp'"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchall()
+                if waiting or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            assert len(waiting) == 1
+            operator.execute("SELECT pg_cancel_backend(%s)", waiting[0])
+        writer.join(20)
+        (response,) = answers
+        assert response.status_int == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.text == (
+            "the database server canceled the statement (statement_timeout, or an operator):"
+            " nothing was stored; retry\n"
+        )
+        admin.execute("ROLLBACK")
+        assert stored(database, "SELECT value FROM kv WHERE key = 'a'") == [(b"1",)]
+        client.put("/kv/a", b"3", status=204)
     finally:
         app.close()
 

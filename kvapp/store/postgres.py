@@ -188,7 +188,8 @@ def _columns(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
 
 # SQLSTATEs, https://www.postgresql.org/docs/current/errcodes-appendix.html
 _DISK_FULL = "53100"
-_BUSY = {"55P03", "57014"}  # lock_not_available (lock_timeout), query_canceled
+_BUSY = "55P03"  # lock_not_available (lock_timeout)
+_CANCELED = "57014"  # query_canceled: statement_timeout, or pg_cancel_backend()
 _CONFLICT = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 _READ_ONLY = "25006"
 _GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
@@ -221,8 +222,13 @@ def storage_error(exc: psycopg.Error) -> StorageError:
     state = exc.sqlstate or ""
     if state == _DISK_FULL:
         return StorageFull("the disk is full: nothing was stored; free space and retry")
-    if state in _BUSY:
+    if state == _BUSY:
         return StorageBusy("the database is locked by another process: nothing was stored; retry")
+    if state == _CANCELED:
+        return StorageUnavailable(
+            "the database server canceled the statement (statement_timeout, or an operator):"
+            " nothing was stored; retry"
+        )
     if state in _CONFLICT:
         return StorageBusy("the database is busy with conflicting writes: nothing stored; retry")
     if state == _READ_ONLY:
@@ -686,7 +692,7 @@ class PostgresStore:
         stalled = self._group_commit.stalled_for()
         if stalled > STALLED_AFTER:
             raise StorageUnavailable(STALLED_FOR.format(stalled))
-        wait_ms = int(HEALTH_TIMEOUT * 1000)
+        wait_ms = min(int(HEALTH_TIMEOUT * 1000), self.busy_timeout_ms)
 
         def probe(conn: psycopg.Connection) -> None:
             conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()

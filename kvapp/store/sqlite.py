@@ -121,6 +121,14 @@ INDEXES = (
 # The disk space /healthz asks for before it calls the database writable.
 HEALTH_MIN_FREE_BYTES = 1024 * 1024
 
+# A batch may wait busy_timeout_ms for the write lock of another process,
+# then fails.  One still applying this long after that waits for the disk
+# (an fsync that does not return: a dying disk, a hung network filesystem),
+# which no timeout of SQLite or of Python can end: the writes behind it then
+# fail at once (kvapp.store.groupcommit) instead of holding every thread.
+STALLED_BEYOND_BUSY = 1.0
+STALLED_FOR = "the last commit has waited {:.0f} s for the disk"
+
 # Bytes of memory each process's read cache may hold (kvapp.store.readcache); 0: no cache.
 READ_CACHE_BYTES = 32 * 1024 * 1024
 
@@ -206,7 +214,13 @@ class SQLiteStore:
             raise self._refuse(str(exc), exc.advice) from None
         self._cache = ReadCache(self._generations, read_cache_bytes)
         self._writer = self._connect()
-        self._group_commit = GroupCommit(self.apply_batch)
+        self._group_commit = GroupCommit(
+            self.apply_batch,
+            stalled_after=busy_timeout_ms / 1000 + STALLED_BEYOND_BUSY,
+            stalled=lambda age: StorageUnavailable(
+                f"{STALLED_FOR.format(age)}: nothing was stored; retry"
+            ),
+        )
         self._seen_commits = self._generations.commits()
         self.feed = Feed(self._listen, self._revision)
 
@@ -501,8 +515,12 @@ class SQLiteStore:
         Writes nothing to disk.  BEGIN IMMEDIATE alone succeeds on a read-only
         file in WAL mode, so a no-op UPDATE asks for the write; its page stays
         in the cache and is rolled back, so the WAL does not grow per probe.
-        A full disk only shows at commit, hence the free-space check.
+        A full disk only shows at commit, hence the free-space check.  While
+        a commit waits for the disk, it fails at once.
         """
+        group = self._group_commit
+        if group.stalled_after is not None and group.stalled_for() > group.stalled_after:
+            raise StorageUnavailable(STALLED_FOR.format(group.stalled_for()))
         with translated():
             self._reader().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
         with self._transaction(commit=False) as conn:
