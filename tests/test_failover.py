@@ -279,7 +279,10 @@ def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_
     hung = [a for a in answers if promoted <= a.sent and a.received <= stuck]
     assert hung and not [a for a in hung if a.status == 201]
     unknown = [a for a in hung if UNKNOWN in a.body]
-    assert unknown, Counter(a.body for a in hung)
+    # A leader's commit, cancelled by kvapp's watchdog: PostgreSQL kept it, with a WARNING.
+    assert [a for a in unknown if b"gave up waiting for its synchronous standby" in a.body], (
+        Counter(a.body for a in hung)
+    )
     # Reads keep being answered, and quickly: the writes do not hold every thread.
     assert {status for status, _, _ in reads} == {200}, Counter(body for _, body, _ in reads)
     assert max(seconds for _, _, seconds in reads) < HANG_TIMEOUT + SLACK

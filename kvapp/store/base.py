@@ -252,12 +252,16 @@ class StorageUnavailable(StorageError):
     """The database cannot be written or read now: read-only, unreachable, I/O error, damaged."""
 
 
+# How every OutcomeUnknown ends: the client cannot tell from the answer.
+MAY_BE_STORED = "the write may or may not be stored; retry"
+
+
 class OutcomeUnknown(StorageUnavailable):
     """A write's commit went out and its answer never came: it may or may not be stored.
 
     The client must read the keys again, or retry a write that is safe to
-    repeat.  (A database server on another machine only: SQLite answers every
-    commit, or raises before it.)
+    repeat.  (With PostgreSQL, a commit whose answer was lost or never came;
+    with either backend, a write that stopped waiting for a stalled batch.)
     """
 
 

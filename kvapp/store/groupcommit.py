@@ -21,13 +21,16 @@ Leader and followers, no committer thread and no timer:
 With no thread of its own, it works unchanged in forked worker processes.
 
 A batch that the database does not answer (a PostgreSQL server cut off by
-the network, or waiting for a synchronous standby that is gone) would hold
-the thread of every write queued behind it until the database's own bound
-ends it.  With stalled_after set, once the batch being applied is older than
-that, the writes still waiting for the next batch, and every new one, fail
-at once with the error stalled(age) instead: their threads go back to serve
-reads, and nothing of them was stored.  Only the threads of the stuck batch
-wait for its outcome.
+the network, a synchronous standby that is gone, a disk that hangs) would
+hold the thread of every write in it or queued behind it, perhaps every
+thread of the server.  With stalled_after set, once the batch being applied
+is older than that, every write but the leader's stops waiting, and its
+thread goes back to serve reads:
+- a write still queued, and every new one, fails with stalled(age, False):
+  nothing of it is stored;
+- a write in the stalled batch fails with stalled(age, True): the batch
+  may still commit, so its outcome is unknown.
+Only the leader's thread, inside apply_batch, waits for the database.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class GroupCommit:
         max_writes: int = MAX_BATCH_WRITES,
         max_bytes: int = MAX_BATCH_BYTES,
         stalled_after: float | None = None,
-        stalled: Callable[[float], Exception] | None = None,
+        stalled: Callable[[float, bool], Exception] | None = None,
     ) -> None:
         if max_writes < 1:
             raise ValueError("max_writes must be at least 1")
@@ -150,30 +153,34 @@ class GroupCommit:
         return waiter.result
 
     def _refuse_if_stalled(self) -> None:
-        """Raise stalled(age) if the batch being applied began over stalled_after ago."""
+        """Raise stalled(age, False) if the batch being applied began over stalled_after ago."""
         if self.stalled is not None and self.stalled_after is not None:
             age = self.stalled_for()  # the caller holds _mutex
             if age > self.stalled_after:
-                raise self.stalled(age)
+                raise self.stalled(age, False)
 
     def _wait_unless_stalled(self, waiter: _Waiter, stalled_after: float) -> None:
-        """Sleep until waiter's batch is done or it leads; leave the queue if the batch stalls."""
+        """Sleep until waiter's batch is done or it leads; give up once a batch stalls.
+
+        A write still queued leaves the queue (stalled(age, False): nothing of
+        it is stored).  A write in the stalled batch cannot leave it, but its
+        thread stops waiting (stalled(age, True): it may yet be stored).
+        """
         while True:
             since = self._applying_since
             timeout = stalled_after if since is None else since + stalled_after - time.monotonic()
             if waiter.wake.acquire(timeout=max(timeout, 0.001)):
                 return
             with self._mutex:
-                waits = waiter.taken or waiter.leads
-                if not waits:
-                    try:
-                        self._refuse_if_stalled()
-                    except Exception:
+                if waiter.leads:
+                    break  # woken as the next leader this instant
+                age = self.stalled_for()
+                if age > stalled_after:
+                    assert self.stalled is not None
+                    if not waiter.taken:
                         self._queue.remove(waiter)
-                        raise
-            if waits:  # in a batch now, or its leader: its outcome is bounded by the database's
-                waiter.wake.acquire()
-                return
+                    raise self.stalled(age, waiter.taken)
+        waiter.wake.acquire()
 
     def _take(self) -> list[_Waiter]:
         """Return the waiting writes of the next batch, oldest first, within the caps."""

@@ -44,6 +44,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kvapp.store.base import (
     EXPIRED,
+    MAY_BE_STORED,
     DatabaseUnusable,
     Event,
     History,
@@ -278,6 +279,19 @@ def connect_error(exc: psycopg.Error) -> str:
     return text.replace("FATAL: ", "")
 
 
+def _stalled(age: float, in_batch: bool) -> StorageError:
+    """The error of a write that stops waiting for a batch unanswered for age seconds."""
+    if in_batch:
+        return OutcomeUnknown(f"{STALLED_FOR.format(age)}: {MAY_BE_STORED}")
+    return StorageUnavailable(STALLED.format(age))
+
+
+def _check_quietly(pool: ConnectionPool) -> None:
+    """Drop the pool's idle connections that are dead (the server restarted since)."""
+    with suppress(Exception):
+        pool.check()
+
+
 class PostgresStore:
     """The key-value store in one PostgreSQL database (a kvapp.store.base.Store), through a pool."""
 
@@ -303,7 +317,7 @@ class PostgresStore:
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=STALLED_AFTER,
-            stalled=lambda age: StorageUnavailable(STALLED.format(age)),
+            stalled=_stalled,
         )
         self._kwargs = self._connection_kwargs()
         self._pool_lock = threading.Lock()
@@ -479,8 +493,12 @@ class PostgresStore:
                     conn.close()
                 # A broken or closed connection is dropped, and replaced, by the pool.
                 pool.putconn(conn)
-            with suppress(Exception):
-                pool.check()
+            # pool.check() runs a query on each idle connection, with no time
+            # limit of its own: on a thread of its own, waited for at most the
+            # bound (a frozen server leaves it waiting; it does no harm there).
+            checker = threading.Thread(target=_check_quietly, args=(pool,), daemon=True)
+            checker.start()
+            checker.join(bound)
 
     def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple[Any, ...]]:
         """Return the rows of one query run outside any transaction."""

@@ -29,12 +29,14 @@ from typing import Any, cast
 
 from kvapp.store.base import (
     EXPIRED,
+    MAY_BE_STORED,
     DatabaseUnusable,
     Event,
     History,
     Item,
     Listing,
     Outcome,
+    OutcomeUnknown,
     Put,
     Record,
     Result,
@@ -129,6 +131,14 @@ HEALTH_MIN_FREE_BYTES = 1024 * 1024
 STALLED_BEYOND_BUSY = 1.0
 STALLED_FOR = "the last commit has waited {:.0f} s for the disk"
 
+
+def _stalled(age: float, in_batch: bool) -> StorageError:
+    """The error of a write that stops waiting for a commit stuck on the disk for age seconds."""
+    if in_batch:  # its commit may still reach the disk
+        return OutcomeUnknown(f"{STALLED_FOR.format(age)}: {MAY_BE_STORED}")
+    return StorageUnavailable(STALLED_FOR.format(age) + ": nothing was stored; retry")
+
+
 # Bytes of memory each process's read cache may hold (kvapp.store.readcache); 0: no cache.
 READ_CACHE_BYTES = 32 * 1024 * 1024
 
@@ -217,9 +227,7 @@ class SQLiteStore:
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=busy_timeout_ms / 1000 + STALLED_BEYOND_BUSY,
-            stalled=lambda age: StorageUnavailable(
-                f"{STALLED_FOR.format(age)}: nothing was stored; retry"
-            ),
+            stalled=_stalled,
         )
         self._seen_commits = self._generations.commits()
         self.feed = Feed(self._listen, self._revision)
