@@ -136,6 +136,10 @@ STALLED_AFTER = 1.0
 
 # Seconds /healthz waits for the database's answers, and for the write lock.
 HEALTH_TIMEOUT = 1.0
+HEALTH_UNCONFIRMED = (
+    "a test commit was not confirmed within {:g} s"
+    " (the server does not answer, or its synchronous standby does not)"
+)
 
 _LOCK_REVISION = "SELECT value FROM meta WHERE name = 'revision' FOR UPDATE"
 # Every row of a batch in one statement: one array per column, unnest() makes
@@ -700,12 +704,14 @@ class PostgresStore:
         return keys, int(size)
 
     def check_health(self) -> None:
-        """Return if the database answers a read and would accept a write; else raise StorageError.
+        """Return if the database answers a read and commits a write; else raise StorageError.
 
-        The write probe updates the revision row to itself and rolls back, so
-        it also waits for the write lock.  Each wait is HEALTH_TIMEOUT at most,
-        not timeout_seconds: a load balancer's probe must get its answer
-        before it gives up.  While writes stall, it fails at once.
+        The write probe updates the revision row to itself and commits: it
+        waits for the write lock, and its commit for the synchronous
+        standbys, as a write would (one WAL record per probe, no revision).
+        Each wait is HEALTH_TIMEOUT at most, not timeout_seconds: a load
+        balancer's probe must get its answer before it gives up.  While
+        writes stall, it fails at once.
         """
         stalled = self._group_commit.stalled_for()
         if stalled > STALLED_AFTER:
@@ -714,11 +720,15 @@ class PostgresStore:
 
         def probe(conn: psycopg.Connection) -> None:
             conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-            with self._transaction(conn):
+            with self._transaction(conn) as commit:
                 conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
                 conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
+                commit()
 
-        self._run(probe, HEALTH_TIMEOUT)
+        try:
+            self._run(probe, HEALTH_TIMEOUT)
+        except OutcomeUnknown:
+            raise StorageUnavailable(HEALTH_UNCONFIRMED.format(HEALTH_TIMEOUT)) from None
 
     # -- writes ------------------------------------------------------------
 
