@@ -18,7 +18,8 @@ Leader and followers, no committer thread and no timer:
   Each gets its own result, an Outcome, a ConditionFailed or a
   ReadsTooLarge (apply_batch fails such a write alone), or the error that
   failed the whole batch, which then reaches every request of it.
-With no thread of its own, it works unchanged in forked worker processes.
+With no committer thread of its own, it works unchanged in forked worker
+processes.
 
 A batch that the database does not answer (a PostgreSQL server cut off by
 the network, a synchronous standby that is gone, a disk that hangs) would
@@ -36,6 +37,7 @@ Only the leader's thread, inside apply_batch, waits for the database.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections import deque
@@ -59,7 +61,7 @@ class BatchInterrupted(RuntimeError):
 class _Waiter:
     """One submitted write, and the lock its thread sleeps on until it is answered or leads."""
 
-    __slots__ = ("write", "size", "wake", "leads", "taken", "result", "error")
+    __slots__ = ("write", "size", "wake", "leads", "done", "result", "error")
 
     def __init__(self, write: Write, size: int) -> None:
         self.write = write
@@ -67,7 +69,7 @@ class _Waiter:
         self.wake = threading.Lock()
         self.wake.acquire()
         self.leads = False
-        self.taken = False  # in the batch being applied
+        self.done = False  # answered: by its batch's leader, or given up on by the monitor
         self.result: Result | None = None
         self.error: BaseException | None = None
 
@@ -111,7 +113,15 @@ class GroupCommit:
         self._mutex = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._busy = False  # a leader is applying a batch, or has been chosen to
+        self._batch: list[_Waiter] = []  # the one being applied
         self._applying_since: float | None = None  # time.monotonic() the batch began
+        self._stalled = False  # the monitor gave up on the batch being applied
+        # The monitor: a thread per process, started with the first batch,
+        # asleep while no batch is applied, awake about once per stalled_after
+        # while batches are.  Followers block on their own lock, with no timer.
+        self._changed = threading.Condition(self._mutex)
+        self._monitor_pid = 0
+        self._monitor_idle = False
 
     def stalled_for(self) -> float:
         """Return how long the batch being applied has been applied for (0: none is)."""
@@ -133,15 +143,14 @@ class GroupCommit:
                 raise ValueError("a Write changes each key at most once")
         waiter = _Waiter(write, write_size(write))
         with self._mutex:
-            self._refuse_if_stalled()
+            if self._stalled:
+                assert self.stalled is not None
+                raise self.stalled(self.stalled_for(), False)
             self._queue.append(waiter)
             leads = not self._busy
             self._busy = True
         if not leads:
-            if self.stalled_after is None:
-                waiter.wake.acquire()  # until our batch is done, or we are the next leader
-            else:
-                self._wait_unless_stalled(waiter, self.stalled_after)
+            waiter.wake.acquire()  # until our batch is done, or we are the next leader
             leads = waiter.leads
         if leads:
             self._lead()
@@ -152,35 +161,29 @@ class GroupCommit:
         assert waiter.result is not None
         return waiter.result
 
-    def _refuse_if_stalled(self) -> None:
-        """Raise stalled(age, False) if the batch being applied began over stalled_after ago."""
-        if self.stalled is not None and self.stalled_after is not None:
-            age = self.stalled_for()  # the caller holds _mutex
-            if age > self.stalled_after:
-                raise self.stalled(age, False)
-
-    def _wait_unless_stalled(self, waiter: _Waiter, stalled_after: float) -> None:
-        """Sleep until waiter's batch is done or it leads; give up once a batch stalls.
-
-        A write still queued leaves the queue (stalled(age, False): nothing of
-        it is stored).  A write in the stalled batch cannot leave it, but its
-        thread stops waiting (stalled(age, True): it may yet be stored).
-        """
-        while True:
-            since = self._applying_since
-            timeout = stalled_after if since is None else since + stalled_after - time.monotonic()
-            if waiter.wake.acquire(timeout=max(timeout, 0.001)):
-                return
-            with self._mutex:
-                if waiter.leads:
-                    break  # woken as the next leader this instant
-                age = self.stalled_for()
-                if age > stalled_after:
-                    assert self.stalled is not None
-                    if not waiter.taken:
-                        self._queue.remove(waiter)
-                    raise self.stalled(age, waiter.taken)
-        waiter.wake.acquire()
+    def _monitor(self, stalled_after: float) -> None:
+        """Give up on the writes of a batch older than stalled_after, but its leader's."""
+        with self._changed:
+            while True:
+                since = self._applying_since
+                if since is None or self._stalled:
+                    self._monitor_idle = True
+                    self._changed.wait()  # until the next batch
+                    continue
+                age = time.monotonic() - since
+                if age <= stalled_after:
+                    self._changed.wait(stalled_after - age + 0.001)
+                    continue
+                assert self.stalled is not None
+                self._stalled = True
+                given_up = [(w, False) for w in self._queue] + [
+                    (w, True) for w in self._batch[1:] if not w.done
+                ]
+                self._queue.clear()
+                for waiter, in_batch in given_up:
+                    waiter.done = True
+                    waiter.error = self.stalled(age, in_batch)
+                    waiter.wake.release()
 
     def _take(self) -> list[_Waiter]:
         """Return the waiting writes of the next batch, oldest first, within the caps."""
@@ -192,10 +195,22 @@ class GroupCommit:
                 if batch and size + queue[0].size > self.max_bytes:
                     break
                 waiter = queue.popleft()
-                waiter.taken = True
                 size += waiter.size
                 batch.append(waiter)
+            self._batch = batch
             self._applying_since = time.monotonic()
+            if self.stalled_after is not None:
+                if self._monitor_pid != os.getpid():  # the first batch, or a forked worker's
+                    self._monitor_pid = os.getpid()
+                    threading.Thread(
+                        target=self._monitor,
+                        args=(self.stalled_after,),
+                        name="kvapp-group-commit-monitor",
+                        daemon=True,
+                    ).start()
+                elif self._monitor_idle:
+                    self._monitor_idle = False
+                    self._changed.notify()
         return batch
 
     def _lead(self) -> None:
@@ -213,17 +228,22 @@ class GroupCommit:
         finally:
             with self._mutex:
                 self._applying_since = None
+                self._batch = []
+                self._stalled = False
                 successor = self._queue[0] if self._queue else None
                 if successor is None:
                     self._busy = False
                 else:
                     successor.leads = True
+                followers = [waiter for waiter in batch[1:] if not waiter.done]
+                for waiter in followers:
+                    waiter.done = True  # the monitor no longer gives up on them
             # The next leader first: its commit can start while the others answer.
             if successor is not None:
                 successor.wake.release()
             if error is not None:
                 batch[0].error = error
-            for waiter in batch[1:]:
+            for waiter in followers:
                 if error is not None:
                     waiter.error = _own_copy(error)
                 waiter.wake.release()
