@@ -202,15 +202,9 @@ _GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_co
 _BUGS = {"42601", "42804", "42883", "42P18"}
 
 UNREACHABLE = "the database server cannot be reached: nothing was stored; retry"
-COMMIT_UNKNOWN = (
-    "the connection to the database server was lost while committing:"
-    " the write may or may not be stored; retry"
-)
+COMMIT_UNKNOWN = f"the connection to the database server was lost while committing: {MAY_BE_STORED}"
 TIMED_OUT = "the database server did not answer within {:g} s: nothing was stored; retry"
-COMMIT_UNANSWERED = (
-    "the database server did not answer the commit within {:g} s:"
-    " the write may or may not be stored; retry"
-)
+COMMIT_UNANSWERED = "the database server did not answer the commit within {:g} s: " + MAY_BE_STORED
 # PostgreSQL keeps a commit whose wait for its synchronous standbys is
 # cancelled, and says so with a WARNING: the standby may lack it, and a
 # failover may lose it (src/backend/replication/syncrep.c).
