@@ -67,12 +67,16 @@ def check_ledger(ledger: Ledger, url: str) -> dict[str, bytes]:
     return rows
 
 
-def resumes(server, ledger: Ledger, healed: float) -> float:
-    """Wait for a write sent after healed to be acknowledged; return how long after healed."""
+def heal(proxy: Proxy, ledger: Ledger) -> tuple[float, float]:
+    """Heal the network; return when, and how long until a write sent after was acknowledged."""
+    proxy.heal()
+    healed = time.monotonic()
     wait_until(
         lambda: any(a.sent > healed for a in ledger.acknowledged()), "a write after the heal"
     )
-    return min(a.received for a in ledger.acknowledged() if a.sent > healed) - healed
+    again = min(a.received for a in ledger.acknowledged() if a.sent > healed) - healed
+    time.sleep(0.3)  # a few more writes
+    return healed, again
 
 
 def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off, capsys):
@@ -87,10 +91,7 @@ def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off,
         while time.monotonic() - cut < CUT:
             reads.append(timed(client, "/kv/before"))
             probes.append(timed(client, "/healthz"))
-        proxy.heal()
-        healed = time.monotonic()
-        again = resumes(server, writers.ledger, healed)
-        time.sleep(0.3)
+        healed, again = heal(proxy, writers.ledger)
     finally:
         ledger = writers.stop()
     during = [a for a in ledger.all() if a.received < healed]
@@ -128,10 +129,7 @@ def test_a_partition_in_the_middle_of_a_commit_is_reported_as_unknown(cut_off, d
         assert proxy.triggered.wait(DEADLINE)
         cut = time.monotonic()
         time.sleep(CUT)
-        proxy.heal()
-        healed = time.monotonic()
-        again = resumes(server, writers.ledger, healed)
-        time.sleep(0.3)
+        healed, again = heal(proxy, writers.ledger)
     finally:
         ledger = writers.stop()
     rows = check_ledger(ledger, url)
