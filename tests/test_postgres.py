@@ -45,7 +45,7 @@ from kvapp.store.base import (
 )
 from kvapp.store.location import redact
 from kvapp.store.metricsfile import metrics_path
-from kvapp.store.postgres import COMMIT_UNKNOWN, UNREACHABLE, PostgresStore
+from kvapp.store.postgres import COMMIT_UNKNOWN, STALLED_AFTER, UNREACHABLE, PostgresStore
 from kvapp.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.backends("postgres")
@@ -466,6 +466,36 @@ def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo, admin, dat
     repo.set_many([("b", b"2", TEXT)])
     repo.check_health()
     assert repo.get("b").value == b"2"
+
+
+def test_writes_wait_out_a_lock_held_elsewhere_longer_than_a_stall(make_settings, admin, database):
+    # Another kvapp host holding the write lock is not a stalled server: writes
+    # wait for it up to busy_timeout_ms, queued ones too, and none is given up.
+    repository = open_store(make_settings(busy_timeout_ms=20_000))
+    try:
+        repository.set_many([("a", b"1", TEXT)])
+        hold_write_lock(admin)
+        revisions: list[object] = []
+
+        def write(n: int) -> None:
+            try:
+                revisions.append(repository.set_many([(f"k{n}", b"v", TEXT)]))
+            except Exception as exc:  # noqa: BLE001 - the assertion shows it
+                revisions.append(exc)
+
+        writers = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 3 * STALLED_AFTER
+        while time.monotonic() < deadline:
+            assert not revisions and not repository._group_commit.stalled_now()
+            time.sleep(0.05)
+        admin.execute("ROLLBACK")
+        for writer in writers:
+            writer.join(20)
+        assert sorted(revisions) == [2, 3, 4, 5]  # one revision per write
+    finally:
+        repository.close()
 
 
 def test_lock_held_elsewhere_is_503_with_retry_after(make_settings, admin):

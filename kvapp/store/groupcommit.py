@@ -40,6 +40,7 @@ import copy
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -100,6 +101,7 @@ class GroupCommit:
         max_bytes: int = MAX_BATCH_BYTES,
         stalled_after: float | None = None,
         stalled: Callable[[float, bool], Exception] | None = None,
+        is_stalled: Callable[[float], bool] | None = None,
     ) -> None:
         if max_writes < 1:
             raise ValueError("max_writes must be at least 1")
@@ -110,6 +112,8 @@ class GroupCommit:
         self.max_bytes = max_bytes
         self.stalled_after = stalled_after
         self.stalled = stalled
+        # Asked once a batch is older than stalled_after, with its age; None: it is stalled.
+        self.is_stalled = is_stalled
         self._mutex = threading.Lock()
         self._queue: deque[_Waiter] = deque()
         self._busy = False  # a leader is applying a batch, or has been chosen to
@@ -122,11 +126,16 @@ class GroupCommit:
         self._changed = threading.Condition(self._mutex)
         self._monitor_pid = 0
         self._monitor_idle = False
+        _instances.add(self)
 
     def stalled_for(self) -> float:
         """Return how long the batch being applied has been applied for (0: none is)."""
         since = self._applying_since
         return 0.0 if since is None else time.monotonic() - since
+
+    def stalled_now(self) -> bool:
+        """Return True while the monitor has given up on the batch being applied."""
+        return self._stalled
 
     def submit(self, write: Write) -> Outcome:
         """Apply write in the next batch; return its Outcome once that batch is durable.
@@ -161,6 +170,18 @@ class GroupCommit:
         assert waiter.result is not None
         return waiter.result
 
+    def _after_fork(self) -> None:
+        """In a forked child: no thread of the parent runs here, and its locks may be held."""
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)
+        self._queue.clear()
+        self._busy = False
+        self._batch = []
+        self._applying_since = None
+        self._stalled = False
+        self._monitor_pid = 0
+        self._monitor_idle = False
+
     def _monitor(self, stalled_after: float) -> None:
         """Give up on the writes of a batch older than stalled_after, but its leader's."""
         with self._changed:
@@ -173,6 +194,9 @@ class GroupCommit:
                 age = time.monotonic() - since
                 if age <= stalled_after:
                     self._changed.wait(stalled_after - age + 0.001)
+                    continue
+                if self.is_stalled is not None and not self.is_stalled(age):
+                    self._changed.wait(stalled_after / 4)  # ask again soon
                     continue
                 assert self.stalled is not None
                 self._stalled = True
@@ -247,6 +271,18 @@ class GroupCommit:
                 if error is not None:
                     waiter.error = _own_copy(error)
                 waiter.wake.release()
+
+
+# Every GroupCommit of this process, made fit to use again in a forked child.
+_instances: weakref.WeakSet[GroupCommit] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for group in list(_instances):
+        group._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _own_copy(exc: BaseException) -> BaseException:

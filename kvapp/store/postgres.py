@@ -127,11 +127,12 @@ SERIALIZATION_RETRIES = 5
 # holding every thread for the busy timeout.
 CONNECTION_WAIT = 1.0
 
-# Seconds after which a server that answers nothing counts as stalled: new
-# writes fail at once instead of queueing behind a batch that waits for it
-# (kvapp.store.groupcommit), and new operations get this bound instead of
-# timeout_seconds (kvapp.store.watchdog).  A healthy server answers a commit
-# in milliseconds, also from a synchronous standby on the same network.
+# Seconds after which a batch that holds the write lock, or a server that
+# answers nobody, counts as stalled: the writes behind and beside the batch
+# stop waiting for it (kvapp.store.groupcommit), and new operations get this
+# bound instead of timeout_seconds (kvapp.store.watchdog).  A healthy server
+# answers a commit in milliseconds, also from a synchronous standby on the same
+# network.  A batch that waits for the lock gets busy_timeout_ms more.
 STALLED_AFTER = 1.0
 
 # Seconds /healthz waits for the database's answers, and for the write lock.
@@ -284,10 +285,8 @@ def _stalled(age: float, in_batch: bool) -> StorageError:
     return StorageUnavailable(STALLED.format(age))
 
 
-def _check_quietly(pool: ConnectionPool) -> None:
-    """Drop the pool's idle connections that are dead (the server restarted since)."""
-    with suppress(Exception):
-        pool.check()
+class _ConnectionLost(OutcomeUnknown):
+    """The connection broke once COMMIT was sent (_transaction)."""
 
 
 class PostgresStore:
@@ -312,10 +311,13 @@ class PostgresStore:
         # Called after every commit of apply_batch with the number of Writes it held.
         self.on_commit: Callable[[int], None] = lambda size: None
         self._watchdog = Watchdog()
+        self._batch_locked = False  # the batch being applied holds the revision lock
+        self._probe_sent: float | None = None  # time.monotonic() of the last stall probe
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=STALLED_AFTER,
             stalled=_stalled,
+            is_stalled=self._batch_stalled,
         )
         self._kwargs = self._connection_kwargs()
         self._pool_lock = threading.Lock()
@@ -367,13 +369,13 @@ class PostgresStore:
 
     def _configure(self, conn: psycopg.Connection) -> None:
         """Set what kvapp relies on in a new session, whatever the server's defaults."""
-        with self._watchdog.guard(conn, self.timeout_seconds) as guard:
-            try:
+        guard = self._watchdog.guard(conn, self.timeout_seconds)
+        try:
+            with guard:
                 self._settings(conn)
-            except psycopg.Error:
-                if guard.timed_out:
-                    conn.close()
-                raise
+        finally:
+            if guard.timed_out:
+                conn.close()  # the pool discards it
 
     def _settings(self, conn: psycopg.Connection) -> None:
         if self.synchronous == "FULL":
@@ -383,6 +385,9 @@ class PostgresStore:
                 conn.execute("SET synchronous_commit = on")
         else:
             conn.execute("SET synchronous_commit = off")
+        # The WARNING of a COMMIT whose wait for a synchronous standby was
+        # cancelled must reach kvapp (_transaction), whatever the role says.
+        conn.execute("SET client_min_messages = warning")
         # A write waits this long for the revision lock, then StorageBusy (503).
         conn.execute(f"SET lock_timeout = {int(self.busy_timeout_ms)}")
         # The server ends a statement it runs for longer than a request may
@@ -443,7 +448,7 @@ class PostgresStore:
         past that it fails, with OutcomeUnknown if its COMMIT was sent, and
         the connection is closed.  When a pooled connection turns out dead
         before anything could be committed (the server restarted since it was
-        pooled), the pool checks its idle connections and body runs once
+        pooled), the pool replaces its idle connections and body runs once
         more on a new one.  When a transaction loses a race under
         SERIALIZABLE (40001), body runs again, up to SERIALIZATION_RETRIES times.
         """
@@ -456,13 +461,13 @@ class PostgresStore:
                 conn = pool.getconn()
             except PoolTimeout:
                 raise StorageUnavailable(UNREACHABLE) from None
-            timed_out = False
+            guard = self._watchdog.guard(conn, bound, STALLED_AFTER)
             try:
-                with self._watchdog.guard(conn, bound, STALLED_AFTER) as guard:
+                with guard:
                     try:
                         return body(conn)
-                    except OutcomeUnknown as exc:
-                        if guard.timed_out and str(exc) == COMMIT_UNKNOWN:  # cut by the watchdog
+                    except _ConnectionLost as exc:
+                        if guard.timed_out:  # the watchdog cut it
                             raise OutcomeUnknown(COMMIT_UNANSWERED.format(guard.seconds)) from exc
                         raise
                     except psycopg.Error as exc:
@@ -483,20 +488,17 @@ class PostgresStore:
                             raise
                         else:
                             raise storage_error(exc) from exc
-                    finally:
-                        timed_out = guard.timed_out
             finally:
-                if timed_out:
+                # Read once the guard has ended: the watchdog cannot act on it after that.
+                if guard.timed_out:
                     # A cancel sent late must not reach the connection's next user.
                     conn.close()
                 # A broken or closed connection is dropped, and replaced, by the pool.
                 pool.putconn(conn)
-            # pool.check() runs a query on each idle connection, with no time
-            # limit of its own: on a thread of its own, waited for at most the
-            # bound (a frozen server leaves it waiting; it does no harm there).
-            checker = threading.Thread(target=_check_quietly, args=(pool,), daemon=True)
-            checker.start()
-            checker.join(bound)
+            # The server restarted since the connection was pooled, so the
+            # others are dead too: replace them all.  (pool.check() would ask
+            # each one, and wait for ever for a server that does not answer.)
+            pool.drain()
 
     def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple[Any, ...]]:
         """Return the rows of one query run outside any transaction."""
@@ -541,7 +543,7 @@ class PostgresStore:
                 yield commit
         except psycopg.Error as exc:
             if committing and conn.broken:
-                raise OutcomeUnknown(COMMIT_UNKNOWN) from exc
+                raise _ConnectionLost(COMMIT_UNKNOWN) from exc
             raise
         finally:
             if committing:
@@ -707,9 +709,8 @@ class PostgresStore:
         balancer's probe must get its answer before it gives up.  While
         writes stall, it fails at once.
         """
-        stalled = self._group_commit.stalled_for()
-        if stalled > STALLED_AFTER:
-            raise StorageUnavailable(STALLED_FOR.format(stalled))
+        if self._group_commit.stalled_now():
+            raise StorageUnavailable(STALLED_FOR.format(self._group_commit.stalled_for()))
         wait_ms = min(int(HEALTH_TIMEOUT * 1000), self.busy_timeout_ms)
 
         def probe(conn: psycopg.Connection) -> None:
@@ -730,6 +731,32 @@ class PostgresStore:
         """Store (key, value, content_type) items in one transaction; return its revision."""
         write = Write(tuple(Put(key, value, content_type) for key, value, content_type in items))
         return self.apply(write).revision
+
+    def _batch_stalled(self, age: float) -> bool:
+        """Return whether a batch applied for age (> STALLED_AFTER) seconds is stuck.
+
+        Once the batch holds the revision lock, only the server's answer is
+        missing: stuck.  Before, it may wait for the lock that another kvapp
+        process or host holds, which is normal up to busy_timeout_ms
+        (lock_timeout), or for a server that answers nobody.  A probe (a
+        SELECT 1 on another connection) tells them apart: the batch is stuck
+        once the probe has gone unanswered for STALLED_AFTER.
+        """
+        if self._batch_locked or age > self.busy_timeout_ms / 1000 + STALLED_AFTER:
+            return True
+        if self._watchdog.silent_for() <= STALLED_AFTER:
+            return False  # the server answered something while the batch waited
+        now = time.monotonic()
+        sent = self._probe_sent
+        if sent is None or now - sent > 2 * STALLED_AFTER:  # none yet for this wait
+            self._probe_sent = now
+            threading.Thread(target=self._probe, name="kvapp-db-probe", daemon=True).start()
+            return False
+        return now - sent >= STALLED_AFTER
+
+    def _probe(self) -> None:
+        with suppress(StorageError):
+            self._read("SELECT 1", ())
 
     def apply(self, write: Write) -> Outcome:
         """Apply one Write, all or nothing; return its Outcome once it is durable.
@@ -753,6 +780,7 @@ class PostgresStore:
         reads = list({key for write in writes for key in write.read_keys()})
 
         def batch(conn: psycopg.Connection) -> list[Result]:
+            self._batch_locked = False
             with self._transaction(conn, pipelined=True) as commit:
                 now = self._now_ms()
                 lock = conn.execute(_LOCK_REVISION)
@@ -764,6 +792,7 @@ class PostgresStore:
                     "SELECT key, octet_length(value) FROM kv WHERE key = ANY(%s)", (reads,)
                 )
                 start = _scalar(lock)  # the first round trip
+                self._batch_locked = True
                 rows = {key: (revision, expires) for key, revision, expires in current.fetchall()}
                 sizes: dict[str, int] | None = dict(stored.fetchall()) if stored else None
                 planned = plan(rows, writes, start, now, sizes)
@@ -786,7 +815,13 @@ class PostgresStore:
                 commit()
             return results
 
-        results = self._run(batch)
+        try:
+            results = self._run(batch)
+        except OutcomeUnknown:
+            self.feed.notify()  # it may have committed: this process's watchers look
+            raise
+        finally:
+            self._batch_locked = False
         self.on_commit(len(writes))
         self.feed.notify()
         return results
@@ -915,12 +950,13 @@ class PostgresStore:
         conn = self._listener
         if conn is None or conn.closed or self._listener_pid != os.getpid():
             conn = psycopg.connect(self.url, **self._kwargs)
-            with self._watchdog.guard(conn, self.timeout_seconds) as guard:
-                try:
+            guard = self._watchdog.guard(conn, self.timeout_seconds)
+            try:
+                with guard:
                     conn.execute(f"LISTEN {CHANNEL}")
-                except psycopg.Error:
-                    conn.close()
-                    raise
+            except psycopg.Error:
+                conn.close()
+                raise
             if guard.timed_out:
                 conn.close()
                 raise StorageUnavailable(TIMED_OUT.format(guard.seconds))

@@ -526,9 +526,8 @@ class SQLiteStore:
         A full disk only shows at commit, hence the free-space check.  While
         a commit waits for the disk, it fails at once.
         """
-        group = self._group_commit
-        if group.stalled_after is not None and group.stalled_for() > group.stalled_after:
-            raise StorageUnavailable(STALLED_FOR.format(group.stalled_for()))
+        if self._group_commit.stalled_now():
+            raise StorageUnavailable(STALLED_FOR.format(self._group_commit.stalled_for()))
         with translated():
             self._reader().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
         with self._transaction(commit=False) as conn:

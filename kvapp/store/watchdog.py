@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from contextlib import suppress
 
 import psycopg
@@ -49,7 +50,7 @@ class Guard:
     """One operation on one connection, and what its watchdog did to it: a context manager."""
 
     __slots__ = (
-        "watchdog", "conn", "started", "seconds", "due", "cancelled", "timed_out", "done", "lock"
+        "watchdog", "conn", "started", "seconds", "due", "cancel_done", "timed_out", "done", "lock"
     )  # fmt: skip
 
     def __init__(
@@ -60,7 +61,7 @@ class Guard:
         self.started = started
         self.seconds = seconds  # the bound it got
         self.due = started + seconds
-        self.cancelled = False  # the cancel request was sent (or tried)
+        self.cancel_done = False  # the cancel request was sent, or is not worth sending
         self.timed_out = False
         self.done = False
         # Made by the watchdog when it expires the guard, and held while it acts
@@ -88,6 +89,14 @@ class Watchdog:
         self._answered: float | None = None
         # When the oldest operation that timed out since then began.
         self._unanswered: float | None = None
+        _instances.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: its thread and the parent's waiters do not exist here."""
+        self._cond = threading.Condition(threading.Lock())
+        self._active = {}
+        self._sleeping = True
+        self._pid = 0
 
     def guard(
         self, conn: psycopg.Connection, seconds: float, silent_seconds: float | None = None
@@ -114,7 +123,7 @@ class Watchdog:
                 # could not answer that one.
                 entry.seconds = min(seconds, silent_seconds)
                 entry.due = now + entry.seconds
-                entry.cancelled = True
+                entry.cancel_done = True
             self._active[id(entry)] = entry
             if self._sleeping:
                 self._sleeping = False
@@ -157,9 +166,8 @@ class Watchdog:
         return now - oldest
 
     def _start(self) -> None:
-        # In a forked worker the parent's thread does not exist: start this
-        # process's own, and forget the parent's operations.
-        self._active.clear()
+        # On first use, and in a forked worker (after _after_fork): this
+        # process's own thread.
         self._pid = os.getpid()
         self._sleeping = False
         threading.Thread(target=self._loop, name="kvapp-db-watchdog", daemon=True).start()
@@ -183,14 +191,26 @@ class Watchdog:
         entry.timed_out = True
         if entry.lock is None:
             entry.lock = threading.Lock()
-        if not entry.cancelled:
-            entry.cancelled = True
+        if not entry.cancel_done:
+            entry.cancel_done = True
             entry.due = now + CANCEL_GRACE
             # Not on this thread: reaching an unreachable server takes CANCEL_GRACE.
             threading.Thread(target=_cancel, args=(entry,), daemon=True).start()
         else:
             entry.due = _NEVER  # nothing more to do but wait for the block to end
             threading.Thread(target=_cut, args=(entry,), daemon=True).start()
+
+
+# Every Watchdog of this process, made fit to use again in a forked child.
+_instances: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for watchdog in list(_instances):
+        watchdog._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _cancel(entry: Guard) -> None:
