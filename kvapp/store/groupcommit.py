@@ -40,10 +40,10 @@ import copy
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from kvapp.store.afterfork import renew_after_fork
 from kvapp.store.base import ConditionFailed, Outcome, Put, ReadsTooLarge, Result, Write
 
 ApplyBatch = Callable[[Sequence[Write]], Sequence[Result]]
@@ -126,7 +126,7 @@ class GroupCommit:
         self._changed = threading.Condition(self._mutex)
         self._monitor_pid = 0
         self._monitor_idle = False
-        _instances.add(self)
+        renew_after_fork(self)
 
     def stalled_for(self) -> float:
         """Return how long the batch being applied has been applied for (0: none is)."""
@@ -271,18 +271,6 @@ class GroupCommit:
                 if error is not None:
                     waiter.error = _own_copy(error)
                 waiter.wake.release()
-
-
-# Every GroupCommit of this process, made fit to use again in a forked child.
-_instances: weakref.WeakSet[GroupCommit] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for group in list(_instances):
-        group._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _own_copy(exc: BaseException) -> BaseException:

@@ -34,10 +34,11 @@ import os
 import socket
 import threading
 import time
-import weakref
 from contextlib import suppress
 
 import psycopg
+
+from kvapp.store.afterfork import renew_after_fork
 
 # Seconds from the cancel request to the socket's shutdown: a cancel that
 # reaches a live server is answered in milliseconds.
@@ -89,7 +90,7 @@ class Watchdog:
         self._answered: float | None = None
         # When the oldest operation that timed out since then began.
         self._unanswered: float | None = None
-        _instances.add(self)
+        renew_after_fork(self)
 
     def _after_fork(self) -> None:
         """In a forked child: its thread and the parent's waiters do not exist here."""
@@ -199,18 +200,6 @@ class Watchdog:
         else:
             entry.due = _NEVER  # nothing more to do but wait for the block to end
             threading.Thread(target=_cut, args=(entry,), daemon=True).start()
-
-
-# Every Watchdog of this process, made fit to use again in a forked child.
-_instances: weakref.WeakSet[Watchdog] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for watchdog in list(_instances):
-        watchdog._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _cancel(entry: Guard) -> None:
