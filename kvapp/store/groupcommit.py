@@ -37,7 +37,6 @@ Only the leader's thread, inside apply_batch, waits for the database.
 from __future__ import annotations
 
 import copy
-import os
 import threading
 import time
 from collections import deque
@@ -120,11 +119,12 @@ class GroupCommit:
         self._batch: list[_Waiter] = []  # the one being applied
         self._applying_since: float | None = None  # time.monotonic() the batch began
         self._stalled = False  # the monitor gave up on the batch being applied
-        # The monitor: a thread per process, started with the first batch,
-        # asleep while no batch is applied, awake about once per stalled_after
-        # while batches are.  Followers block on their own lock, with no timer.
+        # The monitor: a thread per process (kvapp.store.afterfork), started
+        # with the first batch, asleep while no batch is applied, awake about
+        # once per stalled_after while batches are.  Followers block on their
+        # own lock, with no timer.
         self._changed = threading.Condition(self._mutex)
-        self._monitor_pid = 0
+        self._monitor_started = False
         self._monitor_idle = False
         renew_after_fork(self)
 
@@ -179,7 +179,7 @@ class GroupCommit:
         self._batch = []
         self._applying_since = None
         self._stalled = False
-        self._monitor_pid = 0
+        self._monitor_started = False
         self._monitor_idle = False
 
     def _monitor(self, stalled_after: float) -> None:
@@ -224,8 +224,8 @@ class GroupCommit:
             self._batch = batch
             self._applying_since = time.monotonic()
             if self.stalled_after is not None:
-                if self._monitor_pid != os.getpid():  # the first batch, or a forked worker's
-                    self._monitor_pid = os.getpid()
+                if not self._monitor_started:  # the first batch, also of a forked child
+                    self._monitor_started = True
                     threading.Thread(
                         target=self._monitor,
                         args=(self.stalled_after,),

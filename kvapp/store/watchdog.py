@@ -84,7 +84,7 @@ class Watchdog:
         self._cond = threading.Condition(threading.Lock())
         self._active: dict[int, Guard] = {}
         self._sleeping = True
-        self._pid = 0
+        self._started = False  # the thread runs in this process (kvapp.store.afterfork)
         # The newest time an operation was answered: while none has been since
         # the oldest one in flight began, the server is silent.
         self._answered: float | None = None
@@ -97,7 +97,7 @@ class Watchdog:
         self._cond = threading.Condition(threading.Lock())
         self._active = {}
         self._sleeping = True
-        self._pid = 0
+        self._started = False
 
     def guard(
         self, conn: psycopg.Connection, seconds: float, silent_seconds: float | None = None
@@ -114,7 +114,7 @@ class Watchdog:
         now = time.monotonic()
         entry = Guard(self, conn, now, seconds)
         with self._cond:
-            if self._pid != os.getpid():
+            if not self._started:
                 self._start()
             if (
                 silent_seconds is not None
@@ -167,9 +167,8 @@ class Watchdog:
         return now - oldest
 
     def _start(self) -> None:
-        # On first use, and in a forked worker (after _after_fork): this
-        # process's own thread.
-        self._pid = os.getpid()
+        # On first use, also in a forked child (after _after_fork).
+        self._started = True
         self._sleeping = False
         threading.Thread(target=self._loop, name="kvapp-db-watchdog", daemon=True).start()
 
