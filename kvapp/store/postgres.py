@@ -572,7 +572,7 @@ class PostgresStore:
         guard = None
         try:
             with self._watchdog.guard(conn, self.timeout_seconds) as guard:
-                self._configure(conn)
+                self._settings(conn)  # under this guard, not _configure's own
                 encoding = _scalar(conn.execute("SHOW server_encoding"))
                 if encoding.upper().replace("-", "") != "UTF8":
                     raise self._refuse(
