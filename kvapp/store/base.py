@@ -265,6 +265,16 @@ class OutcomeUnknown(StorageUnavailable):
     """
 
 
+def gave_up(why: str, in_batch: bool) -> StorageError:
+    """Return the error of a write that stopped waiting for a stalled batch (groupcommit).
+
+    A write in the batch may yet be stored; one queued behind it is not.
+    """
+    if in_batch:
+        return OutcomeUnknown(f"{why}: {MAY_BE_STORED}")
+    return StorageUnavailable(f"{why}: nothing was stored; retry")
+
+
 class DatabaseUnusable(Exception):
     """At startup: the database cannot serve as kvapp's store; the message says what to do."""
 

@@ -60,6 +60,7 @@ from kvapp.store.base import (
     StorageFull,
     StorageUnavailable,
     Write,
+    gave_up,
     key_range,
 )
 from kvapp.store.feed import Feed
@@ -214,7 +215,6 @@ NOT_REPLICATED = (
     " standby: the write may or may not be stored after a failover; retry"
 )
 STALLED_FOR = "the database server has not answered a commit for {:.0f} s"
-STALLED = STALLED_FOR + ": nothing was stored; retry"
 
 
 def storage_error(exc: psycopg.Error) -> StorageError:
@@ -278,13 +278,6 @@ def connect_error(exc: psycopg.Error) -> str:
     return text.replace("FATAL: ", "")
 
 
-def _stalled(age: float, in_batch: bool) -> StorageError:
-    """The error of a write that stops waiting for a batch unanswered for age seconds."""
-    if in_batch:
-        return OutcomeUnknown(f"{STALLED_FOR.format(age)}: {MAY_BE_STORED}")
-    return StorageUnavailable(STALLED.format(age))
-
-
 class _ConnectionLost(OutcomeUnknown):
     """The connection broke once COMMIT was sent (_transaction)."""
 
@@ -316,7 +309,7 @@ class PostgresStore:
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=STALLED_AFTER,
-            stalled=_stalled,
+            stalled=lambda age, in_batch: gave_up(STALLED_FOR.format(age), in_batch),
             is_stalled=self._batch_stalled,
         )
         self._kwargs = self._connection_kwargs()

@@ -29,14 +29,12 @@ from typing import Any, cast
 
 from kvapp.store.base import (
     EXPIRED,
-    MAY_BE_STORED,
     DatabaseUnusable,
     Event,
     History,
     Item,
     Listing,
     Outcome,
-    OutcomeUnknown,
     Put,
     Record,
     Result,
@@ -45,6 +43,7 @@ from kvapp.store.base import (
     StorageFull,
     StorageUnavailable,
     Write,
+    gave_up,
     key_range,
 )
 from kvapp.store.feed import Feed
@@ -130,13 +129,6 @@ HEALTH_MIN_FREE_BYTES = 1024 * 1024
 # fail at once (kvapp.store.groupcommit) instead of holding every thread.
 STALLED_BEYOND_BUSY = 1.0
 STALLED_FOR = "the last commit has waited {:.0f} s for the disk"
-
-
-def _stalled(age: float, in_batch: bool) -> StorageError:
-    """The error of a write that stops waiting for a commit stuck on the disk for age seconds."""
-    if in_batch:  # its commit may still reach the disk
-        return OutcomeUnknown(f"{STALLED_FOR.format(age)}: {MAY_BE_STORED}")
-    return StorageUnavailable(STALLED_FOR.format(age) + ": nothing was stored; retry")
 
 
 # Bytes of memory each process's read cache may hold (kvapp.store.readcache); 0: no cache.
@@ -227,7 +219,7 @@ class SQLiteStore:
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=busy_timeout_ms / 1000 + STALLED_BEYOND_BUSY,
-            stalled=_stalled,
+            stalled=lambda age, in_batch: gave_up(STALLED_FOR.format(age), in_batch),
         )
         self._seen_commits = self._generations.commits()
         self.feed = Feed(self._listen, self._revision)
