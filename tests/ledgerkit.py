@@ -30,6 +30,13 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = DEAD
         time.sleep(0.05)
 
 
+def timed_get(client: Client, target: str) -> tuple[int, bytes, float]:
+    """GET target; return (status, body, seconds it took)."""
+    sent = time.monotonic()
+    status, _, body = client.get(target)
+    return status, body, time.monotonic() - sent
+
+
 @dataclass
 class Answer:
     key: str

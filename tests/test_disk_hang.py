@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from faultkit import Client
 from helpers import Server
-from ledgerkit import DEADLINE, Writers, wait_until
+from ledgerkit import DEADLINE, Writers, timed_get, wait_until
 from powerkit import Disk, needs_fuse
 
 pytestmark = [pytest.mark.slow, needs_fuse]
@@ -32,12 +32,6 @@ SLACK = 3.0
 BOUND = BUSY_MS / 1000 + 1 + SLACK  # the busy timeout, then 1 s of a stalled commit
 FROZEN = 5.0  # seconds the disk hangs
 THREADS = 4  # waitress-serve's default
-
-
-def timed(client: Client, target: str) -> tuple[int, bytes, float]:
-    sent = time.monotonic()
-    status, _, body = client.get(target)
-    return status, body, time.monotonic() - sent
 
 
 def open_every_threads_reader(port: int) -> None:
@@ -96,8 +90,8 @@ def test_a_hung_disk_fails_queued_writes_in_time_and_reads_go_on(tmp_path: Path,
             frozen = time.monotonic()
             reads, probes = [], []
             while time.monotonic() - frozen < FROZEN:
-                reads.append(timed(client, f"/kv/old-{len(reads) % 10}"))
-                probes.append(timed(client, "/healthz"))
+                reads.append(timed_get(client, f"/kv/old-{len(reads) % 10}"))
+                probes.append(timed_get(client, "/healthz"))
                 time.sleep(0.1)
             disk.thaw()
             thawed = time.monotonic()

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from faultkit import Client
 from helpers import stored
-from ledgerkit import DEADLINE, UNKNOWN, Answer, Ledger, Writers, wait_until, writer
+from ledgerkit import DEADLINE, UNKNOWN, Answer, Ledger, Writers, timed_get, wait_until, writer
 from pgcluster import SUPERUSER, Cluster, find_bindir, running
 
 pytestmark = pytest.mark.slow
@@ -211,12 +211,6 @@ HANG_WINDOW = 6.0  # seconds of hanging commits the variant watches
 SLACK = 3.0  # seconds allowed on top of a bound, for a loaded machine
 
 
-def timed(client: Client, method: str, target: str) -> tuple[int, bytes, float]:
-    sent = time.monotonic()
-    status, _, body = client.request(method, target)
-    return status, body, time.monotonic() - sent
-
-
 def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_reading(
     pair, server_factory, capsys
 ):
@@ -253,8 +247,8 @@ def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_
         probes: list[tuple[int, bytes, float]] = []
         window = time.monotonic()
         while time.monotonic() - window < HANG_WINDOW:
-            reads.append(timed(client, "GET", f"/kv/old-{len(reads) % 10}"))
-            probes.append(timed(client, "GET", "/healthz"))
+            reads.append(timed_get(client, f"/kv/old-{len(reads) % 10}"))
+            probes.append(timed_get(client, "/healthz"))
             time.sleep(0.1)
         stuck = time.monotonic()
         # The HA manager, late: no synchronous standby is left to wait for.

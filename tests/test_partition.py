@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 from faultkit import Client
 from helpers import stored
-from ledgerkit import DEADLINE, Ledger, Writers, wait_until
+from ledgerkit import DEADLINE, Ledger, Writers, timed_get, wait_until
 from tcpproxy import Proxy
 
 pytestmark = [pytest.mark.backends("postgres"), pytest.mark.slow]
@@ -43,12 +43,6 @@ def cut_off(database, pg_cluster, server_factory):
         yield server, proxy, database
     finally:
         proxy.stop()
-
-
-def timed(client: Client, target: str) -> tuple[int, bytes, float]:
-    sent = time.monotonic()
-    status, _, body = client.get(target)
-    return status, body, time.monotonic() - sent
 
 
 def check_ledger(ledger: Ledger, url: str) -> dict[str, bytes]:
@@ -89,8 +83,8 @@ def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off,
     reads, probes = [], []
     try:
         while time.monotonic() - cut < CUT:
-            reads.append(timed(client, "/kv/before"))
-            probes.append(timed(client, "/healthz"))
+            reads.append(timed_get(client, "/kv/before"))
+            probes.append(timed_get(client, "/healthz"))
         healed, again = heal(proxy, writers.ledger)
     finally:
         ledger = writers.stop()
