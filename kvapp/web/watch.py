@@ -260,19 +260,20 @@ class Watching:
             try:
                 in_tail = tail.read(position, prefix)
                 if in_tail is not None:
-                    (chunks, position), more = in_tail, False
+                    (chunks, count, position), more = in_tail, False
                 else:  # behind the tail, or no tail yet: the change log itself
                     from_log = self._from_log(position, prefix)
                     if from_log is None:
                         return  # trimmed past it: the client's reconnect gets the 410
                     chunks, position, more = from_log
+                    count = len(chunks)
             except StorageError as exc:
                 log.warning("a watch stream ended: %s", exc)
                 return
             if chunks:
                 yield b"".join(chunks)
                 beat = time.monotonic()
-                if len(chunks) > 1 and not more:
+                if count > 1 and not more:
                     # Changes come faster than one per send: let the next ones
                     # gather, so that a busy stream sends once per GATHER_SECONDS
                     # rather than once per commit.  A lone change goes out at once.

@@ -1,0 +1,116 @@
+"""The tail (kvapp.web.tail): what a watcher reads from it is what the change log holds.
+
+The tail keeps each read of the log as one segment and hands a watcher
+whose prefix covers a segment's keys the whole segment at once; the rest it
+filters change by change.  Here a store of events in a list stands in for
+the change log, so that hypothesis can choose the keys, how the changes
+fall into reads, how small the pages and the tail's limits are, and what
+each watcher asks; every answer must equal the log's own filter.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import hypothesis.strategies as st
+from hypothesis import given
+
+from kvapp.store.base import PUT, WHOLE, Event, History
+from kvapp.web import tail
+from kvapp.web.tail import Tail
+from kvapp.web.watch import event_bytes
+
+
+class ListLog:
+    """A change log in a list: history() as the stores answer it, without trimming."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.revision = 0
+
+    def commit(self, keys: list[str]) -> None:
+        self.revision += 1
+        for n, key in enumerate(keys):
+            value = f"{key}@{self.revision}".encode()
+            self.events.append(Event(self.revision, n, key, PUT, value, "text/plain"))
+
+    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+        later = [e for e in self.events if (e.revision, e.n) > after and e.key.startswith(prefix)]
+        return History(self.revision, 0, later[:limit])
+
+    def expected(self, after: tuple[int, int], until: tuple[int, int], prefix: str) -> list[bytes]:
+        return [
+            event_bytes(e)
+            for e in self.events
+            if after < (e.revision, e.n) <= until and e.key.startswith(prefix)
+        ]
+
+
+KEYS = st.sampled_from(["a", "ab", "abc", "abd", "b", "ba", "é", "éa"])
+PREFIXES = st.sampled_from(["", "a", "ab", "abc", "b", "é", "z"])
+COMMIT = st.tuples(st.just("commit"), st.lists(KEYS, min_size=1, max_size=4, unique=True))
+REFRESH = st.tuples(st.just("refresh"), st.none())
+# A read names a change of the log by its index (taken modulo its length), and
+# asks from that change, from after its whole revision, or from before it.
+READ = st.tuples(st.just("read"), st.tuples(st.integers(0, 99), st.integers(0, 2), PREFIXES))
+
+
+def position_of(log: ListLog, pick: int, form: int) -> tuple[int, int]:
+    if not log.events:
+        return (0, WHOLE)
+    event = log.events[pick % len(log.events)]
+    return [(event.revision, event.n), (event.revision, WHOLE), (event.revision - 1, WHOLE)][form]
+
+
+@given(
+    steps=st.lists(st.one_of(COMMIT, REFRESH, READ), max_size=60),
+    page=st.integers(1, 5),
+    max_events=st.integers(2, 12),
+    max_bytes=st.integers(200, 4000),  # an event here is 120 to 130 bytes, held twice
+)
+def test_every_read_of_the_tail_is_the_change_logs_own_filter(steps, page, max_events, max_bytes):
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    with (
+        mock.patch.object(tail, "PAGE", page),
+        mock.patch.object(tail, "MAX_EVENTS", max_events),
+        mock.patch.object(tail, "MAX_BYTES", max_bytes),
+    ):
+        held._refresh()  # the first read only places the tail at the store's revision
+        for action, argument in steps:
+            if action == "commit":
+                log.commit(argument)
+            elif action == "refresh":
+                held._refresh()
+                # Within its bounds, counting each change's bytes twice (alone and in a blob).
+                assert held._bytes == 2 * sum(len(chunk) for _, chunk in held._events)
+                assert held._bytes <= max_bytes and len(held._events) <= max_events
+            else:
+                pick, form, prefix = argument
+                position = position_of(log, pick, form)
+                answer = held.read(position, prefix)
+                if answer is None:  # before the tail's start: the watcher reads the log
+                    assert held._start is None or position < held._start
+                    continue
+                chunks, count, end = answer
+                assert end == max(position, held._end)
+                wanted = log.expected(position, end, prefix)
+                assert b"".join(chunks) == b"".join(wanted)
+                assert count == len(wanted)
+
+
+def test_a_watcher_of_a_prefix_that_covers_a_read_gets_it_as_one_chunk():
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    log.commit(["users/ann", "users/bob"])
+    log.commit(["users/cy"])
+    held._refresh()  # one read of the log: one segment, keys under "users/"
+    log.commit(["orders/1", "users/dee"])
+    held._refresh()
+    chunks, count, _ = held.read((0, WHOLE), "users/")
+    assert count == 4
+    # The first read whole, then the one change of the mixed second read.
+    assert [bytes(chunk).count(b"\n\n") for chunk in chunks] == [3, 1]
+    everything, count, _ = held.read((0, WHOLE), "")
+    assert (len(everything), count) == (2, 5)
