@@ -139,7 +139,10 @@ def _string(text: str) -> str:
     break on them: those are escaped too.  Everything else non-ASCII stays
     readable UTF-8.
     """
-    return str(encode_basestring(text)).translate(_LINE_BREAKS)
+    encoded = str(encode_basestring(text))
+    # Those three are not ASCII, so an ASCII text (most keys and values)
+    # skips translate: encoding a change took 2.4 µs with it, 1.0-1.9 without (timeit).
+    return encoded if text.isascii() else encoded.translate(_LINE_BREAKS)
 
 
 HEARTBEAT = b": keep-alive\n\n"
