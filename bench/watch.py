@@ -14,12 +14,15 @@ processes; each write lands on either worker, and the other worker's
 watchers learn of it from the shared -gen file's commit counter, which they
 poll every 10 ms while they wait.
 
-watch-load: wrk's set-unique at 16 connections against one server, with no
-watcher open, then with n watchers of `prefix=u` (every set-unique key starts
-with u, so all n streams receive every write: the harder case), then with
-none again; the ratio is the req/s with watchers over the mean of the two
-without.  The watchers read all the time (one thread, counting events) and
-must each receive one event per write committed during their run.
+watch-load: wrk's set-unique at 16 connections against one server, five runs
+in turn: with no watcher open, with n watchers of `prefix=u` (every set-unique
+key starts with u, so all n streams receive every write: the harder case),
+with none, with n, with none; the ratio is the mean req/s of the two runs
+with watchers over the mean of the three without.  One server's req/s drifts
+by up to 20% between runs minutes apart, so the runs alternate and both
+kinds are spread over the whole cell.  The watchers read all the time (one
+thread, counting events) and must each receive one event per write committed
+during their run.
 
 Both run `python -m kvapp serve` (waitress) on SQLite with synchronous=FULL,
 with threads = config.ini's threads + max_watchers per worker, so that the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import http.client
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +53,14 @@ WRITE_INTERVAL = 0.05  # s from one write's start to the next one's: 20 writes/s
 LOAD_CONNECTIONS = 16
 LOAD_PREFIX = "u"  # every key of wrk's set-unique script: u<tag>-<thread>-<n>
 LOAD_GOAL = 0.90  # SET req/s with the watchers open / without
+# The runs of a watch-load cell, in order: a name, and whether the watchers are open.
+LOAD_RUNS = (
+    ("none 1", False),
+    ("with 1", True),
+    ("none 2", False),
+    ("with 2", True),
+    ("none 3", False),
+)
 
 
 # -- the figures -----------------------------------------------------------------------
@@ -183,7 +195,7 @@ def load_cells(
     warmup: int,
     cell: Callable[[Running, str, Callable[[], None] | None], dict],
 ) -> list[dict]:
-    """Return the rows of watch-load: set-unique with 0, then watchers, then 0 watchers open.
+    """Return the rows of watch-load: set-unique without and with the watchers open, in turn.
 
     cell(running, tag, ended) measures one wrk run of set-unique (the matrix's
     cell), and calls ended() (if given) as soon as wrk has finished.
@@ -193,8 +205,9 @@ def load_cells(
     try:
         if warmup:
             wrk.run(running.url, "set-unique", LOAD_CONNECTIONS, warmup, tag=f"w{workers}warm")
-        for part, count in (("before", 0), ("with", watchers), ("after", 0)):
-            tag = f"w{workers}{part}"
+        for part, opened in LOAD_RUNS:
+            count = watchers if opened else 0
+            tag = f"w{workers}{part.replace(' ', '')}"
             if not count:
                 row = cell(running, tag, None)
                 row.update(watchers=0, part=part, events_per_watcher=None, drain_s=None)
@@ -220,7 +233,7 @@ def load_cells(
     finally:
         running.stop()
     for row in rows:
-        row["rps_ratio"] = load_ratio(rows) if row["part"] == "with" else None
+        row["rps_ratio"] = load_ratio(rows) if row["watchers"] else None
     return rows
 
 
@@ -230,12 +243,15 @@ def stamp_into(times: list[float]) -> Callable[[], None]:
 
 
 def load_ratio(rows: list[dict]) -> float | None:
-    """Return req/s with watchers over the mean of the runs before and after, of one server."""
-    by_part = {row["part"]: row for row in rows}
-    if not {"before", "with", "after"} <= set(by_part):
+    """Return the mean req/s of one server's runs with watchers over that of its runs without.
+
+    None unless there is a run with them, and runs without before and after it.
+    """
+    with_them = [row["rps"] for row in rows if row["watchers"]]
+    without = [row["rps"] for row in rows if not row["watchers"]]
+    if not with_them or len(without) < 2 or not sum(without):
         return None
-    base = (by_part["before"]["rps"] + by_part["after"]["rps"]) / 2
-    return round(by_part["with"]["rps"] / base, 3) if base else None
+    return round(statistics.mean(with_them) / statistics.mean(without), 3)
 
 
 # -- the run and its report ------------------------------------------------------------
@@ -254,8 +270,9 @@ def describe(scenarios, workers, watchers, writes: int, duration: int) -> list[s
     if LOAD in scenarios:
         lines.append(
             f"{LOAD}: waitress, sqlite FULL, workers {counts}: set-unique at {LOAD_CONNECTIONS}"
-            f" connections for {duration} s with 0, {max(watchers)}, 0 watchers of"
-            f" prefix={LOAD_PREFIX}"
+            f" connections for {duration} s each with"
+            f" {', '.join(str(max(watchers) if opened else 0) for _, opened in LOAD_RUNS)}"
+            f" watchers of prefix={LOAD_PREFIX}"
         )
     return lines
 
