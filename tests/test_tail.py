@@ -13,7 +13,7 @@ from __future__ import annotations
 from unittest import mock
 
 import hypothesis.strategies as st
-from hypothesis import given
+from hypothesis import example, given
 
 from kvapp.store.base import PUT, WHOLE, Event, History
 from kvapp.web import tail
@@ -22,11 +22,12 @@ from kvapp.web.watch import event_bytes
 
 
 class ListLog:
-    """A change log in a list: history() as the stores answer it, without trimming."""
+    """A change log in a list: history() as the stores answer it, and trimming."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[Event] = []  # every change ever made, trimmed or not
         self.revision = 0
+        self.floor = 0  # changes up to this revision are trimmed
 
     def commit(self, keys: list[str]) -> None:
         self.revision += 1
@@ -34,9 +35,17 @@ class ListLog:
             value = f"{key}@{self.revision}".encode()
             self.events.append(Event(self.revision, n, key, PUT, value, "text/plain"))
 
+    def trim(self) -> None:
+        """Remove every change so far from the log, as the sweeper or a load does."""
+        self.floor = self.revision
+
     def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
-        later = [e for e in self.events if (e.revision, e.n) > after and e.key.startswith(prefix)]
-        return History(self.revision, 0, later[:limit])
+        later = [
+            e
+            for e in self.events
+            if e.revision > self.floor and (e.revision, e.n) > after and e.key.startswith(prefix)
+        ]
+        return History(self.revision, self.floor, later[:limit])
 
     def expected(self, after: tuple[int, int], until: tuple[int, int], prefix: str) -> list[bytes]:
         return [
@@ -50,6 +59,7 @@ KEYS = st.sampled_from(["a", "ab", "abc", "abd", "b", "ba", "é", "éa"])
 PREFIXES = st.sampled_from(["", "a", "ab", "abc", "b", "é", "z"])
 COMMIT = st.tuples(st.just("commit"), st.lists(KEYS, min_size=1, max_size=4, unique=True))
 REFRESH = st.tuples(st.just("refresh"), st.none())
+TRIM = st.tuples(st.just("trim"), st.none())
 # A read names a change of the log by its index (taken modulo its length), and
 # asks from that change, from after its whole revision, or from before it.
 READ = st.tuples(st.just("read"), st.tuples(st.integers(0, 99), st.integers(0, 2), PREFIXES))
@@ -62,8 +72,46 @@ def position_of(log: ListLog, pick: int, form: int) -> tuple[int, int]:
     return [(event.revision, event.n), (event.revision, WHOLE), (event.revision - 1, WHOLE)][form]
 
 
+def check_segments(held: Tail, max_bytes: int, max_events: int) -> None:
+    """The tail's bookkeeping: segments cover its events in order, and its bounds hold."""
+    segments = held._segments
+    assert [segment.end for segment in segments] == held._segment_ends
+    if segments:
+        assert segments[0].start == held._base  # none starts before the oldest change held
+        assert segments[-1].end == held._base + len(held._events)
+        for before, after in zip(segments, segments[1:], strict=False):
+            assert before.end == after.start
+    for segment in segments:
+        events = held._events[segment.start - held._base : segment.end - held._base]
+        assert segment.blob == b"".join(chunk for _, chunk in events)
+        assert all(key.startswith(segment.keys_prefix) for key, _ in events)
+    # Within its bounds, counting each change's bytes twice (alone and in a blob).
+    assert held._bytes == 2 * sum(len(chunk) for _, chunk in held._events)
+    assert held._bytes <= max_bytes and len(held._events) <= max_events
+
+
+@example(  # a read from the middle of a segment
+    steps=[("commit", ["a", "ab"]), ("refresh", None), ("read", (0, 0, ""))],
+    page=2,
+    max_events=12,
+    max_bytes=4000,
+)
+@example(  # the log trimmed past the tail's start: it starts again, empty
+    steps=[
+        ("commit", ["a"]),
+        ("refresh", None),
+        ("trim", None),
+        ("refresh", None),
+        ("commit", ["b"]),
+        ("refresh", None),
+        ("read", (0, 1, "")),
+    ],
+    page=5,
+    max_events=12,
+    max_bytes=4000,
+)
 @given(
-    steps=st.lists(st.one_of(COMMIT, REFRESH, READ), max_size=60),
+    steps=st.lists(st.one_of(COMMIT, REFRESH, TRIM, READ), max_size=60),
     page=st.integers(1, 5),
     max_events=st.integers(2, 12),
     max_bytes=st.integers(200, 4000),  # an event here is 120 to 130 bytes, held twice
@@ -80,11 +128,11 @@ def test_every_read_of_the_tail_is_the_change_logs_own_filter(steps, page, max_e
         for action, argument in steps:
             if action == "commit":
                 log.commit(argument)
+            elif action == "trim":
+                log.trim()
             elif action == "refresh":
                 held._refresh()
-                # Within its bounds, counting each change's bytes twice (alone and in a blob).
-                assert held._bytes == 2 * sum(len(chunk) for _, chunk in held._events)
-                assert held._bytes <= max_bytes and len(held._events) <= max_events
+                check_segments(held, max_bytes, max_events)
             else:
                 pick, form, prefix = argument
                 position = position_of(log, pick, form)

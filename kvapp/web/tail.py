@@ -43,7 +43,8 @@ from kvapp.store.base import WHOLE, Event, StorageError, Store
 log = logging.getLogger("kvapp.watch")
 
 MAX_EVENTS = 10_000
-MAX_BYTES = 8 * 1024 * 1024
+# Each change is counted twice (it is held alone and in its segment's blob).
+MAX_BYTES = 16 * 1024 * 1024
 # Changes read from the change log per query (here and by a watcher behind
 # the tail): a watcher far behind catches up a page at a time.
 PAGE = 1000
@@ -212,7 +213,13 @@ class Tail:
         del self._positions[:drop], self._events[:drop]
         self._bytes = kept_bytes
         self._base += drop
-        # Segments wholly dropped go; one dropped in part keeps its blob for
-        # its remaining events, which read() then takes one by one.
         gone = bisect.bisect_right(self._segment_ends, self._base)
         del self._segments[:gone], self._segment_ends[:gone]
+        if self._segments and self._segments[0].start < self._base:
+            # Dropped in part: its blob shrinks to the events left, so that
+            # no dropped event's bytes stay held (MAX_BYTES is a real bound).
+            end = self._segments[0].end
+            left = self._events[: end - self._base]
+            keys_prefix = os.path.commonprefix([key for key, _ in left])
+            blob = b"".join(chunk for _, chunk in left)
+            self._segments[0] = _Segment(self._base, end, keys_prefix, blob)
