@@ -379,7 +379,7 @@ def watch_targets_table(rows: list[dict], goal: float) -> list[str]:
         if not with_them or with_them[0]["rps_ratio"] is None:
             continue
         ratio = with_them[0]["rps_ratio"]
-        met = ratio >= goal and not any(row["errors"] for row in with_them)
+        met = ratio >= goal and not any(row["errors"] for row in cell)
         plural = "s" if workers > 1 else ""
         lines.append(
             f"| waitress {workers} worker{plural}: durable SET, {with_them[0]['connections']}"

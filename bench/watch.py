@@ -245,7 +245,7 @@ def stamp_into(times: list[float]) -> Callable[[], None]:
 def load_ratio(rows: list[dict]) -> float | None:
     """Return the mean req/s of one server's runs with watchers over that of its runs without.
 
-    None unless there is a run with them, and runs without before and after it.
+    None unless there is a run with them and at least two without.
     """
     with_them = [row["rps"] for row in rows if row["watchers"]]
     without = [row["rps"] for row in rows if not row["watchers"]]
