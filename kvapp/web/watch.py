@@ -57,7 +57,7 @@ FLAG = b"watch"
 # more than one change): with 50 watchers of a busy store, one send per commit
 # each cost more CPU than the writes.  Durable SETs with 50 busy streams open,
 # against none, alternating five runs each: 0.91 at 0.1 s, 0.94 at 0.2 s
-# (docs/performance.md).  A lone change goes out at once whatever this is.
+# (docs/performance.md).  A change after a quiet spell goes out at once.
 GATHER_SECONDS = 0.2
 
 
@@ -281,7 +281,7 @@ class Watching:
                 if count > 1 and not more:
                     # Changes come faster than one per send: let the next ones
                     # gather, so that a busy stream sends once per GATHER_SECONDS
-                    # rather than once per commit.  A lone change goes out at once.
+                    # rather than once per commit.  A change after a quiet spell goes out at once.
                     self.closing.wait(GATHER_SECONDS)
                 continue
             if more:
