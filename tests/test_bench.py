@@ -509,3 +509,28 @@ def test_dry_run_lists_the_watch_cells():
     assert "watch" not in bench("--dry-run", "--quick").stdout
     refused = bench("--dry-run", "--profile", "--scenarios", "watch-load")
     assert refused.returncode == 2 and "unknown scenarios: watch-load" in refused.stderr
+
+
+@pytest.mark.parametrize("seconds", ["0.0003", "none"])
+def test_the_commit_stand_in_answers_writes_as_kvapp_and_stores_nothing(tmp_path, seconds):
+    code = (
+        "import webtest, bench.standin as s\n"
+        "client = webtest.TestApp(s.app)\n"
+        "print(client.get('/set?a=1&b=2').text.strip())\n"
+        "print(client.get('/get?key=a', status='*').status_int)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"),
+            "KVAPP_ACCESS_LOG": "false",
+            "BENCH_COMMIT_SECONDS": seconds,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["stored 2 keys", "404"]
