@@ -10,6 +10,8 @@ each watcher asks; every answer must equal the log's own filter.
 
 from __future__ import annotations
 
+import threading
+import time
 from unittest import mock
 
 import hypothesis.strategies as st
@@ -162,3 +164,97 @@ def test_a_watcher_of_a_prefix_that_covers_a_read_gets_it_as_one_chunk():
     assert [bytes(chunk).count(b"\n\n") for chunk in chunks] == [3, 1]
     everything, count, _ = held.read((0, WHOLE), "")
     assert (len(everything), count) == (2, 5)
+
+
+class Sleeper:
+    """A thread in Tail.wait(position, prefix), and what the wait returned."""
+
+    def __init__(self, held: Tail, position: tuple[int, int], prefix: str) -> None:
+        self.returned: list[bool] = []
+        self.thread = threading.Thread(
+            target=lambda: self.returned.append(held.wait(position, prefix, 30)), daemon=True
+        )
+        self.thread.start()
+
+    def answer(self) -> bool:
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        return self.returned[0]
+
+
+def asleep(held: Tail, *prefixes: str) -> dict[str, mock.MagicMock]:
+    """Wait until a watcher of each prefix sleeps in the tail; spy on the wake-up of each."""
+    for _ in range(3000):
+        with held._lock:
+            if all(prefix in held._waiting for prefix in prefixes):
+                return {
+                    prefix: mock.patch.object(
+                        held._waiting[prefix].woken,
+                        "notify_all",
+                        wraps=held._waiting[prefix].woken.notify_all,
+                    ).start()
+                    for prefix in prefixes
+                }
+        time.sleep(0.01)
+    raise AssertionError(f"no watcher of {prefixes} went to sleep")
+
+
+def test_a_waiting_watcher_wakes_only_for_a_key_under_its_prefix():
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    log.commit(["users/ann"])
+    held._refresh()
+    _, _, position = held.read((0, WHOLE), "")
+    users, orders, everything = (Sleeper(held, position, p) for p in ("users/", "orders/", ""))
+    spies = asleep(held, "users/", "orders/", "")
+    try:
+        log.commit(["orders/1", "orders/2"])
+        held._refresh()  # a read with no users/ key: its watcher sleeps on
+        assert [spies[p].call_count for p in ("users/", "orders/", "")] == [0, 1, 1]
+        assert orders.answer() and everything.answer()
+        log.commit(["orders/3", "users/bob"])
+        held._refresh()  # keys under no common prefix but "": each is looked at
+        assert spies["users/"].call_count == 1
+        assert users.answer()
+    finally:
+        mock.patch.stopall()
+        held.wake()
+
+
+def test_a_watcher_returns_at_once_if_the_tail_moved_since_its_read_and_on_timeout():
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    log.commit(["a"])
+    held._refresh()
+    _, _, position = held.read((0, WHOLE), "b")
+    assert held.wait(position, "b", 0.01) is False  # nothing new: it timed out
+    log.commit(["a"])
+    held._refresh()  # nothing under b, but the watcher has not looked yet
+    assert held.wait(position, "b", 30) is True
+    assert held.wait((0, WHOLE), "b", 30) is True  # before the tail's start: read the log
+    assert held._waiting == {}
+
+
+def test_a_restart_of_the_tail_and_wake_wake_every_watcher():
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    log.commit(["a"])
+    held._refresh()
+    _, _, position = held.read((0, WHOLE), "")
+    sleepers = [Sleeper(held, position, p) for p in ("x", "y")]
+    asleep(held, "x", "y")
+    log.commit(["z"])
+    log.trim()
+    held._refresh()  # the floor passed the tail's start: it starts again, empty
+    assert [s.answer() for s in sleepers] == [True, True]
+    mock.patch.stopall()
+    assert held.read(position, "") is None  # they read the log, then the new tail
+    _, _, position = held.read((log.revision, WHOLE), "")
+    sleeper = Sleeper(held, position, "q")
+    asleep(held, "q")
+    held.wake()
+    assert sleeper.answer() is True
+    mock.patch.stopall()

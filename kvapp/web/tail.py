@@ -6,8 +6,8 @@ durable SETs fell to 0.13 of their rate without watchers
 (bench/results/20261206-224810-watch.md).  Here one thread per process, the
 refresher, reads each new change once, encodes it as its Server-Sent Event
 once, and keeps the newest ones in memory; a watcher that has caught up
-takes its events from here, filtered by its prefix, and waits for the
-tail's version to move.  The refresher reads at most every REFRESH_SECONDS,
+takes its events from here, filtered by its prefix, and waits for a
+change under that prefix.  The refresher reads at most every REFRESH_SECONDS,
 so under load one query serves many commits and every watcher.
 
 It is a cache of the change log, not a queue: it holds every change
@@ -26,6 +26,13 @@ watcher was about half of what the streams cost (py-spy, docs/performance.md).
 When the history floor passes its start (a load, or trimming by age or
 count), it starts again empty at the store's revision.  The refresher runs
 while the process has watchers.
+
+A watcher that has caught up waits for a change under its own prefix, not
+for any read of the log: the refresher wakes the watchers of a prefix only
+when a read brought a key under it (and every watcher when the tail starts
+again).  Woken at every read, 50 watchers of a prefix nobody wrote cost
+writes to other keys 0.86 of their rate with 2 workers: each read woke 25
+threads per process to find nothing (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -65,13 +72,24 @@ class _Segment(NamedTuple):
     blob: bytes  # its encoded events, joined
 
 
+class _Waiting:
+    """The watchers of one prefix that have read all the tail holds for them, asleep."""
+
+    __slots__ = ("woken", "count")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.woken = threading.Condition(lock)
+        self.count = 0
+
+
 class Tail:
     """The newest changes as encoded events, each with its position and key."""
 
     def __init__(self, repository: Store, encode: Callable[[Event], bytes]) -> None:
         self.repository = repository
         self.encode = encode
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiting] = {}  # by prefix
         self._positions: list[Position] = []
         self._events: list[tuple[str, bytes]] = []  # (key, encoded event)
         self._bytes = 0
@@ -80,7 +98,6 @@ class Tail:
         self._segment_ends: list[int] = []
         self._start: Position | None = None  # every change after it, up to _end, is held
         self._end: Position = (0, WHOLE)
-        self.version = 0  # moves each time the refresher has read the change log
         self._users = 0
         self._refresher: threading.Thread | None = None
         self._pid = 0
@@ -89,7 +106,7 @@ class Tail:
 
     def attach(self) -> None:
         """A watcher starts: the refresher runs while there is one."""
-        with self._changed:
+        with self._lock:
             self._users += 1
             alive = self._refresher is not None and self._refresher.is_alive()
             if not alive or self._pid != os.getpid():
@@ -100,7 +117,7 @@ class Tail:
                 self._refresher.start()
 
     def detach(self) -> None:
-        with self._changed:
+        with self._lock:
             self._users -= 1
 
     def read(self, position: Position, prefix: str) -> tuple[list[bytes], int, Position] | None:
@@ -109,7 +126,7 @@ class Tail:
         None when position is before the tail's start (or there is no tail
         yet): read the change log instead.
         """
-        with self._changed:
+        with self._lock:
             if self._start is None or position < self._start:
                 return None
             first = self._base + bisect.bisect_right(self._positions, position)
@@ -127,23 +144,50 @@ class Tail:
                 count += len(picked)
             return chunks, count, max(position, self._end)
 
-    def wait(self, version: int, timeout: float) -> None:
-        """Wait until the tail's version is no longer version, or timeout seconds."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.version != version, timeout)
+    def wait(self, position: Position, prefix: str, timeout: float) -> bool:
+        """Wait until the tail may hold a change under prefix after position; False: timeout.
+
+        position is where the watcher's last read() left it.  True at once
+        if the tail moved since that read (read again, even if nothing of
+        the move was under prefix); else when a read of the log brings a key
+        under prefix, the tail starts again, or wake() is called.
+        """
+        with self._lock:
+            if self._start is None or position < self._start or self._end > position:
+                return True
+            waiting = self._waiting.get(prefix)
+            if waiting is None:
+                waiting = self._waiting[prefix] = _Waiting(self._lock)
+            waiting.count += 1
+            try:
+                return waiting.woken.wait(timeout)
+            finally:
+                waiting.count -= 1
+                if not waiting.count:
+                    del self._waiting[prefix]
 
     def wake(self) -> None:
         """Wake every waiting watcher (the server stops)."""
-        with self._changed:
-            self.version += 1
-            self._changed.notify_all()
+        with self._lock:
+            self._wake(None)
+
+    def _wake(self, segment: _Segment | None) -> None:
+        """Wake the watchers of the prefixes under which segment has a key; None: every one."""
+        for prefix, waiting in self._waiting.items():
+            if segment is None or segment.keys_prefix.startswith(prefix):
+                waiting.woken.notify_all()
+                continue
+            base = self._base
+            keys = self._events[segment.start - base : segment.end - base]
+            if any(key.startswith(prefix) for key, _ in keys):
+                waiting.woken.notify_all()
 
     # -- the refresher -----------------------------------------------------------
 
     def _refresh_loop(self) -> None:
         feed = self.repository.feed
         while True:
-            with self._changed:
+            with self._lock:
                 if not self._users:
                     self._refresher = None
                     return
@@ -166,23 +210,24 @@ class Tail:
             start = self._start
             history = self.repository.history(self._end, "", 0 if start is None else PAGE)
             encoded = [self.encode(event) for event in history.events]
-            with self._changed:
+            with self._lock:
                 if start is None or history.floor > start[0]:
                     self._clear((history.revision, WHOLE))
+                    self._wake(None)
                 else:
-                    self._add(history.events, encoded)
+                    segment = self._add(history.events, encoded)
                     full = len(encoded) == PAGE
                     self._end = self._positions[-1] if full else (history.revision, WHOLE)
+                    if segment is not None:
+                        self._wake(segment)  # before _shrink, which may rebuild it
                     self._shrink()
-                self.version += 1
-                self._changed.notify_all()
             if start is None or len(encoded) < PAGE:
                 return
 
-    def _add(self, events: list[Event], encoded: list[bytes]) -> None:
-        """Append events, encoded, as one segment."""
+    def _add(self, events: list[Event], encoded: list[bytes]) -> _Segment | None:
+        """Append events, encoded, as one segment; return it (None: no events)."""
         if not events:
-            return
+            return None
         start = self._base + len(self._events)
         self._positions += [(event.revision, event.n) for event in events]
         self._events += [(event.key, chunk) for event, chunk in zip(events, encoded, strict=True)]
@@ -190,8 +235,10 @@ class Tail:
         # Each change's bytes are held twice, alone and in its segment's blob.
         self._bytes += 2 * len(blob)
         keys_prefix = os.path.commonprefix([event.key for event in events])
-        self._segments.append(_Segment(start, start + len(events), keys_prefix, blob))
+        segment = _Segment(start, start + len(events), keys_prefix, blob)
+        self._segments.append(segment)
         self._segment_ends.append(start + len(events))
+        return segment
 
     def _clear(self, position: Position) -> None:
         self._positions, self._events, self._bytes = [], [], 0

@@ -261,7 +261,7 @@ class Watching:
         # Asked at every turn, not only when idle: under waitress the first
         # call also makes the loop watch the connection for its end.
         while not self.closing.is_set() and not client_gone():
-            tail_version, feed_version = tail.version, feed.version
+            feed_version = feed.version
             try:
                 in_tail = tail.read(position, prefix)
                 if in_tail is not None:
@@ -286,18 +286,20 @@ class Watching:
                 continue
             if more:
                 continue
-            # Caught up: wait for the tail to move, or the feed if it read the log.
-            source = tail if in_tail is not None else feed
-            version = tail_version if in_tail is not None else feed_version
-            while source.version == version and not self.closing.is_set():
+            # Caught up: wait for a change under prefix in the tail, or for
+            # any commit if it read the log; a heartbeat when idle that long.
+            while not self.closing.is_set():
                 if client_gone():
                     return
                 idle = time.monotonic() - beat
                 if idle >= self.heartbeat:
                     yield HEARTBEAT
                     beat = time.monotonic()
-                else:
-                    source.wait(version, self.heartbeat - idle)
+                elif in_tail is not None:
+                    if tail.wait(position, prefix, self.heartbeat - idle):
+                        break
+                elif feed.wait(feed_version, self.heartbeat - idle) != feed_version:
+                    break
 
     def _from_log(
         self, position: tuple[int, int], prefix: str
