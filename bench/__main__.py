@@ -145,6 +145,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=watch.WRITES,
         help=f"writes of each watch-latency cell (default {watch.WRITES})",
     )
+    parser.add_argument(
+        "--watch-prefix",
+        default=watch.LOAD_PREFIX,
+        help="prefix of watch-load's watchers: every set-unique key is under"
+        f" '{watch.LOAD_PREFIX}' (the default: each watcher gets every write); another"
+        " prefix gets none of them (what watchers of other keys cost)",
+    )
     parser.add_argument("--keys", type=int, default=1000, help="keys loaded before GET cells")
     parser.add_argument(
         "--scale-keys",
@@ -205,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--watchers and --watch-writes must be at least 1")
     if args.duration < 1:
         parser.error("--duration must be at least 1 (wrk counts whole seconds)")
+    prefix_error = watch.load_prefix_error(args.watch_prefix)
+    if prefix_error:
+        parser.error(prefix_error)
     return args
 
 
@@ -526,7 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference: {'webdis + Redis' if args.reference else 'none'}")
         if matrix:
             for line in watch.describe(
-                args.scenarios, args.workers, args.watchers, args.watch_writes, args.duration
+                args.scenarios,
+                args.workers,
+                args.watchers,
+                args.watch_writes,
+                args.duration,
+                args.watch_prefix,
             ):
                 print(line)
         return 0

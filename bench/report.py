@@ -348,14 +348,14 @@ def watch_load_table(rows: list[dict]) -> list[str]:
     """Return the watch-load cells: durable SET without the watchers and with them, in turn."""
     lines = [
         "| server | workers | watchers | run | req/s | p50 ms | p99 ms | CPU µs/req user+sys"
-        " | writes/commit | events per watcher / writes | drained in s | watchers' CPU s"
+        " | writes/commit | events per watcher / due | drained in s | watchers' CPU s"
         " | errors |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         events = "-"
         if row.get("events_per_watcher") is not None:
-            events = f"{row['events_per_watcher']:,} / {row['writes_committed']:,}"
+            events = f"{row['events_per_watcher']:,} / {row['events_expected']:,}"
         lines.append(
             f"| {row['server']} | {row['workers']} | {row['watchers']} | {row['part']}"
             f" | {_num(row['rps'])} | {_num(row['p50_ms'], 2)} | {_num(row['p99_ms'], 2)}"
@@ -383,7 +383,8 @@ def watch_targets_table(rows: list[dict], goal: float) -> list[str]:
         plural = "s" if workers > 1 else ""
         lines.append(
             f"| waitress {workers} worker{plural}: durable SET, {with_them[0]['connections']}"
-            f" connections, {with_them[0]['watchers']} watchers open | {_runs(with_them)}"
+            f" connections, {with_them[0]['watchers']} watchers of"
+            f" prefix={with_them[0]['prefix']} open | {_runs(with_them)}"
             f" | no watcher open | {_runs(without)} | {_ratio(ratio)}"
             f" | {goal:.2f} | {'yes' if met else 'no'} |"
         )

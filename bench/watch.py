@@ -194,6 +194,7 @@ def load_cells(
     threads: int,
     warmup: int,
     cell: Callable[[Running, str, Callable[[], None] | None], dict],
+    prefix: str = LOAD_PREFIX,
 ) -> list[dict]:
     """Return the rows of watch-load: set-unique without and with the watchers open, in turn.
 
@@ -212,18 +213,22 @@ def load_cells(
                 row = cell(running, tag, None)
                 row.update(watchers=0, part=part, events_per_watcher=None, drain_s=None)
             else:
-                with Watchers(running.url, count, LOAD_PREFIX, record=False) as streams:
+                with Watchers(running.url, count, prefix, record=False) as streams:
                     first = revision(running.url)
                     ended: list[float] = []
                     row = cell(running, tag, stamp_into(ended))
                     writes = revision(running.url) - first
-                    streams.wait(partial(received, count=writes), "every write's event")
+                    expected = expected_events(prefix, writes)
+                    streams.wait(partial(received, count=expected), "every write's event")
                     last = max(stream.last_put for stream in streams.streams)
                     drain = max(0.0, last - ended[0])
-                    short = sum(stream.puts < writes for stream in streams.streams)
-                row.update(watchers=count, part=part, drain_s=round(drain, 3))
-                row["events_per_watcher"] = min(stream.puts for stream in streams.streams)
+                    short = sum(stream.puts != expected for stream in streams.streams)
+                row.update(watchers=count, part=part, drain_s=round(drain, 3), prefix=prefix)
+                # The worst watcher: the fewest events, or any event where none were due.
+                pick = min if expected else max
+                row["events_per_watcher"] = pick(stream.puts for stream in streams.streams)
                 row["writes_committed"] = writes
+                row["events_expected"] = expected
                 row["watchers_short"] = short
                 row["errors"] += short
                 row["reader_cpu_s"] = round(streams.reader_cpu, 2)
@@ -235,6 +240,22 @@ def load_cells(
     for row in rows:
         row["rps_ratio"] = load_ratio(rows) if row["watchers"] else None
     return rows
+
+
+def load_prefix_error(prefix: str) -> str | None:
+    """Return why the watchers of watch-load cannot watch prefix, or None.
+
+    Under prefix every set-unique key must fall (its watchers get every
+    write), or none of them (they get nothing: what watchers of other keys cost).
+    """
+    if LOAD_PREFIX.startswith(prefix) or not prefix.startswith(LOAD_PREFIX):
+        return None
+    return f"the watch-load prefix must be '', {LOAD_PREFIX!r} or not start with {LOAD_PREFIX!r}"
+
+
+def expected_events(prefix: str, writes: int) -> int:
+    """Return how many events each watcher of prefix gets for writes of set-unique."""
+    return writes if LOAD_PREFIX.startswith(prefix) else 0
 
 
 def stamp_into(times: list[float]) -> Callable[[], None]:
@@ -257,7 +278,9 @@ def load_ratio(rows: list[dict]) -> float | None:
 # -- the run and its report ------------------------------------------------------------
 
 
-def describe(scenarios, workers, watchers, writes: int, duration: int) -> list[str]:
+def describe(
+    scenarios, workers, watchers, writes: int, duration: int, prefix: str = LOAD_PREFIX
+) -> list[str]:
     """Return what the watch cells of a run measure, one line each (for --dry-run)."""
     counts = ", ".join(map(str, workers))
     lines = []
@@ -272,7 +295,7 @@ def describe(scenarios, workers, watchers, writes: int, duration: int) -> list[s
             f"{LOAD}: waitress, sqlite FULL, workers {counts}: set-unique at {LOAD_CONNECTIONS}"
             f" connections for {duration} s each with"
             f" {', '.join(str(max(watchers) if opened else 0) for _, opened in LOAD_RUNS)}"
-            f" watchers of prefix={LOAD_PREFIX}"
+            f" watchers of prefix={prefix}"
         )
     return lines
 
@@ -301,7 +324,9 @@ def run(
                 )
     if LOAD in args.scenarios:
         for workers in args.workers:
-            cells = load_cells(tmp, workers, max(args.watchers), threads, args.warmup, cell)
+            cells = load_cells(
+                tmp, workers, max(args.watchers), threads, args.warmup, cell, args.watch_prefix
+            )
             for row in cells:
                 rows.append(row)
                 print(
@@ -345,8 +370,10 @@ def report_lines(rows: list[dict], threads: int, duration: int) -> list[str]:
             "",
             *report.watch_load_table(load),
             "",
-            "events per watcher / writes: the fewest events any watcher received, against the"
-            " writes committed during the run (the store's revision before and after); drained"
+            "events per watcher / due: the fewest events any watcher received, against the"
+            " writes committed under its prefix during the run (the store's revision before and"
+            " after; for a prefix no write falls under, none are due and it is the most any"
+            " watcher received); drained"
             " in s: from the end of wrk's run to the last event read by any watcher (0: none came"
             " later than that); watchers' CPU s:"
             " the bench's thread that reads the watchers' sockets, which shares the cores with"

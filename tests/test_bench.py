@@ -447,6 +447,7 @@ def watch_rows() -> tuple[list[dict], list[dict]]:
         }  # fmt: skip
         if watchers:
             row.update(events_per_watcher=8500, writes_committed=8500, drain_s=0.25)
+            row.update(events_expected=8500, prefix="u")
             row.update(reader_cpu_s=1.25, rps_ratio=0.895)
         load.append(row)
     return [latency], load
@@ -464,7 +465,7 @@ def test_the_watch_tables_show_latency_and_the_set_ratio():
     assert table[3].endswith("| 6.50 | 8,500 / 8,500 | 0.25 | 1.25 | 0 |")
     (target,) = report.watch_targets_table(load, watch.LOAD_GOAL)[2:]
     assert target == (
-        "| waitress 1 worker: durable SET, 16 connections, 50 watchers open"
+        "| waitress 1 worker: durable SET, 16 connections, 50 watchers of prefix=u open"
         " | 1,700 (1,650, 1,750) | no watcher open | 1,900 (2,000, 1,900, 1,800) | 0.90 | 0.90"
         " | no |"
     )  # 0.895 shows as 0.90 but is below the goal
@@ -509,6 +510,21 @@ def test_dry_run_lists_the_watch_cells():
     assert "watch" not in bench("--dry-run", "--quick").stdout
     refused = bench("--dry-run", "--profile", "--scenarios", "watch-load")
     assert refused.returncode == 2 and "unknown scenarios: watch-load" in refused.stderr
+    other = bench("--dry-run", "--scenarios", "watch-load", "--watch-prefix", "config/")
+    assert other.stdout.rstrip().endswith("0, 50, 0, 50, 0 watchers of prefix=config/")
+    # Under "ux" some set-unique keys would fall and some not: no count of events is due.
+    partial = bench("--dry-run", "--scenarios", "watch-load", "--watch-prefix", "ux")
+    assert partial.returncode == 2 and "must be '', 'u' or not start with 'u'" in partial.stderr
+
+
+@pytest.mark.parametrize(
+    ("prefix", "due"), [("", 8500), ("u", 8500), ("config/", 0), ("v", 0), ("U", 0)]
+)
+def test_watch_load_watchers_get_every_write_or_none(prefix, due):
+    from bench import watch
+
+    assert watch.load_prefix_error(prefix) is None
+    assert watch.expected_events(prefix, 8500) == due
 
 
 @pytest.mark.parametrize("seconds", ["0.0003", "none"])
