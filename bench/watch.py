@@ -17,13 +17,13 @@ poll every 10 ms while they wait.
 watch-load: wrk's set-unique at 16 connections against one server, five runs
 in turn: with no watcher open, with n watchers of `prefix=u` (every set-unique
 key starts with u, so all n streams receive every write: the harder case;
---watch-prefix names another, such as config/, under which no key falls:
-what watchers of other keys cost), with none, with n, with none; the ratio
-is the mean req/s of the two runs with watchers over the mean of the three
-without.  One server's req/s drifts by up to 20% between runs minutes apart,
-so the runs alternate and both kinds are spread over the whole cell.  The watchers read all the time (one
-thread, counting events) and must each receive one event per write committed
-during their run.
+--watch-prefix names another, such as config/, under which no key falls: what
+watchers of other keys cost), with none, with n, with none; the ratio is the
+mean req/s of the two runs with watchers over the mean of the three without.
+One server's req/s drifts by up to 20% between runs minutes apart, so the runs
+alternate and both kinds are spread over the whole cell. The watchers read all
+the time (one thread, counting events) and must each receive one event per
+write committed during their run.
 
 Both run `python -m kvapp serve` (waitress) on SQLite with synchronous=FULL,
 with threads = config.ini's threads + max_watchers per worker, so that the
