@@ -233,8 +233,43 @@ def test_a_watcher_returns_at_once_if_the_tail_moved_since_its_read_and_on_timeo
     log.commit(["a"])
     held._refresh()  # nothing under b, but the watcher has not looked yet
     assert held.wait(position, "b", 30) is True
-    assert held.wait((0, WHOLE), "b", 30) is True  # before the tail's start: read the log
+    _, _, position = held.read(position, "b")
+    log.trim()
+    log.commit(["a"])
+    held._refresh()  # the floor passed the tail's start: it starts again after position
+    assert position < held._start
+    assert held.wait(position, "b", 30) is True  # before the tail's start: read the log
     assert held._waiting == {}
+
+
+def test_after_wake_no_watcher_sleeps():
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    _, _, position = held.read((0, WHOLE), "x")
+    assert held.wait(position, "x", 0.01) is False
+    held.wake()  # the server stops: a stream on its way to sleep must not sleep
+    assert held.wait(position, "x", 30) is True
+
+
+@given(
+    st.lists(st.lists(KEYS, min_size=1, max_size=4, unique=True), min_size=1, max_size=4),
+    st.lists(PREFIXES, min_size=1, max_size=7, unique=True),
+)
+def test_a_read_wakes_exactly_the_prefixes_it_brought_a_key_under(commits, prefixes):
+    log = ListLog()
+    held = Tail(log, event_bytes)
+    held._refresh()
+    for keys in commits:
+        log.commit(keys)
+    for prefix in prefixes:  # watchers asleep, as Tail.wait leaves them
+        held._waiting[prefix] = tail._Waiting(held._lock)
+        held._waiting[prefix].woken = mock.Mock()
+    held._refresh()  # one read of every commit: one segment
+    woken = {p for p in prefixes if held._waiting[p].woken.notify_all.called}
+    brought = {p for p in prefixes if any(k.startswith(p) for keys in commits for k in keys)}
+    assert woken == brought
+    assert all(held._waiting[p].woken.notify_all.call_count <= 1 for p in prefixes)
 
 
 def test_a_restart_of_the_tail_and_wake_wake_every_watcher():

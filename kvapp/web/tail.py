@@ -98,6 +98,7 @@ class Tail:
         self._segment_ends: list[int] = []
         self._start: Position | None = None  # every change after it, up to _end, is held
         self._end: Position = (0, WHOLE)
+        self._stopped = False  # wake() was called: no watcher sleeps any more
         self._users = 0
         self._refresher: threading.Thread | None = None
         self._pid = 0
@@ -153,7 +154,10 @@ class Tail:
         under prefix, the tail starts again, or wake() is called.
         """
         with self._lock:
-            if self._start is None or position < self._start or self._end > position:
+            # _stopped under the lock: a stream that saw the server still running
+            # but comes here after wake() must not sleep through the shutdown.
+            moved = self._start is None or position < self._start or self._end > position
+            if moved or self._stopped:
                 return True
             waiting = self._waiting.get(prefix)
             if waiting is None:
@@ -167,20 +171,33 @@ class Tail:
                     del self._waiting[prefix]
 
     def wake(self) -> None:
-        """Wake every waiting watcher (the server stops)."""
+        """Wake every waiting watcher, and let none sleep again (the server stops)."""
         with self._lock:
+            self._stopped = True
             self._wake(None)
 
     def _wake(self, segment: _Segment | None) -> None:
         """Wake the watchers of the prefixes under which segment has a key; None: every one."""
+        rest: dict[str, _Waiting] = {}
         for prefix, waiting in self._waiting.items():
             if segment is None or segment.keys_prefix.startswith(prefix):
                 waiting.woken.notify_all()
-                continue
-            base = self._base
-            keys = self._events[segment.start - base : segment.end - base]
-            if any(key.startswith(prefix) for key, _ in keys):
-                waiting.woken.notify_all()
+            else:
+                rest[prefix] = waiting
+        if not rest:
+            return
+        assert segment is not None
+        # Each key against the waiting prefixes of each length: a dict lookup
+        # per key and length, not a startswith per key and prefix.
+        lengths = sorted({len(prefix) for prefix in rest})
+        base = self._base
+        for key, _ in self._events[segment.start - base : segment.end - base]:
+            for length in lengths:
+                woken = rest.pop(key[:length], None)
+                if woken is not None:
+                    woken.woken.notify_all()
+            if not rest:
+                return
 
     # -- the refresher -----------------------------------------------------------
 
