@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -136,7 +137,7 @@ class Watchers:
     def __init__(self, url: str, count: int, prefix: str, record: bool) -> None:
         host, _, port = url.removeprefix("http://").partition(":")
         self.address = (host, int(port))
-        self.target = f"/kv/?watch&prefix={prefix}"
+        self.target = f"/kv/?watch&prefix={urllib.parse.quote(prefix, safe='')}"
         self.refused = 0  # 503s while opening: a worker already served its max_watchers
         self.streams: list[Stream] = []
         self._sockets: list[socket.socket] = []
