@@ -199,13 +199,21 @@ def asleep(held: Tail, *prefixes: str) -> dict[str, mock.MagicMock]:
     raise AssertionError(f"no watcher of {prefixes} went to sleep")
 
 
-def test_a_waiting_watcher_wakes_only_for_a_key_under_its_prefix():
+def caught_up(keys: list[str], prefix: str) -> tuple[ListLog, Tail, tuple[int, int]]:
+    """Return a log with one commit of keys (none: no commit), a tail that has read it,
+    and the position of a watcher of prefix that has read the tail."""
     log = ListLog()
     held = Tail(log, event_bytes)
     held._refresh()
-    log.commit(["users/ann"])
-    held._refresh()
-    _, _, position = held.read((0, WHOLE), "")
+    if keys:
+        log.commit(keys)
+        held._refresh()
+    _, _, position = held.read((0, WHOLE), prefix)
+    return log, held, position
+
+
+def test_a_waiting_watcher_wakes_only_for_a_key_under_its_prefix():
+    log, held, position = caught_up(["users/ann"], "")
     users, orders, everything = (Sleeper(held, position, p) for p in ("users/", "orders/", ""))
     spies = asleep(held, "users/", "orders/", "")
     try:
@@ -223,12 +231,7 @@ def test_a_waiting_watcher_wakes_only_for_a_key_under_its_prefix():
 
 
 def test_a_watcher_returns_at_once_if_the_tail_moved_since_its_read_and_on_timeout():
-    log = ListLog()
-    held = Tail(log, event_bytes)
-    held._refresh()
-    log.commit(["a"])
-    held._refresh()
-    _, _, position = held.read((0, WHOLE), "b")
+    log, held, position = caught_up(["a"], "b")
     assert held.wait(position, "b", 0.01) is False  # nothing new: it timed out
     log.commit(["a"])
     held._refresh()  # nothing under b, but the watcher has not looked yet
@@ -243,10 +246,7 @@ def test_a_watcher_returns_at_once_if_the_tail_moved_since_its_read_and_on_timeo
 
 
 def test_after_wake_no_watcher_sleeps():
-    log = ListLog()
-    held = Tail(log, event_bytes)
-    held._refresh()
-    _, _, position = held.read((0, WHOLE), "x")
+    _, held, position = caught_up([], "x")
     assert held.wait(position, "x", 0.01) is False
     held.wake()  # the server stops: a stream on its way to sleep must not sleep
     assert held.wait(position, "x", 30) is True
@@ -273,12 +273,7 @@ def test_a_read_wakes_exactly_the_prefixes_it_brought_a_key_under(commits, prefi
 
 
 def test_a_restart_of_the_tail_and_wake_wake_every_watcher():
-    log = ListLog()
-    held = Tail(log, event_bytes)
-    held._refresh()
-    log.commit(["a"])
-    held._refresh()
-    _, _, position = held.read((0, WHOLE), "")
+    log, held, position = caught_up(["a"], "")
     sleepers = [Sleeper(held, position, p) for p in ("x", "y")]
     asleep(held, "x", "y")
     log.commit(["z"])
