@@ -43,6 +43,26 @@ class Channel(HTTPChannel):
     """
 
     _watching = False
+    _closed_hook: Callable[[], None] | None = None
+
+    def when_closed(self, hook: Callable[[], None] | None) -> None:
+        """Call hook (in the main loop's thread) once the connection closes; None: do not.
+
+        A watch stream asleep until a change under its prefix would
+        otherwise learn that its client went away only at its next
+        heartbeat, holding its thread and its max_watchers slot till then.
+        """
+        self._closed_hook = hook
+        # After setting the hook: a close in between has cleared connected
+        # before handle_close looked for a hook, so one of the two calls it.
+        if hook is not None and not self.connected:
+            hook()
+
+    def handle_close(self) -> None:
+        super().handle_close()
+        hook, self._closed_hook = self._closed_hook, None
+        if hook is not None:
+            hook()
 
     def check_client_disconnected(self) -> bool:
         """Return True once the client has gone (environ["waitress.client_disconnected"]).

@@ -288,3 +288,16 @@ def test_a_restart_of_the_tail_and_wake_wake_every_watcher():
     held.wake()
     assert sleeper.answer() is True
     mock.patch.stopall()
+
+
+def test_a_nudge_wakes_the_watchers_of_its_prefix_only():
+    _, held, position = caught_up(["a"], "")
+    sleepers = {p: Sleeper(held, position, p) for p in ("x", "y")}
+    spies = asleep(held, "x", "y")
+    held.nudge("x")  # a client of a watcher of x went away
+    held.nudge("z")  # nobody watches z: nothing to do
+    assert (spies["x"].call_count, spies["y"].call_count) == (1, 0)
+    assert sleepers["x"].answer() is True
+    mock.patch.stopall()
+    held.wake()
+    assert sleepers["y"].answer() is True

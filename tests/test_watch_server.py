@@ -426,6 +426,24 @@ def test_a_client_that_goes_away_frees_its_watcher_slot(server_factory):
     wait_for(accepted, 10, "the slot of the closed stream to be freed")
 
 
+def test_a_client_that_goes_away_is_noticed_before_the_heartbeat(server_factory):
+    """A stream asleep on a quiet prefix is woken by its client's close, not its heartbeat."""
+    server = server_factory(
+        env={"KVAPP_MAX_WATCHERS": "1", "KVAPP_WATCH_HEARTBEAT_SECONDS": "120"}, kind=KvappServer
+    )
+    sock, status, _ = raw_get(server.port, "/kv/?watch&prefix=quiet/")
+    assert status == 200
+    sock.close()  # nothing is written, and the next heartbeat is 120 s away
+
+    def accepted() -> bool:
+        probe, status, _ = raw_get(server.port, "/kv/?watch&prefix=quiet/")
+        probe.close()
+        assert status in (200, 503)
+        return status == 200
+
+    wait_for(accepted, 30, "the slot of the closed stream to be freed")
+
+
 @pytest.mark.parametrize(
     ("kind", "workers", "stop"),
     [

@@ -170,6 +170,13 @@ class Tail:
                 if not waiting.count:
                     del self._waiting[prefix]
 
+    def nudge(self, prefix: str) -> None:
+        """Wake the watchers of prefix (one of them may have lost its client)."""
+        with self._lock:
+            waiting = self._waiting.get(prefix)
+            if waiting is not None:
+                waiting.woken.notify_all()
+
     def wake(self) -> None:
         """Wake every waiting watcher, and let none sleep again (the server stops)."""
         with self._lock:

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from json.encoder import encode_basestring
 
 from kvapp.config import Settings
@@ -182,7 +183,9 @@ class Watching:
         with self._lock:
             self.active -= 1
 
-    def _end_stream(self) -> None:
+    def _end_stream(self, when_closed: Callable[[Callable[[], None] | None], None] | None) -> None:
+        if when_closed is not None:
+            when_closed(None)
         self.tail.detach()
         self._free_slot()
 
@@ -225,11 +228,21 @@ class Watching:
             ready = json.dumps({"revision": start.revision})
             first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
         client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
+        # Under kvapp's waitress channel (kvapp.server.Channel, whose method
+        # client_gone is) the stream is also woken when its client goes.
+        when_closed = getattr(getattr(client_gone, "__self__", None), "when_closed", None)
         self.tail.attach()
+        if when_closed is not None:
+            when_closed(partial(self._client_went, key_prefix))
         events = self._events(position, key_prefix, first, client_gone)
-        ending = Ending(events, lambda sent: self._end_stream())
+        ending = Ending(events, lambda sent: self._end_stream(when_closed))
         headers = [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
         return Response(200, b"", EVENT_STREAM, headers, stream=ending)
+
+    def _client_went(self, prefix: str) -> None:
+        """Wake the streams that may be asleep for this client (the main loop's thread)."""
+        self.tail.nudge(prefix)  # caught up: asleep in the tail
+        self.repository.feed.notify()  # reading the change log: asleep on the feed
 
     def _check_resumable(self, position: tuple[int, int], revision: int, floor: int) -> None:
         remedy = (
