@@ -422,12 +422,35 @@ def test_a_client_that_goes_away_frees_its_watcher_slot(server_factory, heartbea
     sock, status, _ = raw_get(server.port, path)
     assert status == 200
     with sock:
-        second, status, _ = raw_get(server.port, path)
-        second.close()
-        assert status == 503  # the one slot is taken
+        assert_slot_taken(server.port, path)
+    wait_for_a_free_slot(server.port, path)
+
+
+def test_a_long_poll_whose_client_goes_away_frees_its_slot(server_factory):
+    """A long-poll on a key nobody writes is woken by its client's close, not its heartbeat."""
+    server = server_factory(
+        env={"KVAPP_MAX_WATCHERS": "1", "KVAPP_WATCH_HEARTBEAT_SECONDS": "120"},
+        kind=KvappServer,
+    )
+    etag = put_value(server.url, "quiet", b"v")
+    conn = start_long_poll(server.port, "/kv/quiet", etag, 100)
+    assert_slot_taken(server.port, "/kv/?watch")
+    conn.close()
+    wait_for_a_free_slot(server.port, "/kv/?watch")
+
+
+def assert_slot_taken(port: int, path: str) -> None:
+    """Assert that a watch of path is refused: max_watchers (1) is taken."""
+    sock, status, _ = raw_get(port, path)
+    sock.close()
+    assert status == 503
+
+
+def wait_for_a_free_slot(port: int, path: str) -> None:
+    """Wait (30 s at most) until a watch of path is accepted again."""
 
     def accepted() -> bool:
-        probe, status, _ = raw_get(server.port, path)
+        probe, status, _ = raw_get(port, path)
         probe.close()
         assert status in (200, 503)
         return status == 200

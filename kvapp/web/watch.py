@@ -61,6 +61,9 @@ FLAG = b"watch"
 # (docs/performance.md).  A change after a quiet spell goes out at once.
 GATHER_SECONDS = 0.2
 
+# kvapp.server.Channel.when_closed: register a hook for the connection's close, or None.
+WhenClosed = Callable[[Callable[[], None] | None], None]
+
 
 def split_watch(query: bytes) -> tuple[bool, bytes]:
     """Return whether the query holds the bare flag `watch`, and the query without it.
@@ -103,6 +106,16 @@ def trimmed(position: tuple[int, int], floor: int) -> bool:
     The floor is the last revision removed whole, so (floor, n) is gone too.
     """
     return position < (floor, WHOLE)
+
+
+def close_hook(client_gone: Callable[[], bool]) -> WhenClosed | None:
+    """Return the request's hook for the close of its connection, or None (another server).
+
+    Under kvapp's waitress channel (kvapp.server.Channel, whose method
+    client_gone is) a stream or long-poll asleep waiting for a change is
+    woken when its client goes, not only at its next heartbeat.
+    """
+    return getattr(getattr(client_gone, "__self__", None), "when_closed", None)
 
 
 def event_bytes(event: Event) -> bytes:
@@ -183,7 +196,7 @@ class Watching:
         with self._lock:
             self.active -= 1
 
-    def _end_stream(self, when_closed: Callable[[Callable[[], None] | None], None] | None) -> None:
+    def _end_stream(self, when_closed: WhenClosed | None) -> None:
         if when_closed is not None:
             when_closed(None)
         self.tail.detach()
@@ -228,9 +241,7 @@ class Watching:
             ready = json.dumps({"revision": start.revision})
             first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
         client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
-        # Under kvapp's waitress channel (kvapp.server.Channel, whose method
-        # client_gone is) the stream is also woken when its client goes.
-        when_closed = getattr(getattr(client_gone, "__self__", None), "when_closed", None)
+        when_closed = close_hook(client_gone)
         self.tail.attach()
         if when_closed is not None:
             when_closed(partial(self._client_went, key_prefix))
@@ -384,7 +395,10 @@ class Watching:
         feed reports.
         """
         feed = self.repository.feed
+        when_closed = close_hook(client_gone)
         self._take_slot()
+        if when_closed is not None:
+            when_closed(feed.notify)  # wakes every long-poll: each asks client_gone()
         try:
             deadline = time.monotonic() + wait
             while not self.closing.is_set() and not client_gone():
@@ -396,4 +410,6 @@ class Watching:
                     return
                 feed.wait(version, min(remaining, self.heartbeat))
         finally:
+            if when_closed is not None:
+                when_closed(None)
             self._free_slot()
