@@ -153,6 +153,22 @@ def test_another_store_object_s_commit_wakes_this_one_s_feed(make_settings):
         watcher.close()
 
 
+def test_a_commit_before_the_listener_started_still_wakes_a_waiter(make_settings):
+    # The waiter read the store (its version) before the other process
+    # committed; its wait starts the listener only after that commit, when
+    # PostgreSQL's LISTEN no longer hears the NOTIFY and the revision the
+    # listener first reads already holds the commit.
+    writer = open_store(make_settings())
+    watcher = open_store(make_settings())
+    try:
+        version = watcher.feed.version
+        writer.apply(Write.of(put("a")))
+        assert watcher.feed.wait(version, 20) != version
+    finally:
+        writer.close()
+        watcher.close()
+
+
 @pytest.mark.backends("sqlite")
 @pytest.mark.parametrize(
     ("oldest", "before", "beyond", "limit", "cut"),

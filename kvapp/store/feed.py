@@ -16,7 +16,8 @@ What moves the version:
   LISTEN/NOTIFY);
 - and once a second the listener compares the store's revision with the
   last it saw, which covers a writer killed between its COMMIT and its
-  signal.
+  signal; its first check wakes the waiters once, which covers a commit
+  made before the listener started listening.
 The listener stops when no watcher waits; with no watcher the feed costs
 nothing.
 """
@@ -88,7 +89,11 @@ class Feed:
                 if checked is None or time.monotonic() - checked >= CHECK_SECONDS:
                     checked = time.monotonic()
                     revision = self._revision()
-                    changed = changed or (last is not None and revision != last)
+                    # The first check wakes the waiters once: a commit made after
+                    # a waiter read the store but before this listener listened
+                    # (PostgreSQL's LISTEN hears only later NOTIFYs) is in this
+                    # first revision, so no later check would see it move.
+                    changed = changed or last is None or revision != last
                     last = revision
             except Exception as exc:  # a database that is down: look again later
                 log.warning("watchers cannot look for changes now, will retry: %s", exc)
