@@ -19,10 +19,17 @@ without; docs/performance.md), and with 256 busy connections it asks all
 Nothing else changes a channel between passes.  The events and their
 handling are waitress's own (wasyncore.readwrite).
 
-The set is an epoll(7) set, level-triggered, so each wait costs the kernel
-the ready fds, not every registered one as poll(2) does: with 50 watch
-streams open a worker's loop spent 10 more µs of system time per durable
-SET under poll (docs/performance.md).  epoll's event bits are poll's.
+The channels wait in an epoll(7) set, level-triggered, so a wait costs
+the kernel the ready ones, not every registered one as poll(2) does: with
+1,000 idle keep-alive connections open, a durable SET cost 200 to 290 µs
+of system time under poll, 140 to 200 with epoll (docs/performance.md).
+The other dispatchers (the listening socket, the trigger) and the epoll
+set's own fd wait in a small poll set, as before: workers share the
+listening socket, and poll(2) wakes them in the order they last began to
+wait, while an epoll set stays queued on it in the order the workers
+started, so the first one took nearly every connection (16 of 16, 15 of
+16 opened at once; about 10 and 6 under poll).  epoll's event bits are
+poll's.
 """
 
 from __future__ import annotations
@@ -34,18 +41,20 @@ from typing import Any
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
-READ = select.EPOLLIN | select.EPOLLPRI
-WRITE = select.EPOLLOUT
+READ = select.POLLIN | select.POLLPRI
+WRITE = select.POLLOUT
 
 
 class MainLoop:
-    """One server's loop: its map of dispatchers by fd, one poll set, the fds to ask next."""
+    """One server's loop: its map of dispatchers by fd, its wait sets, the fds to ask next."""
 
     def __init__(self, server: Any) -> None:
         self.server = server
         self.map: dict[int, Any] = server._map
-        self.poller = select.epoll()
-        self.registered: dict[int, int] = {}  # fd -> the flags in the epoll set
+        self.poller = select.epoll()  # the channels
+        self.others = select.poll()  # the other dispatchers, and the epoll set
+        self.others.register(self.poller.fileno(), select.POLLIN)
+        self.registered: dict[int, int] = {}  # fd -> its flags in either set
         self.to_ask: set[int] = set()  # main thread only
         self.marked: deque[int] = deque()  # task threads append, the loop pops
         self.always: set[int] = set()  # dispatchers that are not channels
@@ -76,8 +85,11 @@ class MainLoop:
     def _forget(self, fd: int) -> None:
         if self.registered.pop(fd, None) is not None:
             try:
-                self.poller.unregister(fd)
-            except OSError:  # closed already (EBADF), or not that file's fd (ENOENT)
+                if fd in self.always:
+                    self.others.unregister(fd)
+                else:
+                    self.poller.unregister(fd)
+            except (KeyError, OSError):  # closed already (EBADF), or not that file's (ENOENT)
                 pass
 
     def mark(self, fd: int) -> None:
@@ -117,9 +129,13 @@ class MainLoop:
             # have marked idle channels for closing.
             self.ask_all = True
         try:
-            events = self.poller.poll(timeout)
+            events = self.others.poll(int(timeout * 1000))
         except InterruptedError:
             events = []
+        epoll_fd = self.poller.fileno()
+        if any(fd == epoll_fd for fd, _ in events):
+            events = [event for event in events if event[0] != epoll_fd]
+            events += self.poller.poll(0)
         for fd, flags in events:
             obj = self.map.get(fd)
             if obj is None:
@@ -129,12 +145,15 @@ class MainLoop:
                 self.to_ask.add(fd)
 
     def _ask(self, fd: int, obj: Any) -> None:
-        """Put in the poll set what obj waits for now, as poll2 would."""
+        """Put in its wait set what obj waits for now, as poll2 would."""
         flags = READ if obj.readable() else 0
         if obj.writable() and not obj.accepting:
             flags |= WRITE
         before = self.registered.get(fd)
-        if flags and flags != before:
+        if flags and flags != before and fd in self.always:
+            self.others.register(fd, flags)  # on a registered fd: modify
+            self.registered[fd] = flags
+        elif flags and flags != before:
             try:
                 if before is None:
                     self.poller.register(fd, flags)
