@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tools import read_answer
+from tools import in_process_server, read_answer
 
 from kvapp import server
 from kvapp.mainloop import MainLoop
@@ -44,31 +44,9 @@ def app(environ, start_response):
 @contextmanager
 def running(pass_seconds: float = 60, **adjustments) -> Iterator[tuple[int, MainLoop]]:
     """Serve app with MainLoop on 127.0.0.1:<kernel's choice>; yield the port and the loop."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
     adjustments = {"threads": 2, "connection_limit": 1000, **adjustments}
-    waitress = server.build(app, sock, adjustments, channel=CountingChannel)
-    loop = waitress.main_loop
-    stop = threading.Event()
-
-    def passes() -> None:
-        # A long wait per pass: a change the loop did not hear of would stall
-        # the test's clients until their socket timeout, and fail them.
-        while not stop.is_set():
-            loop.one_pass(pass_seconds)
-
-    thread = threading.Thread(target=passes)
-    thread.start()
-    try:
-        yield sock.getsockname()[1], loop
-    finally:
-        stop.set()
-        waitress.pull_trigger()
-        thread.join()
-        waitress.task_dispatcher.shutdown()
-        for dispatcher in list(waitress._map.values()):
-            dispatcher.close()
+    with in_process_server(app, CountingChannel, pass_seconds, **adjustments) as (port, waitress):
+        yield port, waitress.main_loop
 
 
 def ask(sock: socket.socket, body: bytes = b"", extra: str = "") -> bytes:

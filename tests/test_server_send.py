@@ -12,15 +12,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tools import read_answer
-from waitress import create_server
+from tools import in_process_server, read_answer, wait_for
+from waitress import create_server, wasyncore
 
 from kvapp import server
 
@@ -43,30 +43,9 @@ def sent_then(chunks: list[bytes], hold: threading.Event) -> Iterator[bytes]:
     hold.wait(30)
 
 
-@contextmanager
-def kvapp_server() -> Iterator[tuple[int, Any]]:
+def kvapp_server():
     """Serve app with kvapp's Channel, Task and MainLoop; yield the port and the server."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    waitress = server.build(app, sock, {"threads": 1})
-    stop = threading.Event()
-
-    def passes() -> None:
-        while not stop.is_set():
-            waitress.main_loop.one_pass(60)
-
-    thread = threading.Thread(target=passes)
-    thread.start()
-    try:
-        yield sock.getsockname()[1], waitress
-    finally:
-        stop.set()
-        waitress.pull_trigger()
-        thread.join()
-        waitress.task_dispatcher.shutdown()
-        for dispatcher in list(waitress._map.values()):
-            dispatcher.close()
+    return in_process_server(app, threads=1)
 
 
 @contextmanager
@@ -75,16 +54,23 @@ def waitress_server() -> Iterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    plain = create_server(app, sockets=[sock], threads=1, asyncore_loop_timeout=0.1)
-    thread = threading.Thread(target=plain.run)
+    plain = create_server(app, sockets=[sock], threads=1)
+    stop = threading.Event()
+
+    def passes() -> None:  # waitress's own loop, one pass at a time, until stop
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=plain._map, count=1)
+
+    thread = threading.Thread(target=passes)
     thread.start()
     try:
         yield sock.getsockname()[1]
     finally:
+        stop.set()
+        thread.join()  # before the sockets close under its select()
         plain.task_dispatcher.shutdown()
         for dispatcher in list(plain._map.values()):
             dispatcher.close()
-        thread.join()
 
 
 def exchange(port: int, request: bytes) -> bytes:
@@ -165,16 +151,6 @@ def kept_bytes(channel: Any) -> int:
     return kept
 
 
-def settles(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    """Return True once condition() holds: the loop sends the last bytes, then drops the buffer."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def dechunk(body: bytes) -> bytes:
     """Return the data of a whole chunked body (RFC 9112 section 7.1)."""
     data, at = [], 0
@@ -211,7 +187,7 @@ def test_a_stream_keeps_none_of_the_bytes_it_sent():
                 answer += chunk
             head, _, body = answer.partition(b"\r\n\r\n")
             assert b"Transfer-Encoding: chunked" in head
-            assert settles(lambda: kept_bytes(only_channel(waitress)) == 0)
+            wait_for(lambda: kept_bytes(only_channel(waitress)) == 0, timeout=10)
             hold.set()
             while not body.endswith(b"\r\n0\r\n\r\n"):
                 chunk = sock.recv(1 << 20)
@@ -234,7 +210,7 @@ def test_an_answer_a_client_read_late_leaves_no_bytes_in_the_buffer():
             time.sleep(1)  # not reading yet
             answer = read_answer(sock)
             assert answer.partition(b"\r\n\r\n")[2] == b"".join(SPEC["chunks"])
-            assert settles(lambda: kept_bytes(only_channel(waitress)) == 0)
+            wait_for(lambda: kept_bytes(only_channel(waitress)) == 0, timeout=10)
             SPEC.update(headers=[], chunks=[b"after"], as_list=True)
             sock.sendall(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_answer(sock).endswith(b"\r\n\r\nafter")

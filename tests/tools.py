@@ -15,8 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from helpers import ROOT, server_environ
+
+from kvapp import server
 
 Row = tuple[str, bytes, str, int, int | None]
 
@@ -197,6 +200,39 @@ class Writers:
                 i += 1
         finally:
             conn.close()
+
+
+@contextlib.contextmanager
+def in_process_server(
+    app, channel=None, pass_seconds: float = 60, **adjustments
+) -> Iterator[tuple[int, Any]]:
+    """Serve app with kvapp's waitress server on 127.0.0.1:<kernel's choice>, in this process.
+
+    Its loop passes in a thread of its own, with a long wait per pass: a
+    change the loop did not hear of would stall the clients until their
+    socket timeout, and fail them.  Yield the port and the waitress server.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    waitress = server.build(app, sock, adjustments, channel=channel or server.Channel)
+    stop = threading.Event()
+
+    def passes() -> None:
+        while not stop.is_set():
+            waitress.main_loop.one_pass(pass_seconds)
+
+    thread = threading.Thread(target=passes)
+    thread.start()
+    try:
+        yield sock.getsockname()[1], waitress
+    finally:
+        stop.set()
+        waitress.pull_trigger()
+        thread.join()
+        waitress.task_dispatcher.shutdown()
+        for dispatcher in list(waitress._map.values()):
+            dispatcher.close()
 
 
 def read_answer(sock: socket.socket) -> bytes:
