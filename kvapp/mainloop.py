@@ -155,16 +155,29 @@ class MainLoop:
             self.registered[fd] = flags
         elif flags and flags != before:
             try:
-                if before is None:
-                    self.poller.register(fd, flags)
-                else:
-                    self.poller.modify(fd, flags)
-            except FileExistsError:
-                self.poller.modify(fd, flags)
-            except FileNotFoundError:  # its file closed and the number came back
-                self.poller.register(fd, flags)
+                self._set(fd, flags, before)
+            except OSError:
+                # A task thread closed the channel since the loop read the
+                # map (waitress may, sending 100 Continue): EBADF, or EPERM
+                # if the number is already another file's.  poll took such
+                # an fd quietly; the next pass finds it gone from the map.
+                self.registered.pop(fd, None)
+                self.to_ask.add(fd)
+                return
             self.registered[fd] = flags
         elif not flags and before is not None:
             # poll2 leaves such a channel out of the set: no hang-up is
             # reported while its task runs.
             self.removed(fd)
+
+    def _set(self, fd: int, flags: int, before: int | None) -> None:
+        """Register fd in the epoll set with flags, or change its flags."""
+        try:
+            if before is None:
+                self.poller.register(fd, flags)
+            else:
+                self.poller.modify(fd, flags)
+        except FileExistsError:
+            self.poller.modify(fd, flags)
+        except FileNotFoundError:  # its file closed and the number came back
+            self.poller.register(fd, flags)

@@ -105,6 +105,10 @@ class Channel(HTTPChannel):
         if not parts:
             return
         with self.outbuf_lock:
+            # Again under the lock: handle_close clears connected under it,
+            # and closes the socket after.
+            if not self.connected:
+                raise ClientDisconnected
             sent = 0
             if not self.total_outbufs_len:
                 try:
@@ -123,14 +127,17 @@ class Channel(HTTPChannel):
         waitress's buffer of a connection that once sent more than 8 KiB
         at once keeps, in a BytesIO, every byte sent since, until 16 MiB
         (outbuf_high_watermark): here it starts afresh once all is sent.
-        Under outbuf_lock, or in the main loop while no task runs.
         """
         flushed = bool(super()._flush_some(do_close))
-        outbuf = self.outbufs[-1]
-        if not self.total_outbufs_len and len(self.outbufs) == 1 and outbuf.buf is not None:
-            self.outbufs = [OverflowableBuffer(self.adj.outbuf_overflow)]
-            self.current_outbuf_count = 0
-            outbuf.close()
+        if not self.total_outbufs_len and self.outbufs[-1].buf is not None:
+            # The main loop may come here without the lock, while a task
+            # thread that has just ended sends 100 Continue under it.
+            with self.outbuf_lock:
+                outbuf = self.outbufs[-1]
+                if not self.total_outbufs_len and len(self.outbufs) == 1:
+                    self.outbufs = [OverflowableBuffer(self.adj.outbuf_overflow)]
+                    self.current_outbuf_count = 0
+                    outbuf.close()
         return flushed
 
     def when_closed(self, hook: Callable[[], None] | None) -> None:

@@ -179,3 +179,37 @@ def test_a_stop_lets_the_request_in_flight_finish_before_run_returns():
         assert answered.is_set(), "run() returned while the request was still running"
     for dispatcher in list(waitress._map.values()):
         dispatcher.close()
+
+
+def test_a_channel_closed_by_a_task_thread_while_the_loop_asks_it_leaves_the_loop_running():
+    # waitress may close a channel from its task thread (a failed send of 100
+    # Continue); landing between the loop's look in the map and its change of
+    # the epoll set, that made epoll_ctl fail with EBADF and ended the loop.
+    with running() as (port, loop):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as doomed:
+            assert ask(doomed).endswith(b"ok")
+            channel = channels_by_client_port(loop)[doomed.getsockname()[1]]
+            asked_once = threading.Event()
+
+            def readable() -> bool:
+                if not asked_once.is_set():
+                    asked_once.set()
+                    closer = threading.Thread(target=channel.handle_close)
+                    closer.start()
+                    closer.join()
+                return True
+
+            # Flags other than the registered ones: the loop calls epoll_ctl.
+            channel.readable = readable
+            channel.writable = lambda: True
+            loop.mark(channel._fileno)
+            waitress_trigger(loop)
+            assert asked_once.wait(10)
+            assert doomed.recv(1) == b""  # closed
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as after:
+            assert ask(after, b"after").endswith(b"okafter")  # the loop still serves
+
+
+def waitress_trigger(loop: MainLoop) -> None:
+    """Wake the loop so that it asks the marked channels now."""
+    loop.server.pull_trigger()
