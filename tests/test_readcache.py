@@ -10,12 +10,14 @@ which is outside the contract: the cached value must still be served then.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from kvapp.store.readcache import (
     FILE_BYTES,
     SLOTS,
     Generations,
+    LockTimeout,
     generations_path,
     slot_of,
 )
@@ -210,6 +213,87 @@ def test_writers_of_two_processes_exclude_each_other_and_reads_never_wait(db_pat
     holder.close()
     assert repo.apply(put("k", b"three")).revision == 2
     assert repo.get("k").value == b"three"
+
+
+def _in_thread(work) -> tuple[threading.Thread, threading.Event, list]:
+    """Run work() in a thread; return it, an Event set when work returned, and its result."""
+    done, result = threading.Event(), []
+
+    def run() -> None:
+        result.append(work())
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done, result
+
+
+def test_a_writer_waits_for_the_lock_of_another_process_and_writes_once_it_is_free(
+    db_path, open_repo
+):
+    repo = open_repo(busy_timeout_ms=30_000)
+    repo.apply(put("k", b"one"))
+    holder = Generations(generations_path(str(db_path)))  # another process's writer
+    with holder.writing():
+        thread, done, result = _in_thread(lambda: repo.apply(put("k", b"two")))
+        assert not done.wait(0.3)  # still waiting: nothing stored meanwhile
+        assert repo.get("k").value == b"one"
+    thread.join(30)
+    assert result[0].revision == 2
+    assert repo.get("k").value == b"two"
+    holder.close()
+
+
+def test_a_writer_that_gave_up_on_the_lock_leaves_it_to_the_next_process(db_path):
+    db_path.parent.mkdir()
+    path = generations_path(str(db_path))
+    impatient = Generations(path, lock_timeout=0.2)
+    holder = Generations(path)
+    with holder.writing():
+        with pytest.raises(LockTimeout):
+            impatient._lock()
+    # The impatient writer's lock thread still waits in flock, and gets the
+    # lock now: nobody asks for it any more, so it must let it go.
+    other = Generations(path, lock_timeout=10)
+    with other.writing():  # LockTimeout if the lock were kept
+        pass
+    # Asked again while its thread still waits for the lock given up on:
+    # that wait now serves the new ask.
+    with holder.writing():
+        with pytest.raises(LockTimeout):
+            impatient._lock()
+        impatient.lock_timeout = 30
+        thread, done, _ = _in_thread(impatient._lock)
+        assert not done.wait(0.3)
+    thread.join(30)
+    assert done.is_set()
+    with pytest.raises(LockTimeout):  # impatient holds it now
+        Generations(path, lock_timeout=0.2)._lock()
+    fcntl.flock(impatient._fd, fcntl.LOCK_UN)
+    for generations in (impatient, holder, other):
+        generations.close()
+
+
+def test_closing_while_the_lock_thread_waits_keeps_no_lock(db_path):
+    db_path.parent.mkdir()
+    path = generations_path(str(db_path))
+    closing = Generations(path, lock_timeout=0.2)
+    holder = Generations(path)
+    with holder.writing():
+        with pytest.raises(LockTimeout):
+            closing._lock()
+        locker = closing._locker
+        assert locker is not None
+        closing.close()
+    # Its thread, in flock until now, ends without error (pytest fails a
+    # test whose thread raised) and holds nothing.
+    locker.thread.join(10)
+    assert not locker.thread.is_alive()
+    other = Generations(path, lock_timeout=10)
+    with other.writing():
+        pass
+    other.close()
+    holder.close()
 
 
 def test_reads_do_not_wait_for_an_open_write_transaction(db_path, open_repo):

@@ -75,7 +75,6 @@ import fcntl
 import mmap
 import os
 import threading
-import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -155,6 +154,7 @@ class Generations:
             reason = getattr(exc, "strerror", None) or exc
             raise GenerationsUnavailable(f"cannot map {path}: {reason}") from None
         self._fd = fd
+        self._locker: _Locker | None = None  # started when another process first holds the lock
         self.counters = memoryview(self._mmap).cast("Q")
         self._changing: set[int] = set()
         self._committing = False
@@ -213,23 +213,81 @@ class Generations:
             pass
         # Held by another process for its transaction: wait as SQLite's busy
         # handler would, but give up after lock_timeout.
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            time.sleep(0.0005)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{self.path} stayed locked") from None
+        locker = self._locker
+        if locker is None or locker.pid != os.getpid():
+            locker = self._locker = _Locker(self._fd)
+        if not locker.acquire(self.lock_timeout):
+            raise LockTimeout(f"{self.path} stayed locked")
 
     def close(self) -> None:
         if self._fd < 0:
             return
+        if self._locker is not None:
+            self._locker.stop()
         self.counters.release()
         self._mmap.close()
         os.close(self._fd)
         self._fd = -1
+
+
+class _Locker:
+    """A thread that waits in flock(2) for this process's writer, which waits at most a timeout.
+
+    flock has no timeout of its own.  Asking it again every 0.5 ms (LOCK_NB)
+    left the lock free for about half that, plus the sleep's slack, each
+    time it passed from one process to another; a thread blocked in flock
+    is woken by the kernel as the holder unlocks.  Writers of one process
+    are serialised before they get here, so one writer at most asks at a
+    time.  A writer that gives up leaves the thread waiting: when it gets
+    the lock it unlocks it at once, unless a writer has asked again since.
+    The thread locks through its own duplicate of the descriptor (a flock
+    belongs to the open file, which both share), so that close() cannot pull
+    a descriptor from under its flock call.
+    """
+
+    _IDLE, _ASKED, _GOT, _GIVEN_UP, _STOP = range(5)
+
+    def __init__(self, fd: int) -> None:
+        self.pid = os.getpid()
+        self._fd = os.dup(fd)
+        self._state = self._IDLE
+        self._changed = threading.Condition(threading.Lock())
+        self.thread = threading.Thread(target=self._run, name="kvapp-gen-lock", daemon=True)
+        self.thread.start()
+
+    def acquire(self, timeout: float) -> bool:
+        """Return True once this process holds the lock, False after timeout seconds without."""
+        with self._changed:
+            self._state = self._ASKED
+            self._changed.notify_all()
+            if self._changed.wait_for(lambda: self._state == self._GOT, timeout):
+                self._state = self._IDLE
+                return True
+            self._state = self._GIVEN_UP
+            return False
+
+    def stop(self) -> None:
+        with self._changed:
+            self._state = self._STOP
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._state in (self._ASKED, self._STOP))
+                    if self._state == self._STOP:
+                        return
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                with self._changed:
+                    if self._state == self._ASKED:
+                        self._state = self._GOT
+                        self._changed.notify_all()
+                        continue
+                # Given up on, or stopped: not this process's to hold.
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
 
 
 class ReadCache:
