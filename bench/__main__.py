@@ -1,6 +1,6 @@
 """Benchmark kvapp with wrk, side by side with a hello-world ceiling, in one run.
 
-    python -m bench                 the whole matrix (~30 minutes at --duration 5)
+    python -m bench                 the whole matrix (~1 hour at --duration 5)
     python -m bench --quick         a smoke run of a few cells (~1 minute)
     python -m bench --scale         1k, 1M and 10M keys: load, start, memory, GET/SET
     python -m bench --profile       py-spy profiles of the read and write paths
