@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -267,8 +268,10 @@ def test_a_writer_that_gave_up_on_the_lock_leaves_it_to_the_next_process(db_path
         assert not done.wait(0.3)
     thread.join(30)
     assert done.is_set()
+    probe = Generations(path, lock_timeout=0.2)
     with pytest.raises(LockTimeout):  # impatient holds it now
-        Generations(path, lock_timeout=0.2)._lock()
+        probe._lock()
+    probe.close()
     fcntl.flock(impatient._fd, fcntl.LOCK_UN)
     for generations in (impatient, holder, other):
         generations.close()
@@ -285,14 +288,67 @@ def test_closing_while_the_lock_thread_waits_keeps_no_lock(db_path):
         locker = closing._locker
         assert locker is not None
         closing.close()
-    # Its thread, in flock until now, ends without error (pytest fails a
-    # test whose thread raised) and holds nothing.
+    # Its thread, in flock until now, ends without error (pytest warns of a
+    # thread that raised, and pyproject.toml makes warnings errors) and holds nothing.
     locker.thread.join(10)
     assert not locker.thread.is_alive()
     other = Generations(path, lock_timeout=10)
     with other.writing():
         pass
     other.close()
+    holder.close()
+
+
+def test_a_writer_after_a_give_up_never_shares_the_lock_with_the_waiting_thread(db_path):
+    db_path.parent.mkdir()
+    path = generations_path(str(db_path))
+    mine = Generations(path, lock_timeout=0.2)
+    holder = Generations(path)
+    with holder.writing():
+        with pytest.raises(LockTimeout):
+            mine._lock()
+        locker = mine._locker
+        assert locker is not None
+        # Keep the thread between its flock and its look at the state.
+        locker._changed.acquire()
+    try:
+        thread, done, _ = _in_thread(mine._lock)
+        # Its flock is on the same open file: a LOCK_NB by the writer would
+        # succeed alongside it, and the thread would unlock the writer's lock.
+        done.wait(0.3)
+    finally:
+        locker._changed.release()
+    thread.join(30)
+    assert done.is_set()
+    with pytest.raises(LockTimeout):  # mine holds it now
+        other = Generations(path, lock_timeout=0.3)
+        try:
+            other._lock()
+        finally:
+            other.close()
+    fcntl.flock(mine._fd, fcntl.LOCK_UN)
+    mine.close()
+    holder.close()
+
+
+def test_closing_while_a_writer_waits_still_ends_the_lock_thread(db_path):
+    db_path.parent.mkdir()
+    path = generations_path(str(db_path))
+    closing = Generations(path, lock_timeout=0.5)
+    holder = Generations(path)
+    with holder.writing():
+        thread, done, _ = _in_thread(lambda: pytest.raises(LockTimeout, closing._lock))
+        for _ in range(1000):  # until the writer waits for the thread
+            locker = closing._locker
+            if locker is not None and not locker.idle():
+                break
+            time.sleep(0.01)
+        assert locker is not None
+        closing.close()
+        thread.join(30)  # the writer gives up after the close
+        assert done.is_set()
+    locker.thread.join(10)
+    assert not locker.thread.is_alive()
     holder.close()
 
 

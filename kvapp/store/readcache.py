@@ -206,15 +206,25 @@ class Generations:
         self._changing |= slots
 
     def _lock(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        # Held by another process for its transaction: wait as SQLite's busy
-        # handler would, but give up after lock_timeout.
         locker = self._locker
-        if locker is None or locker.pid != os.getpid():
+        if locker is not None and locker.pid != os.getpid():
+            # The parent's thread is not in this process.  (A Generations
+            # must still be opened after the fork: parent and child would share
+            # its open file, and flock does not exclude them from each other.)
+            locker = None
+        # While the thread still waits for a lock a writer gave up on, its
+        # flock is on this same open file: a LOCK_NB here would succeed
+        # alongside it, and the thread would then unlock what this writer
+        # holds.  Then only the thread may take the lock.
+        if locker is None or locker.idle():
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+        # Held by another process for its transaction: wait for it, but give
+        # up after lock_timeout as SQLite's busy handler would.
+        if locker is None:
             locker = self._locker = _Locker(self._fd)
         if not locker.acquire(self.lock_timeout):
             raise LockTimeout(f"{self.path} stayed locked")
@@ -242,18 +252,27 @@ class _Locker:
     the lock it unlocks it at once, unless a writer has asked again since.
     The thread locks through its own duplicate of the descriptor (a flock
     belongs to the open file, which both share), so that close() cannot pull
-    a descriptor from under its flock call.
+    a descriptor from under its flock call.  For the same reason nothing else
+    may flock that open file while the thread waits: a LOCK_NB would succeed
+    beside it (Generations._lock asks idle() first).
     """
 
-    _IDLE, _ASKED, _GOT, _GIVEN_UP, _STOP = range(5)
+    _IDLE, _ASKED, _GOT, _GIVEN_UP = range(4)
 
     def __init__(self, fd: int) -> None:
         self.pid = os.getpid()
         self._fd = os.dup(fd)
         self._state = self._IDLE
+        # Apart from _state, so that a writer giving up cannot overwrite it.
+        self._stopping = False
         self._changed = threading.Condition(threading.Lock())
         self.thread = threading.Thread(target=self._run, name="kvapp-gen-lock", daemon=True)
         self.thread.start()
+
+    def idle(self) -> bool:
+        """Whether the thread neither waits for the lock nor holds one given up on."""
+        with self._changed:
+            return self._state == self._IDLE
 
     def acquire(self, timeout: float) -> bool:
         """Return True once this process holds the lock, False after timeout seconds without."""
@@ -268,24 +287,26 @@ class _Locker:
 
     def stop(self) -> None:
         with self._changed:
-            self._state = self._STOP
+            self._stopping = True
             self._changed.notify_all()
 
     def _run(self) -> None:
         try:
             while True:
                 with self._changed:
-                    self._changed.wait_for(lambda: self._state in (self._ASKED, self._STOP))
-                    if self._state == self._STOP:
+                    self._changed.wait_for(lambda: self._state == self._ASKED or self._stopping)
+                    if self._state != self._ASKED:
                         return
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 with self._changed:
                     if self._state == self._ASKED:
                         self._state = self._GOT
                         self._changed.notify_all()
-                        continue
-                # Given up on, or stopped: not this process's to hold.
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    else:
+                        # Given up on: not this process's to hold.  Unlocked
+                        # before IDLE lets a writer try LOCK_NB again.
+                        fcntl.flock(self._fd, fcntl.LOCK_UN)
+                        self._state = self._IDLE
         finally:
             os.close(self._fd)
 
