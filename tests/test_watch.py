@@ -275,6 +275,44 @@ def test_ending_the_streams_ends_every_stream(app, watch):
         stream.pull()
 
 
+def test_a_shutdown_between_a_long_polls_looks_and_its_wait_still_ends_it(make_settings, clock):
+    settings = make_settings(watch_heartbeat_seconds=600, max_watchers=3)
+    application = App(settings, open_store(settings, clock=clock))
+    stops: list[bool] = []
+
+    def client_gone() -> bool:
+        # Asked right after the long-poll's look at closing: the stop comes now.
+        if not stops:
+            stops.append(True)
+            application.end_streams()
+        return False
+
+    held = threading.Thread(
+        target=application.watching.hold, args=(600, lambda: False, client_gone), daemon=True
+    )
+    # Another waiter on the feed first, woken once by its listener's first
+    # look: that look would also wake the long-poll, and hide the race.
+    feed, woken, done = application.repository.feed, threading.Event(), threading.Event()
+
+    def keep_waiting() -> None:
+        while not done.is_set():
+            feed.wait(feed.version, 600)
+            woken.set()
+
+    keeper = threading.Thread(target=keep_waiting, daemon=True)
+    try:
+        keeper.start()
+        assert woken.wait(30)
+        held.start()
+        held.join(30)  # not 600 s, nor a heartbeat
+        assert not held.is_alive()
+    finally:
+        done.set()
+        feed.notify()
+        keeper.join(30)
+        application.close()
+
+
 @BEFORE_STORAGE
 @pytest.mark.parametrize(
     ("query", "headers", "words"),

@@ -401,8 +401,13 @@ class Watching:
             when_closed(feed.notify)  # wakes every long-poll: each asks client_gone()
         try:
             deadline = time.monotonic() + wait
-            while not self.closing.is_set() and not client_gone():
+            while True:
+                # The version before the looks at closing and at the client:
+                # end_streams() and a closed connection set theirs, then move
+                # the feed, so one that comes after these looks ends the wait.
                 version = feed.version
+                if self.closing.is_set() or client_gone():
+                    return
                 if changed():
                     return
                 remaining = deadline - time.monotonic()
