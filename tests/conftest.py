@@ -9,6 +9,7 @@ throwaway cluster that the session starts (tests/pgcluster.py).
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,17 @@ hypothesis_settings.register_profile(
     "ci", deadline=None, max_examples=300, print_blob=True, derandomize=True, database=None
 )
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# Tests send SIGINT to servers and tools they start, which must stop as on
+# Ctrl-C.  A shell that starts a job in the background (`cmd &`, nohup) makes
+# it ignore SIGINT, children inherit that, and a Python started so never
+# raises KeyboardInterrupt: waitress-serve then ignored the signal, and an
+# export ran to its end.  Undone here, so that the children start with
+# SIGINT's default whatever the machine's shell did (exec resets a handled
+# signal to the default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # In CI every test must run: FORBID_SKIPS=1 (set by .ci/run) turns a skip
