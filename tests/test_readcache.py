@@ -245,14 +245,30 @@ def test_a_writer_waits_for_the_lock_of_another_process_and_writes_once_it_is_fr
     holder.close()
 
 
-def test_a_writer_that_gave_up_on_the_lock_leaves_it_to_the_next_process(db_path):
+def given_up(db_path: Path) -> tuple[str, Generations, Generations]:
+    """Return the -gen file, a writer that gave up on its lock, and the holder of that lock.
+
+    The holder stands for another process's writer and still holds the lock
+    (unlock() lets it go); the writer's lock thread still waits in flock.
+    """
     db_path.parent.mkdir()
     path = generations_path(str(db_path))
-    impatient = Generations(path, lock_timeout=0.2)
+    writer = Generations(path, lock_timeout=0.2)
     holder = Generations(path)
-    with holder.writing():
-        with pytest.raises(LockTimeout):
-            impatient._lock()
+    holder._lock()
+    with pytest.raises(LockTimeout):
+        writer._lock()
+    assert writer._locker is not None
+    return path, writer, holder
+
+
+def unlock(generations: Generations) -> None:
+    fcntl.flock(generations._fd, fcntl.LOCK_UN)
+
+
+def test_a_writer_that_gave_up_on_the_lock_leaves_it_to_the_next_process(db_path):
+    path, impatient, holder = given_up(db_path)
+    unlock(holder)
     # The impatient writer's lock thread still waits in flock, and gets the
     # lock now: nobody asks for it any more, so it must let it go.
     other = Generations(path, lock_timeout=10)
@@ -272,22 +288,17 @@ def test_a_writer_that_gave_up_on_the_lock_leaves_it_to_the_next_process(db_path
     with pytest.raises(LockTimeout):  # impatient holds it now
         probe._lock()
     probe.close()
-    fcntl.flock(impatient._fd, fcntl.LOCK_UN)
+    unlock(impatient)
     for generations in (impatient, holder, other):
         generations.close()
 
 
 def test_closing_while_the_lock_thread_waits_keeps_no_lock(db_path):
-    db_path.parent.mkdir()
-    path = generations_path(str(db_path))
-    closing = Generations(path, lock_timeout=0.2)
-    holder = Generations(path)
-    with holder.writing():
-        with pytest.raises(LockTimeout):
-            closing._lock()
-        locker = closing._locker
-        assert locker is not None
-        closing.close()
+    path, closing, holder = given_up(db_path)
+    locker = closing._locker
+    assert locker is not None
+    closing.close()
+    unlock(holder)
     # Its thread, in flock until now, ends without error (pytest warns of a
     # thread that raised, and pyproject.toml makes warnings errors) and holds nothing.
     locker.thread.join(10)
@@ -300,17 +311,12 @@ def test_closing_while_the_lock_thread_waits_keeps_no_lock(db_path):
 
 
 def test_a_writer_after_a_give_up_never_shares_the_lock_with_the_waiting_thread(db_path):
-    db_path.parent.mkdir()
-    path = generations_path(str(db_path))
-    mine = Generations(path, lock_timeout=0.2)
-    holder = Generations(path)
-    with holder.writing():
-        with pytest.raises(LockTimeout):
-            mine._lock()
-        locker = mine._locker
-        assert locker is not None
-        # Keep the thread between its flock and its look at the state.
-        locker._changed.acquire()
+    path, mine, holder = given_up(db_path)
+    locker = mine._locker
+    assert locker is not None
+    # Keep the thread between its flock and its look at the state.
+    locker._changed.acquire()
+    unlock(holder)
     try:
         thread, done, _ = _in_thread(mine._lock)
         # Its flock is on the same open file: a LOCK_NB by the writer would
@@ -326,7 +332,7 @@ def test_a_writer_after_a_give_up_never_shares_the_lock_with_the_waiting_thread(
             other._lock()
         finally:
             other.close()
-    fcntl.flock(mine._fd, fcntl.LOCK_UN)
+    unlock(mine)
     mine.close()
     holder.close()
 
