@@ -406,9 +406,7 @@ class Watching:
                 # end_streams() and a closed connection set theirs, then move
                 # the feed, so one that comes after these looks ends the wait.
                 version = feed.version
-                if self.closing.is_set() or client_gone():
-                    return
-                if changed():
+                if self.closing.is_set() or client_gone() or changed():
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
