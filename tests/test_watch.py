@@ -27,6 +27,7 @@ from kvapp.config import load_config
 from kvapp.store import open_store
 from kvapp.store.base import Record
 from kvapp.web import tail
+from kvapp.web import watch as watch_module
 from kvapp.web.app import App
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -520,9 +521,14 @@ class ReplayMachine(RuleBasedStateMachine):
 
 
 @BEFORE_STORAGE
-def test_replaying_the_stream_from_revision_0_rebuilds_the_store_at_every_step():
+def test_replaying_the_stream_from_revision_0_rebuilds_the_store_at_every_step(monkeypatch):
+    # Every step's changes and its sentinel come in one send, after which a
+    # stream gathers for GATHER_SECONDS: at 0.2 s that was 60 s of waiting
+    # per run.  Order and content do not depend on either pause.
+    monkeypatch.setattr(watch_module, "GATHER_SECONDS", 0.001)
+    monkeypatch.setattr(tail, "REFRESH_SECONDS", 0.001)
     run_state_machine_as_test(
-        ReplayMachine, settings=hypothesis_settings(max_examples=30, stateful_step_count=20)
+        ReplayMachine, settings=hypothesis_settings(max_examples=100, stateful_step_count=20)
     )
 
 
