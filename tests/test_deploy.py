@@ -85,9 +85,10 @@ def test_unit_sandbox_is_rated_ok_by_systemd(tmp_path: Path):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    # A passed check is marked ✓ in a UTF-8 locale and + in any other (LC_ALL=C).
     for check in ("NoNewPrivileges=", "ProtectSystem=", "ProtectHome=", "PrivateTmp="):
-        assert re.search(rf"^✓ {check}\s", result.stdout, re.M), check
-    assert re.search(r"^✓ User=/DynamicUser=\s", result.stdout, re.M)
+        assert re.search(rf"^[✓+] {check}\s", result.stdout, re.M), check
+    assert re.search(r"^[✓+] User=/DynamicUser=\s", result.stdout, re.M)
     level = re.search(r"Overall exposure level for kvapp.service: (\d+\.\d)", result.stdout)
     assert level, result.stdout
     # systemd's scale runs from 0 (safe) to 10 (unsafe); a unit without any
