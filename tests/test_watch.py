@@ -20,15 +20,18 @@ import pytest
 import webob
 import webtest
 from helpers import ROOT, Clock
+from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from kvapp.config import load_config
 from kvapp.store import open_store
-from kvapp.store.base import Record
+from kvapp.store.base import WHOLE, Record
 from kvapp.web import tail
 from kvapp.web import watch as watch_module
 from kvapp.web.app import App
+from kvapp.web.responses import BadRequest
+from kvapp.web.watch import parse_position
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 BEFORE_STORAGE = pytest.mark.backends("sqlite")
@@ -325,6 +328,12 @@ def test_a_shutdown_between_a_long_polls_looks_and_its_wait_still_ends_it(make_s
         ("/kv/?watch&since=007", {}, "since must be a revision"),
         ("/kv/?watch&since=1&since=2", {}, "at most once"),
         ("/kv/?watch&since=99999999999999999999", {}, "out of range"),
+        # Past 4,300 digits Python's int() raises ValueError: still a 400.
+        ("/kv/?watch&since=" + "1" * 5000, {}, "out of range"),
+        ("/kv/?watch", {"Last-Event-ID": "1" * 5000}, "out of range"),
+        ("/kv/?watch", {"Last-Event-ID": "1-" + "1" * 5000}, "out of range"),
+        # Last-Event-ID wins over since=, but a malformed since= is still refused.
+        ("/kv/?watch&since=abc", {"Last-Event-ID": "1"}, "since must be a revision"),
         ("/kv/?watch", {"Last-Event-ID": "4-x"}, "Last-Event-ID must be"),
         ("/kv/?watch", {"Last-Event-ID": "4-0-0"}, "Last-Event-ID must be"),
         ("/kv/?watch&limit=3", {}, "this route takes prefix, since"),
@@ -334,6 +343,21 @@ def test_a_shutdown_between_a_long_polls_looks_and_its_wait_still_ends_it(make_s
 )
 def test_a_malformed_watch_is_400_saying_what_is_wrong(client, query, headers, words):
     assert words in client.get(query, headers=headers, status=400).text
+
+
+DIGITS = st.integers(0, 6000).map(lambda k: "9" * k) | st.text("0123456789", max_size=25)
+POSITIONS = st.tuples(DIGITS, st.none() | DIGITS).map(
+    lambda parts: parts[0] if parts[1] is None else f"{parts[0]}-{parts[1]}"
+)
+
+
+@given(st.text(max_size=30) | POSITIONS)
+def test_any_position_is_read_or_refused_with_a_400(text):
+    try:
+        revision, n = parse_position(text, "since")
+    except BadRequest:
+        return
+    assert f"{revision}-{n}" == text or (str(revision) == text and n == WHOLE)
 
 
 @BEFORE_STORAGE

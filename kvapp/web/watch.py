@@ -90,12 +90,15 @@ def parse_position(text: str, what: str) -> tuple[int, int]:
     revision, dash, n = text.partition("-")
     parts = (revision, n) if dash else (revision,)
     for part in parts:
-        if not (part.isascii() and part.isdigit() and part == str(int(part))):
+        # No int() before the length is known: past 4,300 digits int() raises.
+        if not (part.isascii() and part.isdigit() and (part == "0" or part[0] != "0")):
             raise BadRequest(
                 f"{what} must be a revision such as 42, or an event id such as 42-0,"
                 f" not {show(text)}"
             )
-    if int(revision) > MAX_REVISION or (dash and int(n) >= WHOLE):
+    if any(len(part) > len(str(MAX_REVISION)) for part in parts) or (
+        int(revision) > MAX_REVISION or (dash and int(n) >= WHOLE)
+    ):
         raise BadRequest(f"{what} {show(text)} is out of range")
     return int(revision), int(n) if dash else WHOLE
 
@@ -225,11 +228,9 @@ class Watching:
         # EventSource sends Last-Event-ID when it reconnects to the same URL,
         # since= included: Last-Event-ID is where the client got to, so it wins.
         last_id = request.header("HTTP_LAST_EVENT_ID").strip(" \t")
-        position = None
+        position = None if since is None else parse_position(utf8(since, "since"), "since")
         if last_id:
             position = parse_position(last_id, "Last-Event-ID")
-        elif since is not None:
-            position = parse_position(utf8(since, "since"), "since")
         start = self.repository.history(position or (0, 0), key_prefix, 0)
         if position is not None:
             self._check_resumable(position, start.revision, start.floor)
