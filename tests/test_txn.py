@@ -317,6 +317,7 @@ def timed_client(settings, clock):
 
 OK_PUT = {"put": "k", "value": "v"}
 
+HUGE_TTL = b'{"then": [{"put": "k", "value": "v", "ttl": %s}]}'
 BAD = [
     # (document or raw body, field, words in the message)
     (b"", None, "the body is empty"),
@@ -405,7 +406,10 @@ BAD = [
     (b'{"then": [{"put": "k", "value": "v", "ttl": 1e400}]}', "then[0].ttl", "whole number"),
     ({"then": [{**OK_PUT, "ttl": True}]}, "then[0].ttl", "whole number"),
     ({"then": [{**OK_PUT, "ttl": "30"}]}, "then[0].ttl", "must be a JSON number"),
-    (b'{"then": [{"put": "k", "value": "v", "ttl": 1' + b"0" * 5000 + b"}]}", None, "JSON"),
+    # Valid JSON, though Python's int() refuses 4,300 digits and more.
+    (HUGE_TTL % (b"1" + b"0" * 5000), "then[0].ttl", "whole"),
+    (HUGE_TTL % (b"1" + b"0" * 30), "then[0].ttl", "from 1"),
+    (b'{"then": [{"put": "k", "value": 1%s}]}' % (b"0" * 5000), "then[0].value", "a number"),
     ({"if": [{"key": "a", "exists": True}] * 129}, "if", "limit is 128 (max_txn_ops)"),
     ({"then": [{"get": "a"}] * 129}, "then", "limit is 128"),
     ({"else": [{"get": "a"}] * 129}, "else", "limit is 128"),

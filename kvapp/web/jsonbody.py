@@ -26,6 +26,15 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# No field of a kvapp document holds an integer past 20 digits (a ttl is at
+# most 2147483647), so a longer one is read as the float it rounds to: past
+# 4,300 digits int() raises, and the document is valid JSON (RFC 8259
+# section 6 lets a parser limit the range and precision of numbers).  The
+# field's own check then refuses it, by name.
+def _integer(text: str) -> int | float:
+    return int(text) if len(text) <= 20 else float(text)
+
+
 class _TooManyObjects(Exception):
     pass
 
@@ -55,7 +64,9 @@ def parse_json(data: bytes, max_objects: int) -> Any:
     if text.startswith("\ufeff"):
         raise BadRequest("the body starts with a byte order mark; send plain UTF-8 JSON")
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=_no_constant)
+        return json.loads(
+            text, object_pairs_hook=pairs, parse_constant=_no_constant, parse_int=_integer
+        )
     except _TooManyObjects:
         raise BadRequest(f"the body holds more than {max_objects} JSON objects") from None
     except json.JSONDecodeError as exc:
@@ -64,7 +75,7 @@ def parse_json(data: bytes, max_objects: int) -> Any:
         ) from None
     except RecursionError:
         raise BadRequest("the body is not valid JSON: it is nested too deeply") from None
-    except ValueError as exc:  # NaN, Infinity; an integer over 4300 digits
+    except ValueError as exc:  # NaN, Infinity
         raise BadRequest(f"the body is not valid JSON: {str(exc).splitlines()[0]}") from None
 
 
