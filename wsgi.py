@@ -1,4 +1,4 @@
-"""The WSGI entry point: `waitress-serve --port=4000 wsgi:app` from this folder."""
+"""The WSGI entry point: `waitress-serve --listen 127.0.0.1:4000 wsgi:app` from this folder."""
 
 import sys
 from pathlib import Path
