@@ -197,8 +197,8 @@ def test_if_none_match_star_is_create_only(client):
     assert client.get("/kv/c").body == b"1"
 
 
-@pytest.mark.parametrize("value", ["5", "W/5", "", " ", ",", '"a b"', "**", '"*"', '"05"'])
-def test_malformed_or_foreign_if_match_matches_nothing(client, value):
+@pytest.mark.parametrize("value", ["", " ", ",", '"*"', '"05"', '"x"', 'W/"999", ,'])
+def test_a_foreign_if_match_matches_nothing(client, value):
     put(client, "m", b"1")
     put(client, "m", b"2", headers={"If-Match": value}, status=412)
     client.delete("/kv/m", headers={"If-Match": value}, status=412)
@@ -209,9 +209,26 @@ def test_malformed_or_foreign_if_match_matches_nothing(client, value):
     assert put(client, "m", b"3", headers={"If-None-Match": value}).status_int == 204
 
 
+@pytest.mark.parametrize(
+    "value", ["5", "W/5", '"a b"', "**", '*, "1"', '"1" "2"', 'junk "1"', '"1", junk', 'W/ "1"']
+)
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+def test_a_condition_that_is_not_a_list_of_entity_tags_is_400_and_stores_nothing(
+    client, header, value
+):
+    # Which tag the client meant is a guess: If-None-Match: *, read as
+    # matching nothing, would turn a create-only PUT into an overwrite.
+    put(client, "m", b"1")
+    message = f"{header} must be * or a list of entity tags"
+    assert message in put(client, "m", b"2", headers={header: value}, status=400).text
+    assert message in client.delete("/kv/m", headers={header: value}, status=400).text
+    assert message in client.get("/kv/m", headers={header: value}, status=400).text
+    assert client.get("/kv/m").body == b"1"
+
+
 def test_if_match_list_with_the_current_tag_applies(client):
     etag = put(client, "m", b"1").headers["ETag"]
-    headers = {"If-Match": f'"999", W/{etag}, junk, {etag}'}
+    headers = {"If-Match": f'"999", W/{etag}, "junk", {etag}'}
     assert put(client, "m", b"2", headers=headers).status_int == 204
 
 

@@ -19,7 +19,7 @@ from kvapp.store.sqlite import SQLiteStore
 from kvapp.web.app import App
 from kvapp.web.etags import parse_tags
 from kvapp.web.metrics import Metrics
-from kvapp.web.responses import prefers_json
+from kvapp.web.responses import BadRequest, prefers_json
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests about the contract of /healthz and /metrics run on PostgreSQL too.
@@ -359,10 +359,17 @@ def test_openapi_describes_every_route_and_method(app):
     assert described == served
 
 
-@given(st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=40))
-def test_condition_headers_never_fail_to_parse(value):
+TAG_TEXT = st.text(alphabet=st.sampled_from('"W/, \t*0123456789ax'), max_size=40)
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0xFF), max_size=40) | TAG_TEXT)
+def test_condition_headers_are_read_or_refused_with_a_400(value):
     for strong in (True, False):
-        tags = parse_tags(value, strong)
+        try:
+            tags = parse_tags(value, strong, "If-Match")
+        except BadRequest as exc:
+            assert str(exc).startswith("If-Match must be * or a list of entity tags")
+            continue
         assert tags == "*" or all(isinstance(tag, int) for tag in tags)
 
 
@@ -375,12 +382,19 @@ def test_condition_headers_never_fail_to_parse(value):
         ('"1", "22" ,W/"3"', True, {1, 22}),
         ('"1", "22" ,W/"3"', False, {1, 22, 3}),
         ('"01", "x", "", "-1", "1.0"', False, set()),
-        ("1, 2", True, set()),
         ('"*"', True, set()),
+        ('"a,b" , "5",,', True, {5}),  # a comma inside a tag; empty list elements
+        ("", True, set()),
     ],
 )
 def test_parse_tags(value, strong, tags):
-    assert parse_tags(value, strong) == (tags if tags == "*" else frozenset(tags))
+    assert parse_tags(value, strong, "If-Match") == (tags if tags == "*" else frozenset(tags))
+
+
+@pytest.mark.parametrize("value", ["1, 2", 'garbage "34" junk', '"1" "2"', 'W/ "1"', '*, "1"'])
+def test_a_condition_that_is_not_a_list_of_entity_tags_is_refused(value):
+    with pytest.raises(BadRequest, match="must be \\* or a list of entity tags"):
+        parse_tags(value, True, "If-Match")
 
 
 def test_usage_mentions_the_api(client):

@@ -418,6 +418,29 @@ def test_a_long_poll_whose_version_is_already_old_answers_at_once(client):
     assert (answer.body, answer.headers["Preference-Applied"]) == (b"new", "wait=60")
 
 
+def test_a_long_poll_whose_if_match_fails_answers_412_without_waiting(make_settings, clock):
+    # RFC 9110 section 13.2.2: If-Match first.  Nothing changes the key, so a
+    # long-poll that waited would hold its thread for the hour it asked for.
+    settings = make_settings(max_wait_seconds=3600)
+    application = App(settings, open_store(settings, clock=clock))
+    client = webtest.TestApp(application)
+    answers = []
+    try:
+        client.put("/kv/k", b"v")
+        headers = {"If-Match": '"7"', "If-None-Match": '"1"', "Prefer": "wait=3600"}
+        poll = threading.Thread(
+            target=lambda: answers.append(client.get("/kv/k", headers=headers, status="*"))
+        )
+        poll.start()
+        poll.join(30)
+        assert not poll.is_alive(), "the long-poll waited instead of answering 412"
+        assert answers[0].status_int == 412
+        assert "Preference-Applied" not in answers[0].headers
+    finally:
+        application.close()  # ends a long-poll that is still waiting
+        poll.join(30)
+
+
 def test_a_wait_longer_than_max_wait_seconds_is_cut_to_it(make_settings, clock):
     application = App(make_settings(max_wait_seconds=1), open_store(make_settings()))
     client = webtest.TestApp(application)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import re
 
-from kvapp.store.base import ANY, Condition, Tag
+from kvapp.store.base import ANY, Condition, Tag, show
+from kvapp.web.responses import BadRequest
 
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
 # (RFC 9110 section 8.8.3); WSGI hands obs-text over as latin-1 characters.
-_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
+# One element of a #entity-tag list with the OWS and the comma after it;
+# empty elements are allowed (RFC 9110 section 5.6.1).  etagc includes ",",
+# so the list is read tag by tag, never split at commas.
+_ELEMENT = re.compile(r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)")?[ \t]*(,|\Z)')
 
 
 def etag(revision: int) -> str:
@@ -22,24 +26,34 @@ def etag(revision: int) -> str:
     return f'"{revision}"'
 
 
-def parse_tags(value: str, strong: bool) -> Tag:
+def parse_tags(value: str, strong: bool, header: str) -> Tag:
     """Return ANY or the revisions that an If-Match / If-None-Match value names.
 
     strong: If-Match compares strongly, so weak tags never match; If-None-Match
     compares weakly, so W/"42" matches "42" (RFC 9110 section 8.8.3.2).  Tags
-    that kvapp never sends, and anything that is not an entity tag (If-Match: 42
-    without quotes), match nothing: a malformed If-Match gets 412 and cannot
-    turn a conditional write into an unconditional one.
+    that kvapp never sends ("x", "007") match nothing.  A value that is not
+    * or a list of entity tags (If-Match: 42 without quotes, or tags amid
+    other text) is a 400 naming header: which of its tags the client meant
+    is a guess, and a condition must never be guessed.
     """
     if value.strip(" \t") == "*":
         return ANY
     revisions = set()
-    for weak, opaque in _ENTITY_TAG.findall(value):
-        if weak and strong:
-            continue
-        revision = revision_of(f'"{opaque}"')
-        if revision is not None:
-            revisions.add(revision)
+    position = 0
+    while position < len(value) or position == 0:
+        element = _ELEMENT.match(value, position)
+        if element is None:
+            raise BadRequest(
+                f'{header} must be * or a list of entity tags such as "42", not {show(value)}'
+            )
+        weak, opaque, comma = element.groups()
+        position = element.end()
+        if opaque is not None and not (weak and strong):
+            revision = revision_of(f'"{opaque}"')
+            if revision is not None:
+                revisions.add(revision)
+        if not comma:
+            break
     return frozenset(revisions)
 
 
@@ -50,8 +64,8 @@ def condition(environ: dict) -> Condition | None:
     if if_match is None and if_none_match is None:
         return None
     return Condition(
-        None if if_match is None else parse_tags(if_match, strong=True),
-        None if if_none_match is None else parse_tags(if_none_match, strong=False),
+        None if if_match is None else parse_tags(if_match, True, "If-Match"),
+        None if if_none_match is None else parse_tags(if_none_match, False, "If-None-Match"),
     )
 
 

@@ -57,11 +57,16 @@ def read_conditions(
     found = condition(request.environ)
     if found is None:
         return None
-    if not Condition(if_match=found.if_match).holds(revision):
-        raise PreconditionFailed("If-Match names another version of this key")
+    check_if_match(found, revision)
     if not Condition(if_none_match=found.if_none_match).holds(revision):
         return Response(304, headers=headers)
     return None
+
+
+def check_if_match(found: Condition | None, revision: int) -> None:
+    """Raise the 412 that If-Match earns for the version at revision, if it does."""
+    if found is not None and not Condition(if_match=found.if_match).holds(revision):
+        raise PreconditionFailed("If-Match names another version of this key")
 
 
 def positive_int(value: bytes, name: str, maximum: int) -> int:
@@ -101,9 +106,11 @@ class Resources:
         """
         key = self._key(request)
         query_params(request, ())
-        item, applied = self.watching.long_poll(
-            request, self.repository.get(key), lambda: self.repository.get(key)
-        )
+        current = self.repository.get(key)
+        if current is not None:
+            # If-Match comes first (RFC 9110 section 13.2.2): a 412 never waits.
+            check_if_match(condition(request.environ), current.revision)
+        item, applied = self.watching.long_poll(request, current, lambda: self.repository.get(key))
         if item is None:
             raise NotFound(f"no such key: {show(key)}", tuple(applied))
         headers = [("ETag", etag(item.revision)), ("Cache-Control", "no-cache"), *applied]
