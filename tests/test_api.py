@@ -353,6 +353,29 @@ def test_malformed_escape_in_raw_uri_is_400(client, raw):
     assert "malformed percent-escape" in response.text
 
 
+@pytest.mark.parametrize(
+    ("raw", "path", "query", "why"),
+    [
+        # What waitress's urlsplit leaves of each: the fragment and tabs dropped.
+        ("/kv/frag#ment", "/kv/frag", "", "raw '#'"),
+        ("/set?fr1=1#fr2=2", "/set", "fr1=1", "raw '#'"),
+        ("/kv/ta\tb", "/kv/tab", "", "byte 0x09"),
+        ("/set?t\te=1", "/set", "te=1", "byte 0x09"),
+        ("/set?a=1\x01", "/set", "a=1\x01", "byte 0x01"),
+        ("/set?a=1 2", "/set", "a=1 2", "byte 0x20"),
+        ("/set?a=\x7f", "/set", "a=\x7f", "byte 0x7f"),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_a_raw_fragment_space_or_control_byte_in_the_target_is_400(
+    client, method, raw, path, query, why
+):
+    environ = {"REQUEST_URI": raw, "PATH_INFO": path, "QUERY_STRING": query}
+    response = client.request(path, method=method, environ=environ, body=b"v", status=400)
+    assert why in response.text and response.text.count("\n") == 1
+    assert client.get("/kv/").text == ""  # nothing was stored
+
+
 def test_raw_uri_is_used_for_the_key(client):
     put(client, "a%2Bb", b"v")  # stored as "a+b"
     environ = {"REQUEST_URI": "/kv/a%2Bb?", "PATH_INFO": "/kv/a+b"}

@@ -68,6 +68,25 @@ def test_raw_requests_with_a_bad_host_are_400(server, request_bytes):
     assert curl(f"{server.url}/get?key=k")[0] == 404
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"/kv/frag#ment", b"/set?fr1=1#fr2=2", b"/kv/ta\tb", b"/set?t\te=1", b"/set?a=\x01"],
+)
+@pytest.mark.parametrize("method", [b"GET", b"PUT"])
+def test_a_raw_fragment_or_control_byte_in_the_target_is_400_and_stores_nothing(
+    server, method, target
+):
+    # waitress's urlsplit would drop the '#...' and the tab: the key 'frag',
+    # the pair fr2 lost, the key 'te'.
+    answer = raw(
+        server.port,
+        method + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
+        b"Connection: close\r\n\r\nv",
+    )
+    assert re.match(rb"HTTP/1\.1 400 ", answer), answer[:300]
+    assert curl(f"{server.url}/kv/")[2] == b""
+
+
 def test_token_from_the_environment_is_enforced(server_factory):
     server = server_factory(env={"KVAPP_AUTH_TOKEN": TOKEN})
     url = f"{server.url}/set?k=v"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kvapp.web.decoding import environ_bytes
@@ -10,6 +11,12 @@ from kvapp.web.responses import JSON, BadRequest, PayloadTooLarge, UnsupportedMe
 FORM = "application/x-www-form-urlencoded"
 # The charset parameter of a UTF-8 body, plain or quoted (RFC 9110 section 8.3.1).
 UTF8_CHARSETS = ("charset=utf-8", 'charset="utf-8"')
+# Bytes that no request-target holds raw (RFC 9112 section 3.2, RFC 3986
+# section 3.5): a fragment stays with the client, and spaces and control
+# characters are percent-encoded.  waitress's urlsplit drops them quietly
+# ('/kv/a#b' would be the key 'a', '/set?t<TAB>e=1' would store 'te'), so
+# the request would mean something other than what was sent.
+_NOT_IN_A_TARGET = re.compile(r"[\x00-\x20#\x7f]")
 
 
 class Request:
@@ -18,6 +25,15 @@ class Request:
     __slots__ = ("environ", "host", "method", "path", "query")
 
     def __init__(self, environ: dict[str, Any]) -> None:
+        raw = _NOT_IN_A_TARGET.search(environ.get("REQUEST_URI", ""))
+        if raw is not None:
+            found = raw.group()
+            raise BadRequest(
+                "the request target holds a raw '#': send it as %23 (a fragment is not sent)"
+                if found == "#"
+                else f"the request target holds a raw space or control character"
+                f" (byte 0x{ord(found):02x}); percent-encode it"
+            )
         self.environ = environ
         self.method: str = environ.get("REQUEST_METHOD", "GET")
         self.path: str = environ.get("PATH_INFO", "") or "/"
