@@ -6,10 +6,13 @@ import io
 import json
 from urllib.parse import quote
 
+import hypothesis.strategies as st
 import pytest
 import webtest
+from hypothesis import given
 
 from kvapp.store import open_store
+from kvapp.store.base import InvalidInput, check_content_type
 from kvapp.web.app import App
 
 JSON_ACCEPT = {"Accept": "application/json"}
@@ -421,7 +424,11 @@ def test_value_over_max_value_bytes_is_413_before_reading(make_settings):
     "content_type",
     ["text", "text/", "/plain", "te xt/plain", "a/b\x7f", "a/" + "b" * 300]
     # WSGI gives header bytes as latin-1: NEL and NBSP are not the spaces OWS allows.
-    + ["a/b\x85;x", "a/b\xa0;x", "a/b\x1c;x", "a/b\x0b;x"],
+    + ["a/b\x85;x", "a/b\xa0;x", "a/b\x1c;x", "a/b\x0b;x"]
+    # Not one media type: a list (a browser takes the last: text/html), a
+    # parameter without a value, a value with a space, an open quote.
+    + ["text/plain; a=b, text/html", "text/plain, text/html", "a/b; x", "a/b; x=", "a/b; x=y z"]
+    + ['a/b; x="open', "a/b; =y"],
 )
 def test_bad_content_type_is_400(client, content_type):
     client.request(
@@ -430,9 +437,43 @@ def test_bad_content_type_is_400(client, content_type):
     client.get("/kv/k", status=404)
 
 
-def test_content_type_parameters_are_kept(client):
-    put(client, "k", b"{}", content_type="application/json; charset=utf-8")
-    assert client.get("/kv/k").headers["Content-Type"] == "application/json; charset=utf-8"
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-8",
+        'multipart/mixed; boundary="a b;c,d"',  # a quoted-string may hold ; and ,
+        'a/b;x="q\\"y";c=d',
+        "text/plain;",  # an empty parameter (RFC 9110 section 5.6.6)
+    ],
+)
+def test_content_type_parameters_are_kept(client, content_type):
+    put(client, "k", b"{}", content_type=content_type)
+    assert client.get("/kv/k").headers["Content-Type"] == content_type
+
+
+def top_level_commas(text: str) -> int:
+    """Count the commas outside quoted strings: a Content-Type list's separators."""
+    commas, quoted, escaped = 0, False, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            commas += 1
+    return commas
+
+
+@given(st.text(alphabet=st.sampled_from('ab/;=", \t\\x'), max_size=30))
+def test_a_stored_content_type_is_one_media_type(content_type):
+    try:
+        check_content_type(content_type)
+    except InvalidInput:
+        return
+    assert top_level_commas(content_type) == 0
+    assert content_type.split(";")[0].count("/") == 1
 
 
 # -- one keyspace with /set and /get ---------------------------------------------

@@ -391,6 +391,11 @@ BAD = [
     ({"then": [{"put": "k", "value_base64": 0}]}, "then[0].value_base64", "must be a string"),
     ({"then": [{**OK_PUT, "content_type": "text"}]}, "then[0].content_type", "media type"),
     ({"then": [{**OK_PUT, "content_type": ""}]}, "then[0].content_type", "media type"),
+    (
+        {"then": [{**OK_PUT, "content_type": "a/b; c=d, text/html"}]},
+        "then[0].content_type",
+        "media",
+    ),
     ({"then": [{**OK_PUT, "content_type": "a/b\r\nX: y"}]}, "then[0].content_type", "media"),
     ({"then": [{**OK_PUT, "content_type": "a/b\n;x"}]}, "then[0].content_type", "media"),
     ({"then": [{**OK_PUT, "content_type": "a/b\u3000;x"}]}, "then[0].content_type", "media"),

@@ -294,11 +294,17 @@ OCTET_STREAM = "application/octet-stream"
 # The longest TTL in seconds: 68 years, and a signed 32-bit count as Redis's EXPIRE takes.
 MAX_TTL_SECONDS = 2**31 - 1
 
-# type "/" subtype *( OWS ";" OWS parameter ), printable ASCII (RFC 9110 section 8.3.1)
+# media-type = type "/" subtype *( OWS ";" OWS [ name "=" ( token / quoted-string ) ] ),
+# in printable ASCII (RFC 9110 sections 8.3.1, 5.6.4 and 5.6.6), and nothing
+# else: "text/plain; a=b, text/html" is a list that a browser reads as
+# text/html (the Fetch standard's MIME type extraction takes the last).
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t\x20-\x7e])*"'
 # OWS is spaces and tabs only: Python's \s would also let CR, LF, NEL and
 # U+3000 into a Content-Type header that every later read sends.
-_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[\x20-\x7e]*)?")
+_MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*"
+)
 
 
 def show(text: str, limit: int = 40) -> str:
