@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import hypothesis.strategies as st
 import pytest
 import webtest
-from hypothesis import given
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 
 from kvapp.store import open_store
 from kvapp.store.base import InvalidInput, check_content_type
@@ -46,6 +47,24 @@ def test_put_new_key_is_201_with_etag_and_location(client):
     assert response.headers["ETag"].startswith('"')
     assert response.headers["Location"] == "/kv/greeting"
     assert response.body == b""
+
+
+SEGMENTS = st.lists(st.sampled_from([".", "..", "a", "é", "%", " ", "...", ""]), min_size=1)
+
+
+# The client fixture's store lives across examples: each example deletes its key.
+@hypothesis_settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segments=SEGMENTS)
+def test_a_location_names_the_key_it_stored_after_a_client_resolves_it(client, segments):
+    key = "/".join(segments)
+    if not key:
+        return
+    response = put(client, quote(key, safe=""), key.encode(), status=201)
+    # What a client does with it: resolve it against the request's URL
+    # (RFC 3986 section 5.2), which removes literal "." and ".." segments.
+    resolved = urljoin("http://localhost/kv/some/thing", response.headers["Location"])
+    assert client.get(resolved[len("http://localhost") :]).body == key.encode()
+    client.delete(f"/kv/{quote(key, safe='')}")
 
 
 def test_put_replacing_is_204_with_a_new_etag(client):

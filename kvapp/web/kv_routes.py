@@ -95,7 +95,16 @@ class Resources:
         return check_key(utf8(path[len(prefix) :], "the key"), self.max_key_bytes)
 
     def _location(self, request: Request, key: str) -> str:
-        return f"{request.header('SCRIPT_NAME')}/kv/{quote(key, safe='/')}"
+        """Return the key's URL path: a "." or ".." segment with its dots escaped.
+
+        A client resolving a literal /kv/n/../b would remove the dot segments
+        (RFC 3986 section 5.2.4) and ask for the key b; %2E is not a dot segment.
+        """
+        segments = (
+            segment.replace(".", "%2E") if segment in (".", "..") else segment
+            for segment in quote(key, safe="/").split("/")
+        )
+        return f"{request.header('SCRIPT_NAME')}/kv/{'/'.join(segments)}"
 
     def get(self, request: Request) -> Response:
         """GET or HEAD /kv/{key}: the value with its Content-Type and ETag; 304; 404.
