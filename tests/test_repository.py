@@ -213,6 +213,39 @@ def test_lock_held_elsewhere_raises_storage_busy_and_reads_work(repo: SQLiteStor
     assert value_of(repo, "b") == b"2"
 
 
+@pytest.mark.parametrize("how", ["renamed", "deleted"])
+def test_a_read_after_the_file_moved_says_so_and_not_that_nothing_was_stored(
+    repo: SQLiteStore, db_path: Path, how: str
+):
+    repo.set_many([("a", b"1", TEXT)])
+    kept = db_path.with_name("kept.sqlite3")
+    os.link(db_path, kept)
+    db_path.unlink()
+    if how == "renamed":
+        os.link(kept, db_path.with_name("renamed.sqlite3"))
+    caught: list[BaseException] = []
+
+    def read_on_a_new_thread() -> None:  # a new thread opens its own connection
+        try:
+            repo.get("never-read")
+        except StorageError as exc:
+            caught.append(exc)
+
+    try:
+        reader = threading.Thread(target=read_on_a_new_thread)
+        reader.start()
+        reader.join(30)
+        assert [str(exc) for exc in caught] == [
+            "the database file was moved or deleted; put it back"
+        ]
+        with pytest.raises(StorageError, match="moved or deleted: nothing was stored; put it back"):
+            repo.set_many([("b", b"2", TEXT)])
+    finally:
+        os.link(kept, db_path)
+    repo.set_many([("b", b"2", TEXT)])
+    assert value_of(repo, "b") == b"2"
+
+
 def test_a_busy_write_stores_nothing_of_its_pairs(repo: SQLiteStore, db_path: Path):
     other = sqlite3.connect(db_path, isolation_level=None)
     try:

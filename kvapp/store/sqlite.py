@@ -129,6 +129,8 @@ HEALTH_MIN_FREE_BYTES = 1024 * 1024
 # fail at once (kvapp.store.groupcommit) instead of holding every thread.
 STALLED_BEYOND_BUSY = 1.0
 STALLED_FOR = "the last commit has waited {:.0f} s for the disk"
+# The file at the database's path is not the one opened (renamed or deleted).
+MOVED = "the database file was moved or deleted{stored}; put it back"
 
 
 # Bytes of memory each process's read cache may hold (kvapp.store.readcache); 0: no cache.
@@ -157,33 +159,37 @@ _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL = 10, 11, 13
 _SQLITE_CANTOPEN, _SQLITE_NOTADB = 14, 26
 
 
-def storage_error(exc: sqlite3.Error) -> StorageError:
-    """Return the StorageError that stands for an sqlite3 exception."""
+def storage_error(exc: sqlite3.Error, writing: bool = True) -> StorageError:
+    """Return the StorageError that stands for an sqlite3 exception.
+
+    Only a write's message says that nothing of it was stored.
+    """
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    stored = ": nothing was stored" if writing else ""
     if code == _SQLITE_FULL:
-        return StorageFull("the disk is full: nothing was stored; free space and retry")
+        return StorageFull(f"the disk is full{stored}; free space and retry")
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        return StorageBusy("the database is locked by another process: nothing was stored; retry")
+        return StorageBusy(f"the database is locked by another process{stored}; retry")
     if code == _SQLITE_READONLY:
-        return StorageUnavailable("the database is read-only: nothing was stored")
+        return StorageUnavailable(f"the database is read-only{stored}")
     if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return StorageUnavailable("the database file is damaged: restore it from a backup")
     if code in (_SQLITE_IOERR, _SQLITE_CANTOPEN):
-        return StorageUnavailable("the database had an I/O error: nothing was stored; retry")
+        return StorageUnavailable(f"the database had an I/O error{stored}; retry")
     return StorageUnavailable(
         f"the database failed: {str(exc).splitlines()[0] if str(exc) else code}"
     )
 
 
 @contextmanager
-def translated() -> Iterator[None]:
+def translated(writing: bool = True) -> Iterator[None]:
     """Turn sqlite3 errors raised inside the block into StorageError."""
     try:
         yield
     except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
         if isinstance(exc, sqlite3.ProgrammingError):
             raise
-        raise storage_error(exc) from exc
+        raise storage_error(exc, writing) from exc
 
 
 class SQLiteStore:
@@ -247,10 +253,26 @@ class SQLiteStore:
             self._connections.append(conn)
         return conn
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Translate a read's sqlite3 errors; name a moved or deleted file as the cause.
+
+        A thread that opens the file after it was renamed or deleted gets
+        SQLITE_CANTOPEN (mode=rw), and in WAL mode a reader can get an I/O
+        error: "retry" would not help, putting the file back does.
+        """
+        try:
+            with translated(writing=False):
+                yield
+        except StorageUnavailable:
+            if _identity(self.path) != self._identity:
+                raise StorageUnavailable(MOVED.format(stored="")) from None
+            raise
+
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            with translated():
+            with self._reading():
                 conn = self._local.conn = self._connect()
                 conn.execute(f"PRAGMA cache_size = -{READER_PAGE_CACHE_KIB}")
         return conn
@@ -442,7 +464,7 @@ class SQLiteStore:
         if cached is not MISS:
             return cast(Item | None, cached)
         slot, generation = self._cache.before_query(key)
-        with translated():
+        with self._reading():
             row = (
                 self._reader()
                 .execute(
@@ -477,7 +499,7 @@ class SQLiteStore:
             f"SELECT key FROM kv WHERE {where} AND (expires_at IS NULL OR expires_at > ?)"
             " ORDER BY key LIMIT ?"
         )
-        with translated():
+        with self._reading():
             conn = self._reader()
             conn.execute("BEGIN")
             try:
@@ -491,7 +513,7 @@ class SQLiteStore:
 
     def stats(self) -> tuple[int, int]:
         """Return (number of live keys, bytes of the database file plus its WAL)."""
-        with translated():
+        with self._reading():
             keys = (
                 self._reader()
                 .execute(
@@ -520,7 +542,7 @@ class SQLiteStore:
         """
         if self._group_commit.stalled_now():
             raise StorageUnavailable(STALLED_FOR.format(self._group_commit.stalled_for()))
-        with translated():
+        with self._reading():
             self._reader().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
         with self._transaction(commit=False) as conn:
             conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
@@ -552,10 +574,7 @@ class SQLiteStore:
                     # renamed or deleted, into a WAL that a restart would not
                     # match with the file: refuse instead of acknowledging.
                     if _identity(self.path) != self._identity:
-                        raise StorageUnavailable(
-                            "the database file was moved or deleted:"
-                            " nothing was stored; put it back"
-                        )
+                        raise StorageUnavailable(MOVED.format(stored=": nothing was stored"))
                     yield conn
                     if commit:
                         conn.execute("COMMIT")
@@ -675,7 +694,7 @@ class SQLiteStore:
             f" WHERE revision >= ? AND (revision > ? OR n > ?) AND revision <= ?{where}"
             " ORDER BY revision, n LIMIT ?"
         )
-        with translated():
+        with self._reading():
             conn = self._reader()
             conn.execute("BEGIN")
             try:
@@ -714,7 +733,7 @@ class SQLiteStore:
 
     def _revision(self) -> int:
         """Return the store's revision, read now."""
-        with translated():
+        with self._reading():
             row = self._reader().execute("SELECT value FROM meta WHERE name = 'revision'")
             return int(row.fetchone()[0])
 
@@ -743,7 +762,7 @@ class SQLiteStore:
             "SELECT key, value, content_type, revision, expires_at FROM kv"
             f" WHERE {where}(expires_at IS NULL OR expires_at > ?) ORDER BY key LIMIT ?"
         )
-        with translated():
+        with self._reading():
             rows = self._reader().execute(sql, (*params, self._now_ms(), limit)).fetchall()
         return [Record(*row) for row in rows]
 
