@@ -542,6 +542,14 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"bad value for {name} ({origin[name]}): {exc}") from None
 
+    # Streams and long-polls each hold a thread: with as many as threads,
+    # watchers could take every thread, /healthz included.
+    if values["max_watchers"] is not None and values["max_watchers"] >= values["threads"]:
+        raise ConfigError(
+            f"bad value for max_watchers ({origin['max_watchers']}): {values['max_watchers']}"
+            f" is not below threads ({values['threads']}): watchers would hold every thread;"
+            " raise threads or lower max_watchers"
+        )
     database = values["database"]
     try:
         check_location(database)

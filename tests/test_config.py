@@ -222,6 +222,24 @@ def test_bad_value_in_environment_is_refused(tmp_path: Path, section: str, name:
         assert f"KVAPP_{name.upper()}" in message
 
 
+@pytest.mark.parametrize(
+    ("threads", "max_watchers", "refused"), [(16, 16, True), (8, 20, True), (16, 15, False)]
+)
+def test_max_watchers_must_stay_below_threads(tmp_path: Path, threads, max_watchers, refused):
+    config = write_config(tmp_path / "kv.ini", f"[server]\nthreads = {threads}\n")
+    environ = {"KVAPP_MAX_WATCHERS": str(max_watchers)}
+    if not refused:
+        assert load_config(config, environ=environ).watcher_limit == max_watchers
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ=environ)
+    assert one_line(str(caught.value)) == (
+        f"bad value for max_watchers (environment variable KVAPP_MAX_WATCHERS): {max_watchers}"
+        f" is not below threads ({threads}): watchers would hold every thread;"
+        " raise threads or lower max_watchers"
+    )
+
+
 # Every setting whose converter is asint(...): a count, a size or a port.
 WHOLE_NUMBERS = [
     (section, name)
