@@ -672,6 +672,20 @@ def test_list_bad_query_is_400(client, query):
     client.get(f"/kv/?{query}", status=400)
 
 
+@BEFORE_STORAGE
+@pytest.mark.parametrize(
+    ("query", "start"),
+    [
+        ("prefix=a%00", "prefix: "),
+        ("prefix=" + "p" * 1025, "prefix: "),
+        ("after=%0A", "after: "),
+        ("watch&prefix=a%01", "prefix: "),
+    ],
+)
+def test_a_bad_prefix_or_after_is_named_in_its_400(client, query, start):
+    assert client.get(f"/kv/?{query}", status=400).text.startswith(start)
+
+
 # -- 405 with Allow on every new route -----------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from string import hexdigits
 
-from kvapp.store.base import show
+from kvapp.store.base import InvalidInput, check_key, show
 from kvapp.web.responses import BadRequest
 
 _HEX_PAIRS = {
@@ -43,6 +43,14 @@ def utf8(data: bytes, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest(f"{what} is not valid UTF-8 after percent-decoding") from None
+
+
+def key_param(value: str, name: str, max_key_bytes: int) -> str:
+    """Return a parameter that names a key or a key's start (prefix, after); 400 naming it."""
+    try:
+        return check_key(value, max_key_bytes)
+    except InvalidInput as exc:
+        raise BadRequest(f"{name}: {exc}") from None
 
 
 def environ_bytes(text: str, what: str) -> bytes:

@@ -24,7 +24,7 @@ from kvapp.store.base import (
     check_key,
     show,
 )
-from kvapp.web.decoding import environ_bytes, named_params, request_path, utf8
+from kvapp.web.decoding import environ_bytes, key_param, named_params, request_path, utf8
 from kvapp.web.etags import condition, etag
 from kvapp.web.request import Request
 from kvapp.web.responses import (
@@ -171,11 +171,11 @@ class Resources:
         params = query_params(request, ("prefix", "limit", "after"))
         prefix = utf8(params.get("prefix", b""), "prefix")
         if prefix:
-            check_key(prefix, self.max_key_bytes)
+            key_param(prefix, "prefix", self.max_key_bytes)
         limit = positive_int(params["limit"], "limit", MAX_LIMIT) if "limit" in params else None
         after = utf8(params["after"], "after") if params.get("after") else None
         if after is not None:
-            check_key(after, self.max_key_bytes)
+            key_param(after, "after", self.max_key_bytes)
         page = limit or DEFAULT_LIMIT
         revision, keys = self.repository.list_keys(prefix, after, page + 1)
         cursor = keys[page - 1] if len(keys) > page else None

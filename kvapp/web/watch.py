@@ -39,10 +39,9 @@ from kvapp.store.base import (
     Item,
     StorageError,
     Store,
-    check_key,
     show,
 )
-from kvapp.web.decoding import named_params, utf8
+from kvapp.web.decoding import key_param, named_params, utf8
 from kvapp.web.etags import condition
 from kvapp.web.request import Request
 from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
@@ -224,7 +223,7 @@ class Watching:
         since = params.get("since")
         key_prefix = utf8(params.get("prefix", b""), "prefix")
         if key_prefix:
-            check_key(key_prefix, self.max_key_bytes)
+            key_param(key_prefix, "prefix", self.max_key_bytes)
         # EventSource sends Last-Event-ID when it reconnects to the same URL,
         # since= included: Last-Event-ID is where the client got to, so it wins.
         last_id = request.header("HTTP_LAST_EVENT_ID").strip(" \t")
