@@ -815,6 +815,9 @@ def test_server_killed_gives_503_then_kvapp_recovers_without_a_restart(own_clust
         assert status == 503, (method, target, status, answer)
         assert int(headers["retry-after"]) >= 1
         assert answer.count(b"\n") == 1 and b"database server cannot be reached" in answer
+        # Only a write's answer says that nothing of it was stored.
+        writes = method == "PUT" or target.startswith("/set")
+        assert (b"nothing was stored" in answer) == writes, (method, target, answer)
     assert server.proc.poll() is None
 
     own_cluster.start()  # recovery replays the WAL

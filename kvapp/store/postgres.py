@@ -203,9 +203,12 @@ _GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_co
 # Mistakes in kvapp's own SQL: let them reach the catch-all (500, traceback logged).
 _BUGS = {"42601", "42804", "42883", "42P18"}
 
-UNREACHABLE = "the database server cannot be reached: nothing was stored; retry"
+# {stored}: ": nothing was stored" in a write's message; a read's says nothing of storing.
+NOTHING_STORED = ": nothing was stored"
+_UNREACHABLE = "the database server cannot be reached{stored}; retry"
+UNREACHABLE = _UNREACHABLE.format(stored=NOTHING_STORED)
 COMMIT_UNKNOWN = f"the connection to the database server was lost while committing: {MAY_BE_STORED}"
-TIMED_OUT = "the database server did not answer within {:g} s: nothing was stored; retry"
+TIMED_OUT = "the database server did not answer within {seconds:g} s{stored}; retry"
 COMMIT_UNANSWERED = "the database server did not answer the commit within {:g} s: " + MAY_BE_STORED
 # PostgreSQL keeps a commit whose wait for its synchronous standbys is
 # cancelled, and says so with a WARNING: the standby may lack it, and a
@@ -217,33 +220,36 @@ NOT_REPLICATED = (
 STALLED_FOR = "the database server has not answered a commit for {:.0f} s"
 
 
-def storage_error(exc: psycopg.Error) -> StorageError:
-    """Return the StorageError that stands for an error the server or libpq reported."""
+def storage_error(exc: psycopg.Error, writing: bool = True) -> StorageError:
+    """Return the StorageError that stands for an error the server or libpq reported.
+
+    Only a write's message says that nothing of it was stored.
+    """
     state = exc.sqlstate or ""
+    stored = NOTHING_STORED if writing else ""
     if state == _DISK_FULL:
-        return StorageFull("the disk is full: nothing was stored; free space and retry")
+        return StorageFull(f"the disk is full{stored}; free space and retry")
     if state == _BUSY:
-        return StorageBusy("the database is locked by another process: nothing was stored; retry")
+        return StorageBusy(f"the database is locked by another process{stored}; retry")
     if state == _CANCELED:
         return StorageUnavailable(
-            "the database server canceled the statement (statement_timeout, or an operator):"
-            " nothing was stored; retry"
+            "the database server canceled the statement (statement_timeout, or an operator)"
+            f"{stored}; retry"
         )
     if state in _CONFLICT:
-        return StorageBusy("the database is busy with conflicting writes: nothing stored; retry")
+        return StorageBusy(f"the database is busy with conflicting writes{stored}; retry")
     if state == _READ_ONLY:
-        return StorageUnavailable("the database is read-only: nothing was stored")
+        return StorageUnavailable(f"the database is read-only{stored}")
     if state.startswith("53"):
         return StorageUnavailable(
-            "the database server is out of resources (connections or memory):"
-            " nothing was stored; retry"
+            f"the database server is out of resources (connections or memory){stored}; retry"
         )
     if (
         state.startswith("08")
         or state in _GONE
         or (not state and isinstance(exc, psycopg.OperationalError))
     ):
-        return StorageUnavailable(UNREACHABLE)
+        return StorageUnavailable(_UNREACHABLE.format(stored=stored))
     first = str(exc).splitlines()[0] if str(exc) else state
     return StorageUnavailable(f"the database failed: {first}")
 
@@ -434,7 +440,12 @@ class PostgresStore:
                 self._pools.pop().close()
             self._pool_pid = 0
 
-    def _run(self, body: Callable[[psycopg.Connection], T], seconds: float | None = None) -> T:
+    def _run(
+        self,
+        body: Callable[[psycopg.Connection], T],
+        seconds: float | None = None,
+        writing: bool = True,
+    ) -> T:
         """Return body(conn) run on a pooled connection; raise StorageError for any failure.
 
         body gets seconds (default timeout_seconds) to end (kvapp.store.watchdog);
@@ -446,6 +457,7 @@ class PostgresStore:
         SERIALIZABLE (40001), body runs again, up to SERIALIZATION_RETRIES times.
         """
         bound = self.timeout_seconds if seconds is None else seconds
+        stored = NOTHING_STORED if writing else ""
         reconnected = False
         conflicts = 0
         while True:
@@ -453,7 +465,7 @@ class PostgresStore:
             try:
                 conn = pool.getconn()
             except PoolTimeout:
-                raise StorageUnavailable(UNREACHABLE) from None
+                raise StorageUnavailable(_UNREACHABLE.format(stored=stored)) from None
             guard = self._watchdog.guard(conn, bound, STALLED_AFTER)
             try:
                 with guard:
@@ -465,7 +477,9 @@ class PostgresStore:
                         raise
                     except psycopg.Error as exc:
                         if guard.timed_out:
-                            raise StorageUnavailable(TIMED_OUT.format(guard.seconds)) from exc
+                            raise StorageUnavailable(
+                                TIMED_OUT.format(seconds=guard.seconds, stored=stored)
+                            ) from exc
                         if conn.broken and not reconnected:
                             # _transaction turned a break during COMMIT into a
                             # StorageError, so nothing of this one was committed.
@@ -480,7 +494,7 @@ class PostgresStore:
                         ):
                             raise
                         else:
-                            raise storage_error(exc) from exc
+                            raise storage_error(exc, writing) from exc
             finally:
                 # Read once the guard has ended: the watchdog cannot act on it after that.
                 if guard.timed_out:
@@ -496,7 +510,9 @@ class PostgresStore:
     def _read(self, sql: str, params: Sequence[Any], binary: bool = False) -> list[tuple[Any, ...]]:
         """Return the rows of one query run outside any transaction."""
 
-        return self._run(lambda conn: conn.execute(sql, params, binary=binary).fetchall())
+        return self._run(
+            lambda conn: conn.execute(sql, params, binary=binary).fetchall(), writing=False
+        )
 
     @contextmanager
     def _transaction(
@@ -714,7 +730,7 @@ class PostgresStore:
                 commit()
 
         try:
-            self._run(probe, HEALTH_TIMEOUT)
+            self._run(probe, HEALTH_TIMEOUT, writing=False)  # stores nothing, by design
         except OutcomeUnknown:
             raise StorageUnavailable(HEALTH_UNCONFIRMED.format(HEALTH_TIMEOUT)) from None
 
@@ -901,7 +917,7 @@ class PostgresStore:
             ]
             return History(meta["revision"], meta["history_floor"], events)
 
-        return self._run(read)
+        return self._run(read, writing=False)
 
     def trim_history(self, max_age_seconds: int, keep: int, limit: int = 500) -> int:
         """Remove the oldest revisions' events: past max_age_seconds, or past the newest keep."""
@@ -952,7 +968,7 @@ class PostgresStore:
                 raise
             if guard.timed_out:
                 conn.close()
-                raise StorageUnavailable(TIMED_OUT.format(guard.seconds))
+                raise StorageUnavailable(TIMED_OUT.format(seconds=guard.seconds, stored=""))
             self._listener, self._listener_pid = conn, os.getpid()
         try:
             for _ in conn.notifies(timeout=timeout, stop_after=1):
