@@ -37,6 +37,7 @@ from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
 
 from kvapp.mainloop import MainLoop
+from kvapp.refusals import ErrorTask
 
 # While a task runs, its own thread sends what it writes; the main loop
 # helps only once this much is waiting (a client that reads slowly, a large
@@ -87,6 +88,7 @@ class Channel(HTTPChannel):
     """
 
     task_class = Task
+    error_task_class = ErrorTask
     outbufs: list[OverflowableBuffer]  # waitress sets it in __init__, unannotated
     _watching = False
     _closed_hook: Callable[[], None] | None = None
