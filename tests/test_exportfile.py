@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvapp.store.base import Record
+from kvapp.store.base import MEDIA_TYPE, Record
 from kvapp.tools import exportformat as exportfile
 
 # Keys as kvapp accepts them: no C0/C1 controls or DEL, no surrogates (not UTF-8).
@@ -23,15 +23,14 @@ values = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=100).map(lambda text: text.encode("utf-8", "surrogatepass")),
 )
-content_types = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30
-)
+# Any content type the server stores (kvapp.store.base's media-type grammar).
+content_types = st.from_regex(MEDIA_TYPE, fullmatch=True).filter(lambda text: len(text) <= 255)
 records = st.builds(
     Record,
     key=keys,
     value=values,
     content_type=content_types,
-    revision=st.integers(1, exportfile.MAX_INTEGER),
+    revision=st.integers(1, exportfile.MAX_REVISION),
     expires_at=st.none() | st.integers(0, exportfile.MAX_INTEGER),
 )
 

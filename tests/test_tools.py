@@ -117,6 +117,10 @@ def test_failures_exit_1_with_one_line(tmp_path, source_db):
         ("import", "--database", str(tmp_path / "n.sqlite3"), str(not_db)): "line 1: not a kvapp",
         ("backup", "--database", str(missing), str(tmp_path / "b.sqlite3")): "no database file",
         ("backup", "--database", str(source_db), str(source_db)): "is the database itself",
+        # --force would otherwise replace the database with its own export.
+        ("export", "--force", "--database", str(source_db), str(source_db)): "database itself",
+        ("export", "--force", "--database", str(source_db), f"{source_db}-gen"): "database itself",
+        ("backup", "--force", "--database", str(source_db), f"{source_db}-gen"): "database itself",
         ("backup", "--database", str(not_db), str(tmp_path / "b.sqlite3")): "not an SQLite",
         ("backup", "--database", "postgresql://u@h/db", "b"): "works on SQLite files",
         ("check", "--database", str(missing)): "no database file",
@@ -440,6 +444,18 @@ MALFORMED = {
         ),
         3,
         "lone surrogate",
+    ),
+    # The server's rules: one media type (a browser reads this list as text/html),
+    # and a revision that leaves room for the writes after it.
+    "content type list": (
+        with_line(3, GOOD[2].replace(b'"text/plain"', b'"text/plain; a=b, text/html"')),
+        3,
+        "content_type: the content type must be a media type",
+    ),
+    "last revision": (
+        with_line(3, GOOD[2].replace(b'"revision":2', b'"revision":9223372036854775807')),
+        3,
+        "revision must be a whole number from 1 to 4611686018427387904",
     ),
     "out of order": (with_line(4, GOOD[1].replace(b'"a"', b'"aa"')), 4, "increasing"),
     "repeated": (with_line(4, GOOD[2]), 4, "increasing"),

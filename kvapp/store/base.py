@@ -302,9 +302,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t\x20-\x7e])*"'
 # OWS is spaces and tabs only: Python's \s would also let CR, LF, NEL and
 # U+3000 into a Content-Type header that every later read sends.
-_MEDIA_TYPE = re.compile(
-    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*"
-)
+MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*")
 
 
 def show(text: str, limit: int = 40) -> str:
@@ -336,7 +334,7 @@ def check_key(key: str, max_key_bytes: int) -> str:
 
 def check_content_type(content_type: str) -> str:
     """Return content_type if it may be stored with a value; raise InvalidInput saying why not."""
-    if len(content_type) > MAX_CONTENT_TYPE or not _MEDIA_TYPE.fullmatch(content_type):
+    if len(content_type) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(content_type):
         raise InvalidInput(
             f"the content type must be a media type such as text/plain, at most"
             f" {MAX_CONTENT_TYPE} printable ASCII characters"
