@@ -62,8 +62,7 @@ def _database(args: argparse.Namespace, settings: Settings) -> str:
 def backup(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
     source = targets.sqlite_path(_database(args, settings), "backup")
     target = Path(args.file).resolve()
-    if target in {source, Path(f"{source}-wal"), Path(f"{source}-shm")}:
-        raise targets.StoreError(f"{target} is the database itself; name a new file")
+    targets.refuse_own_files(target, str(source))
     started = time.monotonic()
     with bar(None, "page", "backup") as progress, atomicfile.aside(target, args.force) as temp:
 
@@ -83,6 +82,7 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
     url = _database(args, settings)
     started = time.monotonic()
     if args.file != "-":
+        targets.refuse_own_files(Path(args.file), url)
         atomicfile.check_destination(Path(args.file), args.force)
     store = targets.open_existing(url, settings)
     try:

@@ -44,6 +44,19 @@ def sqlite_path(url: str, command: str) -> Path:
     return Path(url).resolve()
 
 
+def refuse_own_files(target: Path, url: str) -> None:
+    """Raise StoreError if target is the SQLite database url names, or a file of it.
+
+    Writing a backup or an export there would destroy what it copies.
+    """
+    if is_postgres_url(location(url)):
+        return
+    database = Path(url).resolve()
+    own = {database, *(Path(f"{database}{suffix}") for suffix in ("-wal", "-shm", "-gen"))}
+    if target.resolve() in own:
+        raise StoreError(f"{target.resolve()} is the database itself; name a new file")
+
+
 def same_store(a: str, b: str) -> bool:
     if is_postgres_url(location(a)) or is_postgres_url(location(b)):
         return a == b
