@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from bulk import TEXT, fill, sample
-from faultkit import overwrite, pages_of
+from faultkit import needs_root, overwrite, pages_of
 from helpers import ROOT, VERSION_1, curl, server_environ
 from tools import (
     Writers,
@@ -588,6 +588,28 @@ def test_check_passes_a_sound_database(source_db):
     assert result.stdout.decode() == (
         f"ok: {source_db} passed PRAGMA integrity_check and kvapp's schema checks\n"
     )
+
+
+@needs_root
+def test_check_and_stats_read_a_backup_on_a_read_only_mount(tmp_path, source_db):
+    # A backup is a WAL database (header bytes 18-19); read-only, SQLite
+    # needs a -shm file that a read-only filesystem cannot hold.
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    backup = shelf / "b.sqlite3"
+    assert kvapp("backup", "--database", str(source_db), str(backup)).returncode == 0
+    assert backup.read_bytes()[18:20] == b"\x02\x02"
+    subprocess.run(["mount", "--bind", str(shelf), str(shelf)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(shelf)], check=True)
+        result = kvapp("check", "--database", str(backup))
+        assert (result.returncode, result.stderr) == (0, b""), result.stderr
+        stats = kvapp("stats", "--json", "--database", str(backup))
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["keys"] == len(rows(source_db))
+    finally:
+        subprocess.run(["umount", "--lazy", str(shelf)], check=True)
+    assert sorted(path.name for path in shelf.iterdir()) == ["b.sqlite3"]
 
 
 def break_index(path: Path) -> None:

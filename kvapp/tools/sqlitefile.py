@@ -53,11 +53,17 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
     # to close then removes the -wal and -shm files that opening a WAL
     # database creates; a read-only one would leave them behind.
     writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    mode = "rw" if writable else "ro"
+    if os.statvfs(path).f_flag & os.ST_RDONLY and not Path(f"{path}-wal").exists():
+        # A WAL database opened read-only needs a -shm file, and on a
+        # read-only filesystem (a backup on a read-only mount) none can be
+        # made: SQLITE_CANTOPEN.  Nothing can change the file there, and with
+        # no -wal beside it the file is the whole database: immutable=1 reads
+        # it without locks or -shm (https://sqlite.org/uri.html#uriimmutable).
+        mode = "ro&immutable=1"
     try:
         conn = sqlite3.connect(
-            f"file:{urllib.parse.quote(str(path))}?mode={'rw' if writable else 'ro'}",
-            uri=True,
-            isolation_level=None,
+            f"file:{urllib.parse.quote(str(path))}?mode={mode}", uri=True, isolation_level=None
         )
     except sqlite3.Error as exc:
         raise NotUsable(f"cannot open {path}: {_first_line(exc)}") from None
