@@ -457,6 +457,14 @@ MALFORMED = {
         3,
         "revision must be a whole number from 1 to 4611686018427387904",
     ),
+    "version true": (with_line(1, b'{"format":"kvapp-export","version":true}'), 1, "version"),
+    "version 1.0": (with_line(1, b'{"format":"kvapp-export","version":1.0}'), 1, "version"),
+    "base64 not canonical": (
+        with_line(3, GOOD[2].replace(b'"value":"2"', b'"value_b64":"QR=="')),
+        3,
+        "not canonical base64",
+    ),
+    "nested too deeply": (with_line(3, b"[" * 200_000), 3, "nested too deeply"),
     "out of order": (with_line(4, GOOD[1].replace(b'"a"', b'"aa"')), 4, "increasing"),
     "repeated": (with_line(4, GOOD[2]), 4, "increasing"),
     "cut short": (with_line(5, None), 5, "cut short"),
@@ -580,6 +588,27 @@ def test_copy_sqlite_to_sqlite_keeps_every_record(tmp_path, source_db):
 
 
 # -- check and stats ----------------------------------------------------------
+
+
+def test_an_empty_file_is_no_source_and_a_destination_made_whole(tmp_path, source_db):
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    for args in (
+        ("export", "--database", str(empty), str(tmp_path / "e.jsonl")),
+        ("copy", "--from", str(empty), "--to", str(tmp_path / "c.sqlite3")),
+    ):
+        result = kvapp(*args)
+        assert one_line_error(result).endswith(f"{empty} is empty, not a kvapp database\n"), args
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.sqlite3", "source"]
+    assert empty.stat().st_size == 0
+    # As a destination it is no database yet: an import makes it whole, or leaves it empty.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(MALFORMED["wrong count"][0])
+    assert kvapp("import", "--database", str(empty), str(bad)).returncode == 1
+    assert empty.stat().st_size == 0
+    exported = kvapp("export", "--database", str(source_db), "-").stdout
+    assert kvapp("import", "--database", str(empty), "-", input=exported).returncode == 0
+    assert rows(empty) == rows(source_db)
 
 
 def test_check_passes_a_sound_database(source_db):

@@ -11,7 +11,7 @@ Format version 1, one JSON object per line, UTF-8, each line ending in \\n:
 - Each record line has exactly the fields key, content_type, revision (the
   key's ETag), expires_at (unix milliseconds, or null for no expiry), and one
   of value (the value's bytes when they are valid UTF-8, as a JSON string) or
-  value_b64 (any other bytes, in standard base64 with padding, RFC 4648
+  value_b64 (any other bytes, in canonical standard base64 with padding, RFC 4648
   section 4).  Either way the value's bytes come back exactly.
 - Text is UTF-8 as is, but for U+0085, U+2028 and U+2029, which are
   written as \\u escapes: whatever splits the file into lines finds one
@@ -124,6 +124,8 @@ def _parse(number: int, raw: bytes) -> object:
         obj, end = _DECODER.raw_decode(text)
     except UnicodeDecodeError:
         raise FormatError(number, "not UTF-8") from None
+    except RecursionError:  # [[[[... : no record is nested at all
+        raise FormatError(number, "not valid JSON: nested too deeply") from None
     except ValueError:
         raise FormatError(number, "not valid JSON") from None
     if end != len(text):
@@ -176,6 +178,10 @@ def decode(number: int, obj: object, max_key_bytes: int) -> Record:
             value = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise FormatError(number, "value_b64 is not valid base64") from None
+        # Canonical only (RFC 4648 section 3.5), as /txn's value_base64: "QR=="
+        # and "QQ==" would be two spellings of one value.
+        if base64.b64encode(value).decode("ascii") != encoded:
+            raise FormatError(number, "value_b64 is not canonical base64 (RFC 4648)")
     return Record(key, value, content_type, revision, expires_at)
 
 
@@ -228,7 +234,7 @@ def _check_header(raw: bytes) -> None:
         obj = None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise FormatError(1, f"not a kvapp export: the first line must be {header().decode()!r}")
-    if obj.get("version") != VERSION or set(obj) != set(HEADER):
+    if type(obj.get("version")) is not int or obj["version"] != VERSION or set(obj) != set(HEADER):
         raise FormatError(
             1, f"format version {obj.get('version')!r}; this kvapp reads version {VERSION}"
         )

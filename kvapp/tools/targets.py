@@ -65,8 +65,13 @@ def same_store(a: str, b: str) -> bool:
 
 def open_existing(url: str, settings: Settings, synchronous: str | None = None) -> Store:
     """Return the store at url, which must exist; StoreError if there is none."""
-    if not is_postgres_url(location(url)) and not Path(url).resolve().is_file():
-        raise StoreError(f"no database file at {Path(url).resolve()}")
+    if not is_postgres_url(location(url)):
+        path = Path(url).resolve()
+        if not path.is_file():
+            raise StoreError(f"no database file at {path}")
+        # SQLiteStore makes a database of an empty file: not of a source.
+        if path.stat().st_size == 0:
+            raise StoreError(f"{path} is empty, not a kvapp database")
     return _open(url, settings, synchronous)
 
 
@@ -105,7 +110,10 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
 
     An existing store must hold no keys unless merge.
     """
-    if not is_postgres_url(location(url)) and not Path(url).exists():
+    # An empty file is no database yet: it is replaced, whole, as a missing one is made.
+    if not is_postgres_url(location(url)) and (
+        not Path(url).exists() or (Path(url).is_file() and Path(url).stat().st_size == 0)
+    ):
         path = Path(url).resolve()
         # Folders made durably: the new file's rename into place is fsynced, and
         # a folder lost in a power cut would take the finished file with it.
