@@ -470,6 +470,32 @@ def test_content_type_parameters_are_kept(client, content_type):
     assert client.get("/kv/k").headers["Content-Type"] == content_type
 
 
+# Inputs that made a backtracking regex try every split of their whitespace:
+# each took seconds to hours before the patterns were made unambiguous.  The
+# timeout marks a hang, not a speed: a sound match takes microseconds.
+PATHOLOGICAL_CONTENT_TYPES = [
+    "text/plain" + "; " * 122 + "@",
+    "text/plain" + " ;" * 122 + "@",
+    "a/b;" + " \t" * 125 + "@",
+    "a/b" + "; x=y" * 50 + " @",
+]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("content_type", PATHOLOGICAL_CONTENT_TYPES)
+def test_a_content_type_that_backtracks_is_refused_at_once(client, content_type):
+    put(client, "k", b"v", content_type=content_type, status=400)
+    txn = {"then": [{"put": "k", "value": "v", "content_type": content_type}]}
+    client.post_json("/txn", txn, status=400)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+def test_a_condition_that_backtracks_is_refused_at_once(client, header):
+    value = "," + " " * 60_000 + "x"
+    put(client, "k", b"v", headers={header: value}, status=400)
+
+
 def top_level_commas(text: str) -> int:
     """Count the commas outside quoted strings: a Content-Type list's separators."""
     commas, quoted, escaped = 0, False, False

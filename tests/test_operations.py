@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvapp.store import open_store
+from kvapp.store.base import MEDIA_TYPE
 from kvapp.store.metricsfile import MetricsStore
 from kvapp.store.sqlite import SQLiteStore
 from kvapp.web.app import App
@@ -371,6 +372,43 @@ def test_condition_headers_are_read_or_refused_with_a_400(value):
             assert str(exc).startswith("If-Match must be * or a list of entity tags")
             continue
         assert tags == "*" or all(isinstance(tag, int) for tag in tags)
+
+
+def openapi_pattern(schema: str) -> re.Pattern:
+    document = json.loads((ROOT / "kvapp" / "web" / "openapi.json").read_text())
+    return re.compile(document["components"]["schemas"][schema]["pattern"])
+
+
+@given(st.text(alphabet=st.sampled_from('ab/;= \t"\\,x'), max_size=30))
+def test_openapi_describes_exactly_the_content_types_stored(text):
+    stored = MEDIA_TYPE.fullmatch(text) is not None
+    assert (openapi_pattern("ContentType").match(text) is not None) == stored
+
+
+@given(TAG_TEXT)
+def test_openapi_describes_exactly_the_condition_headers_read(value):
+    try:
+        parse_tags(value, False, "If-None-Match")
+        read = True
+    except BadRequest:
+        read = False
+    assert (openapi_pattern("EntityTags").match(value) is not None) == read
+
+
+# A client or a fuzzer validating against openapi.json must not hang on these
+# (a backtracking engine, as Python's and JavaScript's are).
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("schema", "text"),
+    [
+        ("ContentType", "text/plain" + "; " * 122 + "@"),
+        ("ContentType", "a/b;" + " \t" * 125 + "@"),
+        ("EntityTags", ", " * 30_000 + "x"),
+        ("EntityTags", "," + " " * 60_000 + "x"),
+    ],
+)
+def test_openapi_patterns_refuse_backtracking_input_at_once(schema, text):
+    assert openapi_pattern(schema).match(text) is None
 
 
 @pytest.mark.parametrize(
