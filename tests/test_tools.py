@@ -33,6 +33,7 @@ from tools import (
 )
 
 from kvapp.store.base import Record
+from kvapp.tools import sqlitefile
 
 pytestmark = pytest.mark.slow
 
@@ -590,7 +591,7 @@ def test_copy_sqlite_to_sqlite_keeps_every_record(tmp_path, source_db):
 # -- check and stats ----------------------------------------------------------
 
 
-def test_an_empty_file_is_no_source_and_a_destination_made_whole(tmp_path, source_db):
+def test_an_empty_file_is_no_source_but_a_destination_in_place(tmp_path, source_db):
     empty = tmp_path / "empty.sqlite3"
     empty.touch()
     for args in (
@@ -601,14 +602,15 @@ def test_an_empty_file_is_no_source_and_a_destination_made_whole(tmp_path, sourc
         assert one_line_error(result).endswith(f"{empty} is empty, not a kvapp database\n"), args
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.sqlite3", "source"]
     assert empty.stat().st_size == 0
-    # As a destination it is no database yet: an import makes it whole, or leaves it empty.
+    # As a destination it becomes the database in place, keeping its mode (and owner).
+    empty.chmod(0o600)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(MALFORMED["wrong count"][0])
     assert kvapp("import", "--database", str(empty), str(bad)).returncode == 1
-    assert empty.stat().st_size == 0
     exported = kvapp("export", "--database", str(source_db), "-").stdout
     assert kvapp("import", "--database", str(empty), "-", input=exported).returncode == 0
     assert rows(empty) == rows(source_db)
+    assert empty.stat().st_mode & 0o777 == 0o600
 
 
 def test_check_passes_a_sound_database(source_db):
@@ -639,6 +641,29 @@ def test_check_and_stats_read_a_backup_on_a_read_only_mount(tmp_path, source_db)
     finally:
         subprocess.run(["umount", "--lazy", str(shelf)], check=True)
     assert sorted(path.name for path in shelf.iterdir()) == ["b.sqlite3"]
+
+
+@needs_root
+def test_a_read_through_a_read_only_mount_of_a_file_that_changed_is_refused(tmp_path, source_db):
+    # The same file through a writable path: immutable=1 would have read
+    # pages of two versions, so the read must not count.
+    shelf, view = tmp_path / "shelf", tmp_path / "view"
+    shelf.mkdir()
+    view.mkdir()
+    assert kvapp("backup", "--database", str(source_db), str(shelf / "b.sqlite3")).returncode == 0
+    subprocess.run(["mount", "--bind", str(shelf), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        with pytest.raises(sqlitefile.NotUsable, match="changed while it was read"):
+            with sqlitefile._reading(view / "b.sqlite3") as conn:
+                conn.execute("SELECT count(*) FROM kv").fetchone()
+                writer = sqlite3.connect(shelf / "b.sqlite3", isolation_level=None)
+                writer.execute("DELETE FROM kv")
+                writer.close()  # the last connection: it checkpoints and removes the -wal
+        with sqlitefile._reading(view / "b.sqlite3") as conn:  # nothing writes it now
+            assert conn.execute("SELECT count(*) FROM kv").fetchone() == (0,)
+    finally:
+        subprocess.run(["umount", "--lazy", str(view)], check=True)
 
 
 def break_index(path: Path) -> None:

@@ -54,13 +54,17 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
     # database creates; a read-only one would leave them behind.
     writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
     mode = "rw" if writable else "ro"
-    if os.statvfs(path).f_flag & os.ST_RDONLY and not Path(f"{path}-wal").exists():
-        # A WAL database opened read-only needs a -shm file, and on a
-        # read-only filesystem (a backup on a read-only mount) none can be
-        # made: SQLITE_CANTOPEN.  Nothing can change the file there, and with
-        # no -wal beside it the file is the whole database: immutable=1 reads
-        # it without locks or -shm (https://sqlite.org/uri.html#uriimmutable).
+    # A WAL database opened read-only needs a -shm file, and on a read-only
+    # filesystem (a backup on a read-only mount) none can be made:
+    # SQLITE_CANTOPEN.  With no -wal beside it the file is the whole
+    # database, and immutable=1 reads it without locks or -shm
+    # (https://sqlite.org/uri.html#uriimmutable).  The file may still change
+    # through another mount of its folder (a server starting): the read
+    # counts only if the file and its -wal are as they were at the end.
+    immutable = bool(os.statvfs(path).f_flag & os.ST_RDONLY) and not _wal_beside(path)
+    if immutable:
         mode = "ro&immutable=1"
+    before = _state(path)
     try:
         conn = sqlite3.connect(
             f"file:{urllib.parse.quote(str(path))}?mode={mode}", uri=True, isolation_level=None
@@ -73,10 +77,25 @@ def _reading(path: Path) -> Iterator[sqlite3.Connection]:
         # The read transaction starts at the first read.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         yield conn
+        if immutable and (_state(path) != before or _wal_beside(path)):
+            raise NotUsable(
+                f"{path} changed while it was read (a server may be using it through another"
+                " mount); run the command again when nothing writes it"
+            )
     except sqlite3.Error as exc:
         raise NotUsable(f"{path}: {_first_line(exc)}") from None
     finally:
         conn.close()
+
+
+def _wal_beside(path: Path) -> bool:
+    return Path(f"{path}-wal").exists()
+
+
+def _state(path: Path) -> tuple[int, int, int]:
+    """Return what any write to the file changes: its inode, size and modification time."""
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _expected_columns() -> dict[str, list[tuple]]:

@@ -110,10 +110,7 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
 
     An existing store must hold no keys unless merge.
     """
-    # An empty file is no database yet: it is replaced, whole, as a missing one is made.
-    if not is_postgres_url(location(url)) and (
-        not Path(url).exists() or (Path(url).is_file() and Path(url).stat().st_size == 0)
-    ):
+    if not is_postgres_url(location(url)) and not Path(url).exists():
         path = Path(url).resolve()
         # Folders made durably: the new file's rename into place is fsynced, and
         # a folder lost in a power cut would take the finished file with it.
@@ -126,7 +123,11 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
             finally:
                 store.close()  # the last connection's close checkpoints and removes the WAL
         return
-    store = open_existing(url, settings)
+    if not is_postgres_url(location(url)) and Path(url).is_file() and not Path(url).stat().st_size:
+        # An empty file becomes the database in place, keeping its owner and mode.
+        store = _open(url, settings, None)
+    else:
+        store = open_existing(url, settings)
     try:
         empty = is_empty(store)
         if not empty and not merge:
