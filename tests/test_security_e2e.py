@@ -135,6 +135,37 @@ def test_waitress_serve_writes_one_redacted_access_line_per_request(server):
     assert SECRET not in server.output()
 
 
+def test_a_request_waitress_refuses_has_its_redacted_access_line(server):
+    # A body over waitress's limit is refused from the headers alone, before
+    # kvapp sees it (kvapp.refusals); the line redacts the query as any other.
+    request = (
+        f"POST /set?password={SECRET} HTTP/1.1\r\nHost: localhost\r\n"
+        "Content-Length: 99999999999\r\n\r\n"  # over waitress-serve's 1 GiB too
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request.encode())  # the body never comes: the answer is the 413 alone
+        answer = b""
+        while not re.search(rb"\r\nContent-Length: (\d+)\r\n.*\r\n\r\n", answer, re.S) or len(
+            answer.partition(b"\r\n\r\n")[2]
+        ) < int(re.search(rb"\r\nContent-Length: (\d+)\r\n", answer).group(1)):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert re.match(rb"HTTP/1\.1 413 ", answer), answer[:200]
+    body = answer.partition(b"\r\n\r\n")[2]
+    deadline = time.monotonic() + 10
+    while " 413 " not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    lines = [line for line in server.output().splitlines() if " kvapp.access: " in line]
+    assert len(lines) == 1, server.output()
+    assert (
+        lines[0]
+        .split(" kvapp.access: ")[1]
+        .startswith(f'127.0.0.1 "POST /set?password=***" 413 {len(body)} ')
+    ), lines
+    assert SECRET not in server.output()
+
+
 def listening_addresses(port: int) -> list[str]:
     """Return the local addresses of LISTEN sockets on port, from /proc/net/tcp{,6}."""
     found = []
