@@ -59,9 +59,9 @@ class ErrorTask(WaitressErrorTask):
         )
         self.set_close_on_finish()
         self.content_length = len(body)
-        self.write(body)
         # The access line of a request kvapp never saw: what waitress parsed of
         # it (for a 431, waitress's stand-in "GET /"), redacted as any other.
+        # Written before the answer, as App writes its own.
         peer = self.channel.addr[0] if isinstance(self.channel.addr, tuple) else "-"
         environ = {
             "REQUEST_METHOD": getattr(request, "command", "") or "-",
@@ -70,3 +70,4 @@ class ErrorTask(WaitressErrorTask):
             "QUERY_STRING": getattr(request, "query", "") or "",
         }
         log_request(environ, error.code, len(body), started)
+        self.write(body)
