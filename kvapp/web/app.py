@@ -57,6 +57,8 @@ UNMATCHED = "unmatched"
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
 # RFC 9110 section 8.6: no Content-Length (nor content) in a 204 or 304.
 NO_CONTENT = frozenset((204, 304))
+# How long close() waits for the tail's refresher, as the sweeper's stop() waits for its thread.
+JOIN_SECONDS = 5
 
 # Forks of this process so far, so that a request notices a fork without os.getpid().
 _forks = 0
@@ -212,6 +214,9 @@ class App:
 
     def close(self) -> None:
         self.watching.end_streams()
+        # The tail's refresher reads the store: a read that opened a
+        # connection after the store closed would recreate its -wal and -shm.
+        self.watching.tail.join(JOIN_SECONDS)
         self.sweeper.stop()
         self.metrics.close()
         self.repository.close()

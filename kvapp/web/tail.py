@@ -121,6 +121,13 @@ class Tail:
         with self._lock:
             self._users -= 1
 
+    def join(self, timeout: float) -> None:
+        """Wait for the refresher to end, after wake(): its reads must end before the store's."""
+        with self._lock:
+            refresher = self._refresher
+        if refresher is not None and refresher is not threading.current_thread():
+            refresher.join(timeout)
+
     def read(self, position: Position, prefix: str) -> tuple[list[bytes], int, Position] | None:
         """Return the encoded events after position under prefix, and how many, and where they end.
 
@@ -212,7 +219,7 @@ class Tail:
         feed = self.repository.feed
         while True:
             with self._lock:
-                if not self._users:
+                if not self._users or self._stopped:
                     self._refresher = None
                     return
             # The version first: a commit after the query moves the feed again.
