@@ -248,6 +248,26 @@ def test_a_condition_that_is_not_a_list_of_entity_tags_is_400_and_stores_nothing
     assert client.get("/kv/m").body == b"1"
 
 
+@pytest.mark.parametrize(
+    ("wire", "quoted"),
+    [
+        (b"\xc3\xa9t\xc3\xa9", "'\u00e9t\u00e9'"),
+        (b"\xe2\x98\x83", "'\u2603'"),
+        (b"\xe9", "'\ufffd'"),
+    ],
+)
+def test_a_refused_header_is_quoted_as_its_utf8_was_sent(client, wire, quoted):
+    # WSGI hands header bytes over as latin-1 characters (PEP 3333): quoted
+    # as such, "\u00e9t\u00e9" would come back as the mojibake "\u00c3\u00a9t\u00c3\u00a9".
+    header = wire.decode("latin-1")
+    put(client, "m", b"1")
+    text = put(client, "m", b"2", headers={"If-Match": header}, status=400).text
+    assert text == f'If-Match must be * or a list of entity tags such as "42", not {quoted}\n'
+    text = client.get("/kv/?watch", headers={"Last-Event-ID": header}, status=400).text
+    assert text.endswith(f" not {quoted}\n")
+    assert client.get("/kv/m").body == b"1"
+
+
 def test_if_match_list_with_the_current_tag_applies(client):
     etag = put(client, "m", b"1").headers["ETag"]
     headers = {"If-Match": f'"999", W/{etag}, "junk", {etag}'}

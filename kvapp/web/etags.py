@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from kvapp.store.base import ANY, Condition, Tag, show
+from kvapp.web.request import header_text
 from kvapp.web.responses import BadRequest
 
 # entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
@@ -42,11 +43,12 @@ def parse_tags(value: str, strong: bool, header: str) -> Tag:
         return ANY
     revisions = set()
     position = 0
-    while position < len(value) or position == 0:
+    while True:  # each element ends in a comma, which moves on, or at the end
         element = _ELEMENT.match(value, position)
         if element is None:
             raise BadRequest(
-                f'{header} must be * or a list of entity tags such as "42", not {show(value)}'
+                f'{header} must be * or a list of entity tags such as "42",'
+                f" not {show(header_text(value))}"
             )
         weak, opaque, comma = element.groups()
         position = element.end()

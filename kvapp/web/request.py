@@ -19,6 +19,22 @@ UTF8_CHARSETS = ("charset=utf-8", 'charset="utf-8"')
 _NOT_IN_A_TARGET = re.compile(r"[\x00-\x20#\x7f]")
 
 
+def header_text(value: str) -> str:
+    """Return a header value as its sender wrote it, for an error message to quote.
+
+    WSGI hands header bytes over as latin-1 characters (PEP 3333), and senders
+    write UTF-8: "é" would be quoted back as "Ã©".  Bytes that are not UTF-8
+    show as U+FFFD.  Only for messages: the rules read the bytes.
+    """
+    if value.isascii():
+        return value
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:  # a server that decoded the bytes itself
+        return value
+    return raw.decode("utf-8", "replace")
+
+
 class Request:
     """One WSGI environ, read lazily and strictly."""
 

@@ -43,7 +43,7 @@ from kvapp.store.base import (
 )
 from kvapp.web.decoding import key_param, named_params, utf8
 from kvapp.web.etags import condition
-from kvapp.web.request import Request
+from kvapp.web.request import Request, header_text
 from kvapp.web.responses import BadRequest, Ending, Gone, Response, ServiceUnavailable
 from kvapp.web.tail import PAGE, Tail
 
@@ -229,7 +229,7 @@ class Watching:
         last_id = request.header("HTTP_LAST_EVENT_ID").strip(" \t")
         position = None if since is None else parse_position(utf8(since, "since"), "since")
         if last_id:
-            position = parse_position(last_id, "Last-Event-ID")
+            position = parse_position(header_text(last_id), "Last-Event-ID")
         start = self.repository.history(position or (0, 0), key_prefix, 0)
         if position is not None:
             self._check_resumable(position, start.revision, start.floor)
