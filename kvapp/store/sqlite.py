@@ -544,7 +544,7 @@ class SQLiteStore:
             raise StorageUnavailable(STALLED_FOR.format(self._group_commit.stalled_for()))
         with self._reading():
             self._reader().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-        with self._transaction(commit=False) as conn:
+        with self._transaction(commit=False, writing=False) as conn:
             conn.execute("UPDATE meta SET value = value WHERE name = 'revision'")
         try:
             fs = os.statvfs(Path(self.path).parent)
@@ -555,26 +555,31 @@ class SQLiteStore:
             raise StorageFull(f"the disk is full: {free} bytes free; free space and retry")
 
     @contextmanager
-    def _transaction(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, commit: bool = True, writing: bool = True
+    ) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection, ROLLBACK on any error.
 
         IMMEDIATE takes the write lock up front, so a transaction that reads and
         then writes cannot fail half-way with SQLITE_BUSY_SNAPSHOT.  With
-        commit=False it always ends in ROLLBACK.
+        commit=False it always ends in ROLLBACK.  writing=False: no client's
+        write is at stake (the health probe), so no error says that nothing
+        of one was stored.
         """
+        stored = ": nothing was stored" if writing else ""
         timeout = self.busy_timeout_ms / 1000
         if not self._write_lock.acquire(timeout=timeout):
-            raise StorageBusy("the database is busy: nothing was stored; retry")
+            raise StorageBusy(f"the database is busy{stored}; retry")
         try:
             conn = self._writer
-            with self._writing(), translated():
+            with self._writing(stored), translated(writing):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     # In WAL mode SQLite keeps committing after its file was
                     # renamed or deleted, into a WAL that a restart would not
                     # match with the file: refuse instead of acknowledging.
                     if _identity(self.path) != self._identity:
-                        raise StorageUnavailable(MOVED.format(stored=": nothing was stored"))
+                        raise StorageUnavailable(MOVED.format(stored=stored))
                     yield conn
                     if commit:
                         conn.execute("COMMIT")
@@ -587,13 +592,13 @@ class SQLiteStore:
             self._write_lock.release()
 
     @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self, stored: str = ": nothing was stored") -> Iterator[None]:
         """Hold the writers' lock on the generation counters; see kvapp.store.readcache."""
         try:
             with self._generations.writing():
                 yield
         except LockTimeout:
-            raise StorageBusy("the database is busy: nothing was stored; retry") from None
+            raise StorageBusy(f"the database is busy{stored}; retry") from None
 
     def set_many(self, items: list[tuple[str, bytes, str]]) -> int:
         """Store (key, value, content_type) items in one transaction; return its revision."""
