@@ -63,14 +63,19 @@ def same_store(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def open_existing(url: str, settings: Settings, synchronous: str | None = None) -> Store:
-    """Return the store at url, which must exist; StoreError if there is none."""
+def open_existing(
+    url: str, settings: Settings, synchronous: str | None = None, empty_ok: bool = False
+) -> Store:
+    """Return the store at url, which must exist; StoreError if there is none.
+
+    SQLiteStore makes a database of an empty file: a destination may be one
+    (empty_ok, and it keeps its owner and mode), a source may not.
+    """
     if not is_postgres_url(location(url)):
         path = Path(url).resolve()
         if not path.is_file():
             raise StoreError(f"no database file at {path}")
-        # SQLiteStore makes a database of an empty file: not of a source.
-        if path.stat().st_size == 0:
+        if path.stat().st_size == 0 and not empty_ok:
             raise StoreError(f"{path} is empty, not a kvapp database")
     return _open(url, settings, synchronous)
 
@@ -123,11 +128,7 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
             finally:
                 store.close()  # the last connection's close checkpoints and removes the WAL
         return
-    if not is_postgres_url(location(url)) and Path(url).is_file() and not Path(url).stat().st_size:
-        # An empty file becomes the database in place, keeping its owner and mode.
-        store = _open(url, settings, None)
-    else:
-        store = open_existing(url, settings)
+    store = open_existing(url, settings, empty_ok=True)
     try:
         empty = is_empty(store)
         if not empty and not merge:
