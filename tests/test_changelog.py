@@ -9,7 +9,9 @@ made by another store object (another process, as far as the feed knows).
 from __future__ import annotations
 
 import threading
+import time
 
+import psycopg
 import pytest
 
 from kvapp.store import open_store
@@ -184,3 +186,37 @@ def test_a_commit_before_the_listener_started_still_wakes_a_waiter(make_settings
 )
 def test_history_cut(oldest, before, beyond, limit, cut):
     assert history_cut(oldest, before, beyond, limit) == cut
+
+
+@pytest.mark.backends("postgres")
+def test_the_listener_lets_go_of_its_session_once_no_watcher_waits(make_settings, database):
+    # A session that LISTENs and is never read holds back the notification
+    # queue of the whole cluster, which every kvapp write adds to.
+    store = open_store(make_settings())
+
+    def listening() -> int:
+        with psycopg.connect(database, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+            ).fetchone()
+        return row[0]
+
+    def becomes(count: int) -> bool:
+        deadline = time.monotonic() + 20
+        while listening() != count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    try:
+        for _ in range(2):  # and again for the next watcher
+            version = store.feed.version
+            waiter = threading.Thread(target=store.feed.wait, args=(version, 2))
+            waiter.start()
+            assert becomes(1)
+            waiter.join()
+            assert becomes(0)
+    finally:
+        store.close()

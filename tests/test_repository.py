@@ -456,3 +456,73 @@ def test_a_listing_and_its_revision_come_from_one_snapshot(repo):
     writer.join()
     assert mismatches == []
     assert repo.list_keys("k", None, 1000) == (start + count, [f"k{n:04d}" for n in range(1, 301)])
+
+
+# -- connections: opened by threads, closed with them and with the store -------
+
+
+def files_open(path: Path) -> int:
+    """Return how many file descriptors of this process are open on path."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:  # closed meanwhile (listdir's own descriptor)
+            pass
+    return count
+
+
+def test_a_thread_s_reading_connection_ends_with_the_thread(repo: SQLiteStore, db_path: Path):
+    # granian's blocking threads, the tail's refresher and the feed's listener
+    # come and go: each opens a reading connection, which must not outlive it.
+    # (SQLite keeps the descriptor of a closed connection open for the next
+    # one while another connection of the process holds locks on the file,
+    # https://sqlite.org/src/doc/trunk/src/os_unix.c, unixInodeInfo.pUnused:
+    # so count after one thread has come and gone.)
+    repo.set_many([("a", b"1", TEXT)])
+    wal = db_path.with_name(db_path.name + "-wal")
+
+    def read_in_a_thread() -> None:
+        thread = threading.Thread(target=lambda: repo.list_keys("", None, 10))
+        thread.start()
+        thread.join()
+
+    read_in_a_thread()
+    before = (files_open(db_path), files_open(wal))
+    for _ in range(10):
+        read_in_a_thread()
+    assert (files_open(db_path), files_open(wal)) == before
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda store: store.get("a"),
+        lambda store: store.list_keys("", None, 10),
+        lambda store: store.history((0, 0), "", 10),
+        lambda store: store.dump(None, 10),
+        lambda store: store.stats(),
+        lambda store: store.check_health(),
+        lambda store: store.set_many([("b", b"2", TEXT)]),
+        lambda store: store.purge_expired(),
+    ],
+)
+def test_a_closed_store_opens_nothing_again(make_settings, database: str, db_path: Path, call):
+    # A request or thread that outlives the server's stop gets a 503, and
+    # leaves no connection or file behind (SQLite: no -wal or -shm again).
+    store = open_store(make_settings())
+    store.set_many([("a", b"1", TEXT)])
+    thread = threading.Thread(target=lambda: store.list_keys("", None, 10))
+    thread.start()
+    thread.join()
+    store.close()
+    for _ in range(2):  # also once no reading connection of this thread is left
+        with pytest.raises(StorageError, match="^the store is closed: the server is stopping"):
+            call(store)
+    if database == str(db_path):
+        assert sorted(p.name for p in db_path.parent.iterdir() if "-" in p.name) == [
+            "kv.sqlite3-gen"
+        ]
+    else:
+        assert store._pool_pid == 0 and store._listener is None

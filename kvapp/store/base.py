@@ -256,6 +256,12 @@ class StorageUnavailable(StorageError):
 MAY_BE_STORED = "the write may or may not be stored; retry"
 
 
+# What a store answers once close() has run (a request or thread that outlived
+# the server's stop): it opens no new connection, which would recreate files
+# and sessions that nothing closes.
+CLOSED = "the store is closed: the server is stopping; retry"
+
+
 class OutcomeUnknown(StorageUnavailable):
     """A write's commit went out and its answer never came: it may or may not be stored.
 

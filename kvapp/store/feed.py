@@ -18,8 +18,10 @@ What moves the version:
   last it saw, which covers a writer killed between its COMMIT and its
   signal; its first check wakes the waiters once, which covers a commit
   made before the listener started listening.
-The listener stops when no watcher waits; with no watcher the feed costs
-nothing.
+The listener stops when no watcher waits, and then calls the backend's
+idle() (PostgreSQL: UNLISTEN by closing its connection, or the server would
+queue every later NOTIFY for a session that never reads them); with no
+watcher the feed costs nothing.
 """
 
 from __future__ import annotations
@@ -34,19 +36,36 @@ log = logging.getLogger("kvapp.watch")
 
 # How often the listener compares the store's revision itself.
 CHECK_SECONDS = 1.0
+# How long close() waits for the listener: one listen() and one revision read.
+CLOSE_SECONDS = 5.0
 
 
 class Feed:
     """A version number that moves after every commit, and the threads waiting for it to move."""
 
-    def __init__(self, listen: Callable[[float], bool], revision: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        listen: Callable[[float], bool],
+        revision: Callable[[], int],
+        idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self._listen = listen
         self._revision = revision
+        self._idle = idle
         self._changed = threading.Condition()
         self.version = 0
         self._waiting = 0
         self._listener: threading.Thread | None = None
         self._pid = 0
+        self._closed = False
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Stop the listener, and wait for it up to timeout seconds; none starts again."""
+        with self._changed:
+            self._closed = True
+            listener = self._listener if self._pid == os.getpid() else None
+        if listener is not None and listener is not threading.current_thread():
+            listener.join(timeout)
 
     def notify(self) -> None:
         """Wake every waiting watcher: a change may have been committed."""
@@ -70,19 +89,32 @@ class Feed:
     def _start_listener(self) -> None:
         """Start the listener unless it runs in this process (a fork inherits no thread)."""
         alive = self._listener is not None and self._listener.is_alive()
-        if alive and self._pid == os.getpid():
+        if (alive and self._pid == os.getpid()) or self._closed:
             return
         self._pid = os.getpid()
         self._listener = threading.Thread(target=self._listen_loop, name="kvapp-feed", daemon=True)
         self._listener.start()
 
     def _listen_loop(self) -> None:
+        while True:
+            self._listen_while_waited_for()
+            try:
+                self._idle()  # outside the lock: notify() never waits for it
+            except Exception as exc:
+                log.warning("watchers' listener did not stop cleanly: %s", exc)
+            with self._changed:
+                if not self._waiting or self._closed:
+                    self._listener = None
+                    return
+            # A watcher came while the listener stopped listening: listen again
+            # (the first check wakes it, for a commit made in between).
+
+    def _listen_while_waited_for(self) -> None:
         last: int | None = None
         checked: float | None = None
         while True:
             with self._changed:
-                if not self._waiting:
-                    self._listener = None
+                if not self._waiting or self._closed:
                     return
             try:
                 changed = self._listen(CHECK_SECONDS / 4)

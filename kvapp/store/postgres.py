@@ -43,6 +43,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from kvapp.store.base import (
+    CLOSED,
     EXPIRED,
     MAY_BE_STORED,
     DatabaseUnusable,
@@ -326,7 +327,8 @@ class PostgresStore:
         self._open()
         self._listener: psycopg.Connection | None = None
         self._listener_pid = 0
-        self.feed = Feed(self._listen, self._revision)
+        self._closed = False
+        self.feed = Feed(self._listen, self._revision, self._stop_listening)
 
     # -- connections -------------------------------------------------------
 
@@ -410,6 +412,8 @@ class PostgresStore:
         pid = os.getpid()
         if self._pool_pid != pid:
             with self._pool_lock:
+                if self._closed:  # a new pool would open sessions that nothing closes
+                    raise StorageUnavailable(CLOSED)
                 if self._pool_pid != pid:
                     pool = ConnectionPool(
                         self.url,
@@ -431,10 +435,10 @@ class PostgresStore:
         return self._pools[-1]
 
     def close(self) -> None:
-        """Close every connection this repository opened in this process."""
-        if self._listener is not None and self._listener_pid == os.getpid():
-            with suppress(psycopg.Error):
-                self._listener.close()
+        """Close every connection this repository opened in this process; later calls fail."""
+        self.feed.close()  # first: its listener reads the store
+        self._closed = True
+        self._stop_listening()
         with self._pool_lock:
             if self._pool_pid == os.getpid() and self._pools:
                 self._pools.pop().close()
@@ -958,6 +962,8 @@ class PostgresStore:
         """
         conn = self._listener
         if conn is None or conn.closed or self._listener_pid != os.getpid():
+            if self._closed:
+                raise StorageUnavailable(CLOSED)
             conn = psycopg.connect(self.url, **self._kwargs)
             guard = self._watchdog.guard(conn, self.timeout_seconds)
             try:
@@ -978,6 +984,21 @@ class PostgresStore:
                 conn.close()
             raise
         return False
+
+    def _stop_listening(self) -> None:
+        """Close the listener's connection: the feed's listener stopped, or the store closes.
+
+        A session that LISTENs but is never read holds back the server's
+        notification queue, which every kvapp write adds to: once its socket
+        buffers fill, the queue, shared by the whole cluster, grows until
+        every NOTIFY, and so every write, fails
+        (https://www.postgresql.org/docs/current/sql-notify.html).
+        """
+        conn = self._listener
+        if conn is not None and self._listener_pid == os.getpid():
+            self._listener = None
+            with suppress(psycopg.Error):
+                conn.close()
 
     # -- the data tools' interface (kvapp.tools.transfer) -
 

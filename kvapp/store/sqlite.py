@@ -22,12 +22,14 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 from kvapp.store.base import (
+    CLOSED,
     EXPIRED,
     DatabaseUnusable,
     Event,
@@ -213,6 +215,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._closed = False
         self._write_lock = threading.Lock()
         self._open(startup_check_max_bytes)
         self._identity = _identity(path)
@@ -233,6 +236,8 @@ class SQLiteStore:
     # -- connections -------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StorageUnavailable(CLOSED)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
         # check_same_thread=False: close() runs on another thread; each
         # connection is still used by one thread at a time.
@@ -250,6 +255,9 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         with self._connections_lock:
+            if self._closed:  # close() ran while this one opened
+                conn.close()
+                raise StorageUnavailable(CLOSED)
             self._connections.append(conn)
         return conn
 
@@ -270,17 +278,29 @@ class SQLiteStore:
             raise
 
     def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        """Return this thread's reading connection, opened on its first read.
+
+        It is closed when its thread ends: granian's blocking threads, the
+        tail's refresher and the feed's listener come and go, and each would
+        otherwise leave a connection (two file descriptors) behind.
+        """
+        held = getattr(self._local, "held", None)
+        if held is None:
             with self._reading():
-                conn = self._local.conn = self._connect()
+                conn = self._connect()
                 conn.execute(f"PRAGMA cache_size = -{READER_PAGE_CACHE_KIB}")
-        return conn
+            held = self._local.held = _Held(conn)
+            lock, connections = self._connections_lock, self._connections
+            weakref.finalize(held, _forget, lock, connections, conn).atexit = False
+        return held.conn
 
     def close(self) -> None:
-        """Close every connection this repository opened."""
+        """Close every connection this repository opened; later calls raise StorageUnavailable."""
+        self.feed.close()  # first: its listener reads the store
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            self._closed = True
+            connections = list(self._connections)
+            self._connections.clear()
         for conn in connections:
             conn.close()
         self._local = threading.local()
@@ -459,6 +479,8 @@ class SQLiteStore:
 
     def get(self, key: str) -> Item | None:
         """Return the live item stored under key, or None."""
+        if self._closed:  # close() unmapped the cache's shared memory
+            raise StorageUnavailable(CLOSED)
         now = int(self._clock() * 1000)
         cached = self._cache.lookup(key, now)
         if cached is not MISS:
@@ -566,6 +588,8 @@ class SQLiteStore:
         write is at stake (the health probe), so no error says that nothing
         of one was stored.
         """
+        if self._closed:  # close() unmapped the -gen file that writers lock
+            raise StorageUnavailable(CLOSED)
         stored = ": nothing was stored" if writing else ""
         timeout = self.busy_timeout_ms / 1000
         if not self._write_lock.acquire(timeout=timeout):
@@ -863,6 +887,23 @@ _FLOOR_TO_REVISION = (
     "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'revision')"
     " WHERE name = 'history_floor'"
 )
+
+
+class _Held:
+    """A thread's reading connection: when the thread ends, so does this, and _forget runs."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
+def _forget(lock: threading.Lock, connections: list[sqlite3.Connection], conn: Any) -> None:
+    """Close the reading connection of a thread that ended, and stop counting it."""
+    with lock:
+        if conn in connections:
+            connections.remove(conn)
+    conn.close()
 
 
 def _log(conn: sqlite3.Connection, events: list[Event], now: int) -> None:
