@@ -27,6 +27,7 @@ from kvapp.store.base import (
     Write,
 )
 from kvapp.store.plan import history_cut
+from kvapp.web.watch import trimmed
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -130,6 +131,20 @@ def test_a_load_is_not_in_the_log_and_raises_the_floor_past_it(repo):
     assert repo.history((0, 0), "", 100) == History(
         40, 40, [Event(1, 0, "a", "put", b"v", T, None)]
     )
+
+
+def test_a_load_of_older_revisions_still_passes_every_watcher(repo):
+    # Restoring yesterday's export of the same store: every loaded revision
+    # is at or below the store's.  A watcher caught up with the store must
+    # not resume past the load as if nothing had changed: it gets the 410.
+    for n in range(5):
+        repo.apply(Write.of(put(f"k{n}")))
+    caught_up = (repo.history((0, 0), "", 100).revision, WHOLE)
+    repo.load([Record("k0", b"restored", T, 2, None)])
+    after = repo.history(caught_up, "", 100)
+    assert after.events == [] and trimmed(caught_up, after.floor)
+    repo.apply(Write.of(put("next")))
+    assert repo.get("next").revision == after.revision + 1
 
 
 def test_another_store_object_s_commit_wakes_this_one_s_feed(make_settings):

@@ -1018,7 +1018,10 @@ class PostgresStore:
 
         The store's revision counter is raised to the highest revision loaded,
         so a later write never reuses a revision (an ETag) that a loaded key
-        already carries.
+        already carries, and by one at least: the load is a change no watcher
+        sees, so the history floor must pass every position a watcher holds
+        (a load of older revisions would otherwise leave it at one that
+        watchers caught up with, and they would resume past the load unaware).
         """
         if not records:
             return
@@ -1029,7 +1032,7 @@ class PostgresStore:
                 last = {record.key: record for record in records}  # as if one by one
                 conn.execute(_UPSERT, _columns(last.values()))
                 conn.execute(
-                    "UPDATE meta SET value = GREATEST(value, %s) WHERE name = 'revision'",
+                    "UPDATE meta SET value = GREATEST(value + 1, %s) WHERE name = 'revision'",
                     (max(record.revision for record in records),),
                 )
                 conn.execute(_FLOOR_TO_REVISION)

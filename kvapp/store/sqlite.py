@@ -800,14 +800,17 @@ class SQLiteStore:
 
         The store's revision counter is raised to the highest revision loaded,
         so a later write never reuses a revision (an ETag) that a loaded key
-        already carries.
+        already carries, and by one at least: the load is a change no watcher
+        sees, so the history floor must pass every position a watcher holds
+        (a load of older revisions would otherwise leave it at one that
+        watchers caught up with, and they would resume past the load unaware).
         """
         if not records:
             return
         with self._transaction() as conn:
             conn.executemany(_UPSERT, records)
             conn.execute(
-                "UPDATE meta SET value = max(value, ?) WHERE name = 'revision'",
+                "UPDATE meta SET value = max(value + 1, ?) WHERE name = 'revision'",
                 (max(record.revision for record in records),),
             )
             conn.execute(_FLOOR_TO_REVISION)
