@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import shlex
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,8 @@ from helpers import ROOT, VERSION_1, curl, server_environ
 from tools import (
     Writers,
     kvapp,
+    kvapp_command,
+    kvapp_environ,
     meta_revision,
     one_line_error,
     open_files_in,
@@ -99,6 +102,42 @@ def test_usage_errors_are_one_line(args):
     result = kvapp(*args)
     assert result.returncode == 2
     assert "(see --help)" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "closed"),
+    [(("import", "-"), "<&-"), (("export", "-"), ">&-"), (("import", "FILE"), "<&-")],
+)
+def test_a_closed_stdin_or_stdout_is_named_and_an_import_from_a_file_ignores_it(
+    tmp_path, source_db, args, closed
+):
+    # A program started with fd 0 or 1 closed has sys.stdin or sys.stdout None:
+    # "-" must say so, and an import from a file must neither care nor, after
+    # succeeding, report a failure.
+    exported = tmp_path / "e.jsonl"
+    assert kvapp("export", "--database", str(source_db), str(exported)).returncode == 0
+    target = tmp_path / "n.sqlite3"
+    argv = [arg.replace("FILE", str(exported)) for arg in args]
+    command = " ".join(shlex.quote(part) for part in kvapp_command(*argv, "--database"))
+    database = str(source_db) if args[0] == "export" else str(target)
+    result = subprocess.run(
+        f"exec {command} {shlex.quote(database)} {closed}",
+        shell=True,
+        cwd=ROOT,
+        env=kvapp_environ(),
+        capture_output=True,
+        timeout=120,
+    )
+    if "-" in args:
+        name = "stdin" if args[0] == "import" else "stdout"
+        assert result.returncode == 1
+        assert one_line_error(result) == (
+            f"kvapp {args[0]}: {name} is closed: give a file name instead of -\n"
+        )
+        assert not target.exists()
+    else:
+        assert result.returncode == 0, result.stderr
+        assert rows(target) == rows(source_db)
 
 
 def test_failures_exit_1_with_one_line(tmp_path, source_db):

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 from kvapp.config import ConfigError, Settings, load_config
 from kvapp.store.base import DatabaseUnusable, StorageError
@@ -78,10 +79,22 @@ def backup(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
     return 0
 
 
+def _standard(stream: TextIO | None, name: str) -> BinaryIO:
+    """Return the bytes of stdin or stdout, given as "-"; StoreError if it was closed.
+
+    A program started with that descriptor closed (<&-, >&-) has None there.
+    """
+    if stream is None:
+        raise targets.StoreError(f"{name} is closed: give a file name instead of -")
+    return stream.buffer
+
+
 def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
     url = _database(args, settings)
     started = time.monotonic()
-    if args.file != "-":
+    if args.file == "-":
+        _standard(sys.stdout, "stdout")  # before the store is opened
+    else:
         targets.refuse_own_files(Path(args.file), url)
         atomicfile.check_destination(Path(args.file), args.force)
     store = targets.open_existing(url, settings)
@@ -105,7 +118,8 @@ def export(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) 
 def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) -> int:
     url = _database(args, settings)
     started = time.monotonic()
-    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    from_stdin = args.file == "-"
+    source = _standard(sys.stdin, "stdin") if from_stdin else open(args.file, "rb")
     try:
         size = os.fstat(source.fileno()).st_size if source.seekable() else None
         with targets.destination(url, settings, args.merge) as target:
@@ -129,7 +143,7 @@ def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally)
                     if again is not source:
                         again.close()
     finally:
-        if source is not sys.stdin.buffer:
+        if not from_stdin:
             source.close()
     _say(
         f"imported {count} records from {args.file} into {redact(url)}"
