@@ -13,8 +13,11 @@ import pytest
 from helpers import stored
 
 from kvapp.store import open_store
-from kvapp.store.base import Put, Record, StorageError, Write
+from kvapp.store.base import MAY_BE_STORED, OutcomeUnknown, Put, Record, StorageError, Write
 from kvapp.store.location import is_postgres_url
+from kvapp.store.sqlite import SQLiteStore
+from kvapp.tools import targets, transfer
+from kvapp.tools.targets import Target
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -100,3 +103,41 @@ def test_a_failed_load_stores_nothing_of_its_batch(repo, database):
 def test_a_key_loaded_twice_in_one_batch_keeps_the_last(repo):
     repo.load([Record("k", b"1", TEXT, 1, None), Record("k", b"2", TEXT, 2, None)])
     assert repo.dump(None, 10) == [Record("k", b"2", TEXT, 2, None)]
+
+
+def test_a_failed_import_into_an_empty_store_leaves_it_empty_even_if_its_last_load_committed(
+    repo,
+):
+    # PostgreSQL answers OutcomeUnknown when the answer to a COMMIT is lost:
+    # that batch may be stored, and its keys too must be erased.
+    records = [Record(f"k{n:05d}", b"v", TEXT, 1, None) for n in range(transfer.PAGE + 5)]
+    load = repo.load
+
+    def load_then_lose_the_answer(batch: list[Record]) -> None:
+        load(batch)
+        if batch[-1].key == records[-1].key:
+            raise OutcomeUnknown(f"the answer was lost: {MAY_BE_STORED}")
+
+    repo.load = load_then_lose_the_answer
+    tally = transfer.Tally()
+    with pytest.raises(OutcomeUnknown):
+        transfer.load(records, Target(repo, fresh=False, empty=True), tally)
+    assert repo.dump(None, 10) == [] and (tally.records, tally.last_key) == (0, None)
+
+
+@pytest.mark.backends("sqlite")
+def test_a_new_database_that_appeared_during_an_import_is_not_replaced(make_settings, tmp_path):
+    # A server started on the path while the import ran made a database
+    # there: the import must fail rather than replace it with its own file.
+    path = tmp_path / "new" / "kv.sqlite3"
+    with pytest.raises(targets.StoreError, match="appeared while this ran, and is left as it is"):
+        with targets.destination(str(path), make_settings(), merge=False) as target:
+            target.store.load([Record("mine", b"1", TEXT, 1, None)])
+            meanwhile = SQLiteStore(str(path))
+            meanwhile.set_many([("theirs", b"2", TEXT)])
+            meanwhile.close()
+    again = SQLiteStore(str(path))
+    try:
+        assert [record.key for record in again.dump(None, 10)] == ["theirs"]
+    finally:
+        again.close()

@@ -120,13 +120,21 @@ def destination(url: str, settings: Settings, merge: bool) -> Iterator[Target]:
         # Folders made durably: the new file's rename into place is fsynced, and
         # a folder lost in a power cut would take the finished file with it.
         make_folders(path.parent)
-        with atomicfile.aside(path) as temp:
-            # synchronous=OFF: the file is fsynced once, whole, before the rename.
-            store = _open(str(temp), settings, "OFF")
-            try:
-                yield Target(store, fresh=True, empty=True)
-            finally:
-                store.close()  # the last connection's close checkpoints and removes the WAL
+        try:
+            # replace=False: a database made at path meanwhile (a server
+            # started on it) is never replaced by this one.
+            with atomicfile.aside(path, replace=False) as temp:
+                # synchronous=OFF: the file is fsynced once, whole, before the rename.
+                store = _open(str(temp), settings, "OFF")
+                try:
+                    yield Target(store, fresh=True, empty=True)
+                finally:
+                    store.close()  # the last connection's close checkpoints and removes the WAL
+        except atomicfile.DestinationExists:
+            raise StoreError(
+                f"{path} appeared while this ran, and is left as it is: run the command"
+                " again (with --merge to add to what it holds)"
+            ) from None
         return
     store = open_existing(url, settings, empty_ok=True)
     try:

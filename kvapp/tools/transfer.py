@@ -78,16 +78,20 @@ def load(source: Iterable[Record], target: Target, tally: Tally, bar: Any = None
     """
     bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
     iterator = iter(source)
+    # The last key of the batch being loaded: a load that failed may still
+    # have committed (PostgreSQL's OutcomeUnknown, a lost answer to COMMIT).
+    attempted: str | None = None
     try:
         while batch := list(itertools.islice(iterator, PAGE)):
+            attempted = batch[-1].key
             target.store.load(batch)
             tally.records += len(batch)
-            tally.last_key = batch[-1].key
+            tally.last_key = attempted
             bar.update(len(batch))
     except BaseException:
-        if target.empty and tally.last_key is not None:
+        if target.empty and attempted is not None:
             if not target.fresh:
-                erase_through(target.store, tally.last_key)
+                erase_through(target.store, attempted)
             tally.records, tally.last_key = 0, None
         raise
     return tally.records
