@@ -977,3 +977,16 @@ def test_check_accepts_a_version_1_file_that_kvapp_upgrades_when_it_opens_it(tmp
     result = kvapp("check", "--database", str(db))
     assert result.returncode == 1
     assert "table changes is missing" in one_line_error(result)
+
+
+def test_a_failed_backup_names_both_files(tmp_path, source_db, monkeypatch):
+    # SQLite's backup API reports a failed read of the source and a failed
+    # write of the copy alike, so the message must not blame the copy alone.
+    def fail(conn, copy, progress):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlitefile, "_copy", fail)
+    target = tmp_path / "b.sqlite3"
+    with pytest.raises(sqlitefile.NotUsable) as failed:
+        sqlitefile.backup(source_db, target)
+    assert str(failed.value) == f"cannot back {source_db} up into {target}: disk I/O error"

@@ -231,7 +231,9 @@ def backup(
         try:
             return _copy(conn, copy, progress)
         except sqlite3.Error as exc:
-            raise NotUsable(f"cannot write the backup {target}: {_first_line(exc)}") from None
+            # The backup API reports a failed read of the source and a failed
+            # write of the copy alike: name both files.
+            raise NotUsable(f"cannot back {source} up into {target}: {_first_line(exc)}") from None
         finally:
             copy.close()
 
