@@ -526,3 +526,17 @@ def test_a_closed_store_opens_nothing_again(make_settings, database: str, db_pat
         ]
     else:
         assert store._pool_pid == 0 and store._listener is None
+
+
+@BOTH
+def test_closing_the_store_ends_its_group_commit_monitor(make_settings):
+    def monitors() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "kvapp-group-commit-monitor"}
+
+    before = monitors()
+    store = open_store(make_settings())
+    store.set_many([("a", b"1", TEXT)])  # the first batch starts the monitor
+    (monitor,) = monitors() - before
+    store.close()
+    monitor.join(10)
+    assert not monitor.is_alive()

@@ -126,7 +126,14 @@ class GroupCommit:
         self._changed = threading.Condition(self._mutex)
         self._monitor_started = False
         self._monitor_idle = False
+        self._closed = False
         renew_after_fork(self)
+
+    def close(self) -> None:
+        """End the monitor thread: the store is closing, and applies no batch any more."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
 
     def stalled_for(self) -> float:
         """Return how long the batch being applied has been applied for (0: none is)."""
@@ -185,7 +192,7 @@ class GroupCommit:
     def _monitor(self, stalled_after: float) -> None:
         """Give up on the writes of a batch older than stalled_after, but its leader's."""
         with self._changed:
-            while True:
+            while not self._closed:
                 since = self._applying_since
                 if since is None or self._stalled:
                     self._monitor_idle = True

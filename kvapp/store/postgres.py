@@ -437,6 +437,7 @@ class PostgresStore:
     def close(self) -> None:
         """Close every connection this repository opened in this process; later calls fail."""
         self.feed.close()  # first: its listener reads the store
+        self._group_commit.close()
         self._closed = True
         self._stop_listening()
         with self._pool_lock:

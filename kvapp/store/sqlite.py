@@ -297,6 +297,7 @@ class SQLiteStore:
     def close(self) -> None:
         """Close every connection this repository opened; later calls raise StorageUnavailable."""
         self.feed.close()  # first: its listener reads the store
+        self._group_commit.close()
         with self._connections_lock:
             self._closed = True
             connections = list(self._connections)
