@@ -235,3 +235,23 @@ def test_the_listener_lets_go_of_its_session_once_no_watcher_waits(make_settings
             assert becomes(0)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("sizes", [[400_000] * 7, [3_000_000, 1, 2], [0, 0, 5, 1_048_576, 0]])
+def test_a_page_of_history_ends_at_its_bytes_and_the_next_goes_on_from_there(repo, sizes):
+    repo.apply(Write.of(*(put(f"k{n}", b"x" * size) for n, size in enumerate(sizes))))
+    budget = 1_048_576
+    position, pages = (0, 0), []
+    while True:
+        page = repo.history(position, "", 1000, budget)
+        if page.events:
+            values = [len(e.value) for e in page.events]
+            # Under the budget but for the last event, which takes it there.
+            assert sum(values[:-1]) < budget
+            assert page.cut == (sum(values) >= budget)
+            pages.append([e.n for e in page.events])
+            position = (page.events[-1].revision, page.events[-1].n)
+        if not page.cut:
+            break
+    assert [n for page in pages for n in page] == list(range(len(sizes)))
+    assert repo.history((0, 0), "", 2).cut and not repo.history((0, 0), "", 0).cut

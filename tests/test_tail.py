@@ -17,7 +17,7 @@ from unittest import mock
 import hypothesis.strategies as st
 from hypothesis import example, given
 
-from kvapp.store.base import PUT, WHOLE, Event, History
+from kvapp.store.base import PAGE_BYTES, PUT, WHOLE, Event, History
 from kvapp.web import tail
 from kvapp.web.tail import Tail
 from kvapp.web.watch import event_bytes
@@ -41,13 +41,21 @@ class ListLog:
         """Remove every change so far from the log, as the sweeper or a load does."""
         self.floor = self.revision
 
-    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+    def history(
+        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> History:
         later = [
             e
             for e in self.events
             if e.revision > self.floor and (e.revision, e.n) > after and e.key.startswith(prefix)
         ]
-        return History(self.revision, self.floor, later[:limit])
+        page, size = [], 0
+        for event in later[:limit]:
+            page.append(event)
+            size += len(event.value or b"")
+            if size >= max_bytes:
+                return History(self.revision, self.floor, page, True)
+        return History(self.revision, self.floor, page, bool(limit) and len(page) == limit)
 
     def expected(self, after: tuple[int, int], until: tuple[int, int], prefix: str) -> list[bytes]:
         return [

@@ -637,3 +637,72 @@ def test_a_position_inside_a_revision_that_was_trimmed_is_410(client, app, watch
     answer = client.get("/kv/?watch", headers={"Last-Event-ID": "1-0"}, status=410)
     assert "the oldest revision to resume from is 1" in answer.text
     assert watch(headers={"Last-Event-ID": "1"}).status == "200 OK"  # after all of it: fine
+
+
+def test_catching_up_reads_the_change_log_a_bounded_page_at_a_time(client, watch):
+    # Eight values of nearly 1 MiB of control characters, each 6 MiB once
+    # escaped: read 1,000 changes at once, a stream from since=0 held them
+    # all, encoded, in one send (one such client took a server past 1 GB).
+    value = b"\x01" * (1024 * 1024 - 64)
+    for n in range(8):
+        client.put(f"/kv/big/{n}", value, headers={"Content-Type": "text/plain"})
+    stream = watch("&since=0")
+    stream.pull()  # the comment that starts a resumed stream
+    seen = []
+    while len(seen) < 8:
+        chunk = stream.pull()
+        count = chunk.count(b"\nevent: put\n")
+        # A page ends after the change that takes its values to PAGE_BYTES.
+        assert 1 <= count <= 2, count
+        seen += [line for line in chunk.split(b"\n") if line.startswith(b"id: ")]
+    assert seen == [f"id: {n + 1}-0".encode() for n in range(8)]
+
+
+class HookedChannel:
+    """What kvapp's waitress channel gives a request: client_gone, and a hook for its close."""
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.hook = None
+
+    def client_gone(self) -> bool:
+        return self.gone
+
+    def when_closed(self, hook) -> None:
+        self.hook = hook
+
+    def close(self) -> None:
+        self.gone = True
+        self.hook()
+
+
+@BEFORE_STORAGE
+def test_a_busy_stream_whose_client_goes_ends_without_waiting_out_its_gather(
+    app, client, monkeypatch
+):
+    # A busy stream sleeps between sends so that changes gather; the client's
+    # close must wake it, or its slot stays taken and a reconnection gets 503.
+    monkeypatch.setattr(watch_module, "GATHER_SECONDS", 60)
+    channel = HookedChannel()
+    environ = webob.Request.blank("/kv/?watch&since=0").environ
+    environ["waitress.client_disconnected"] = channel.client_gone
+    client.get("/set?a=1&b=2")  # two changes in one page: then the stream gathers
+    body = app(environ, lambda status, headers: None)
+    chunks = iter(body)
+    next(chunks)  # the comment that starts a resumed stream
+    assert next(chunks).count(b"\nevent: put\n") == 2
+    ended = threading.Event()
+
+    def read_on() -> None:
+        for _ in chunks:
+            pass
+        ended.set()
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    time.sleep(0.1)  # into its gather: nothing more to send
+    channel.close()
+    reader.join(20)  # a hang mark, far below the 60 s gather
+    assert ended.is_set()
+    body.close()
+    assert app.watching.active == 0

@@ -222,6 +222,13 @@ class Event(NamedTuple):
     expires_at: int | None = None
 
 
+# The bytes of values a page of the change log holds at most, but for its
+# last event (Store.history): a watcher far behind, or one whose client hung
+# up, holds no more than this and its encoding (at most 6 bytes per byte, a
+# JSON \u escape) at a time.
+PAGE_BYTES = 1024 * 1024
+
+
 class History(NamedTuple):
     """Events read from one snapshot of the change log.
 
@@ -234,6 +241,8 @@ class History(NamedTuple):
     revision: int
     floor: int
     events: list[Event]
+    # The page ended at its limit of events or of bytes: more may follow it.
+    cut: bool = False
 
 
 class StorageError(Exception):
@@ -451,11 +460,16 @@ class Store(Protocol):
         """
         ...
 
-    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+    def history(
+        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> History:
         """Return up to limit Events after the position (revision, n) whose keys start with prefix.
 
         In (revision, n) order, from one snapshot that also gives the store's
-        revision and history floor.
+        revision and history floor.  The page also ends after the event that
+        takes its values to max_bytes (always at least one event): values
+        are up to 1 MiB each, and a page of 1,000 of them must not be read
+        into memory at once.
         """
         ...
 

@@ -46,6 +46,7 @@ from kvapp.store.base import (
     CLOSED,
     EXPIRED,
     MAY_BE_STORED,
+    PAGE_BYTES,
     DatabaseUnusable,
     Event,
     History,
@@ -881,12 +882,17 @@ class PostgresStore:
 
     # -- the change log (kvapp.store.base; watchers in kvapp.web.watch) -------
 
-    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+    def history(
+        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> History:
         """Return up to limit Events after the position after whose keys start with prefix.
 
         From one REPEATABLE READ transaction: one snapshot for the revision,
         the floor and the events
         (https://www.postgresql.org/docs/current/transaction-iso.html#XACT-REPEATABLE-READ).
+        The page's running total of value sizes (octet_length reads a TOASTed
+        value's size, not the value) picks the events up to max_bytes before
+        any value is read: psycopg receives a whole result at once.
         """
         revision, n = after
         where, params = "", []
@@ -897,9 +903,15 @@ class PostgresStore:
                 where += " AND key < %s"
                 params.append(upper)
         sql = (
-            "SELECT revision, n, key, kind, value, content_type, expires_at FROM changes"
+            "WITH page AS (SELECT revision, n,"
+            " sum(coalesce(octet_length(value), 0)) OVER (ORDER BY revision, n) AS upto"
+            " FROM changes"
             f" WHERE revision >= %s AND (revision > %s OR n > %s) AND revision <= %s{where}"
-            " ORDER BY revision, n LIMIT %s"
+            " ORDER BY revision, n LIMIT %s)"
+            " SELECT c.revision, c.n, c.key, c.kind, c.value, c.content_type, c.expires_at,"
+            " page.upto FROM page JOIN changes AS c USING (revision, n)"
+            " WHERE page.upto - coalesce(octet_length(c.value), 0) < %s"
+            " ORDER BY revision, n"
         )
 
         def read(conn: psycopg.Connection) -> History:
@@ -911,16 +923,19 @@ class PostgresStore:
                     ).fetchall()
                 )
                 rows = conn.execute(
-                    sql, (revision, revision, n, meta["revision"], *params, limit), binary=True
+                    sql,
+                    (revision, revision, n, meta["revision"], *params, limit, max_bytes),
+                    binary=True,
                 ).fetchall()
             finally:
                 if not conn.broken:
                     conn.execute("ROLLBACK")
             events = [
                 Event(r, i, key, kind, None if value is None else bytes(value), ctype, expires)
-                for r, i, key, kind, value, ctype, expires in rows
+                for r, i, key, kind, value, ctype, expires, _ in rows
             ]
-            return History(meta["revision"], meta["history_floor"], events)
+            cut = bool(limit) and (len(rows) == limit or bool(rows) and rows[-1][7] >= max_bytes)
+            return History(meta["revision"], meta["history_floor"], events, cut)
 
         return self._run(read, writing=False)
 

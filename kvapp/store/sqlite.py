@@ -31,6 +31,7 @@ from typing import Any, cast
 from kvapp.store.base import (
     CLOSED,
     EXPIRED,
+    PAGE_BYTES,
     DatabaseUnusable,
     Event,
     History,
@@ -704,12 +705,15 @@ class SQLiteStore:
 
     # -- the change log (kvapp.store.base; watchers in kvapp.web.watch) -------
 
-    def history(self, after: tuple[int, int], prefix: str, limit: int) -> History:
+    def history(
+        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> History:
         """Return up to limit Events after the position after whose keys start with prefix.
 
         From one read transaction, so the revision and floor match the events
         (https://sqlite.org/wal.html#concurrency); a range scan of the
-        primary key (revision, n) from the position.
+        primary key (revision, n) from the position.  Rows are stepped one by
+        one, so none past max_bytes of values is read.
         """
         revision, n = after
         where, params = "", []
@@ -733,12 +737,15 @@ class SQLiteStore:
                         "SELECT name, value FROM meta WHERE name IN ('revision', 'history_floor')"
                     ).fetchall()
                 )
-                rows = conn.execute(
+                cursor = conn.execute(
                     sql, (revision, revision, n, meta["revision"], *params, limit)
-                ).fetchall()
+                )
+                events, cut = _page(cursor, max_bytes)
+                cut = cut or bool(limit) and len(events) == limit
+                cursor.close()  # ends the statement before the snapshot
             finally:
                 conn.execute("COMMIT")  # only reads: ends the snapshot
-        return History(meta["revision"], meta["history_floor"], [Event(*row) for row in rows])
+        return History(meta["revision"], meta["history_floor"], events, cut)
 
     def trim_history(self, max_age_seconds: int, keep: int, limit: int = 500) -> int:
         """Remove the oldest revisions' events: past max_age_seconds, or past the newest keep."""
@@ -891,6 +898,18 @@ _FLOOR_TO_REVISION = (
     "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'revision')"
     " WHERE name = 'history_floor'"
 )
+
+
+def _page(rows: Iterable[Any], max_bytes: int) -> tuple[list[Event], bool]:
+    """Return the Events of rows up to the one whose value takes them to max_bytes, and if cut."""
+    events = []
+    size = 0
+    for row in rows:
+        events.append(Event(*row))
+        size += len(row[4] or b"")
+        if size >= max_bytes:
+            return events, True
+    return events, False
 
 
 class _Held:

@@ -247,12 +247,11 @@ class Tail:
                     self._wake(None)
                 else:
                     segment = self._add(history.events, encoded)
-                    full = len(encoded) == PAGE
-                    self._end = self._positions[-1] if full else (history.revision, WHOLE)
+                    self._end = self._positions[-1] if history.cut else (history.revision, WHOLE)
                     if segment is not None:
                         self._wake(segment)  # before _shrink, which may rebuild it
                     self._shrink()
-            if start is None or len(encoded) < PAGE:
+            if start is None or not history.cut:
                 return
 
     def _add(self, events: list[Event], encoded: list[bytes]) -> _Segment | None:

@@ -180,6 +180,8 @@ class Watching:
         self.active = 0
         self._lock = threading.Lock()
         self.closing = threading.Event()
+        # One per open stream: set when its client goes, or at shutdown.
+        self._ended: set[threading.Event] = set()
         self.tail = Tail(repository, event_bytes)
 
     # -- slots and shutdown --------------------------------------------------
@@ -198,9 +200,11 @@ class Watching:
         with self._lock:
             self.active -= 1
 
-    def _end_stream(self, when_closed: WhenClosed | None) -> None:
+    def _end_stream(self, when_closed: WhenClosed | None, ended: threading.Event) -> None:
         if when_closed is not None:
             when_closed(None)
+        with self._lock:
+            self._ended.discard(ended)
         self.tail.detach()
         self._free_slot()
 
@@ -212,6 +216,9 @@ class Watching:
     def end_streams(self) -> None:
         """End every stream and long-poll of this process (shutdown); refuse new ones."""
         self.closing.set()
+        with self._lock:
+            for ended in self._ended:
+                ended.set()
         self.repository.feed.notify()
         self.tail.wake()
 
@@ -242,16 +249,22 @@ class Watching:
             first = f"id: {start.revision}\nevent: ready\ndata: {ready}\n\n".encode()
         client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
         when_closed = close_hook(client_gone)
+        ended = threading.Event()
+        with self._lock:
+            self._ended.add(ended)
+            if self.closing.is_set():
+                ended.set()
         self.tail.attach()
         if when_closed is not None:
-            when_closed(partial(self._client_went, key_prefix))
-        events = self._events(position, key_prefix, first, client_gone)
-        ending = Ending(events, lambda sent: self._end_stream(when_closed))
+            when_closed(partial(self._client_went, key_prefix, ended))
+        events = self._events(position, key_prefix, first, client_gone, ended)
+        ending = Ending(events, lambda sent: self._end_stream(when_closed, ended))
         headers = [("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
         return Response(200, b"", EVENT_STREAM, headers, stream=ending)
 
-    def _client_went(self, prefix: str) -> None:
-        """Wake the streams that may be asleep for this client (the main loop's thread)."""
+    def _client_went(self, prefix: str, ended: threading.Event) -> None:
+        """Wake the stream that may be asleep for this client (the main loop's thread)."""
+        ended.set()  # busy: letting changes gather
         self.tail.nudge(prefix)  # caught up: asleep in the tail
         self.repository.feed.notify()  # reading the change log: asleep on the feed
 
@@ -277,8 +290,14 @@ class Watching:
         prefix: str,
         first: bytes,
         client_gone: Callable[[], bool],
+        ended: threading.Event,
     ) -> Iterator[bytes]:
-        """Yield first, then every change after position as it comes, and heartbeats."""
+        """Yield first, then every change after position as it comes, and heartbeats.
+
+        ended is set when the client goes (under kvapp's waitress channel) or
+        the server stops: a stream letting changes gather wakes at once, and
+        frees its slot for the client's reconnection.
+        """
         feed, tail = self.repository.feed, self.tail
         yield first
         beat = time.monotonic()
@@ -306,7 +325,7 @@ class Watching:
                     # Changes come faster than one per send: let the next ones
                     # gather, so that a busy stream sends once per GATHER_SECONDS
                     # rather than once per commit.  A change after a quiet spell goes out at once.
-                    self.closing.wait(GATHER_SECONDS)
+                    ended.wait(GATHER_SECONDS)
                 continue
             if more:
                 continue
@@ -336,7 +355,7 @@ class Watching:
         if trimmed(position, history.floor):
             return None
         chunks = [event_bytes(event) for event in history.events]
-        if len(history.events) == PAGE:
+        if history.cut:
             last = history.events[-1]
             return chunks, (last.revision, last.n), True
         return chunks, max(position, (history.revision, WHOLE)), False
