@@ -446,17 +446,33 @@ def test_a_wait_longer_than_max_wait_seconds_is_cut_to_it(make_settings, clock):
     client = webtest.TestApp(application)
     try:
         client.put("/kv/k", b"v")
-        answer = client.get(
-            "/kv/k", headers={"If-None-Match": '"1"', "Prefer": "wait=3600"}, status=304
-        )
-        assert answer.headers["Preference-Applied"] == "wait=1"
+        # Any number of seconds, of any length, is cut: 11 digits were ignored.
+        for wait in ("3600", "99999999999", "9" * 5000):
+            answer = client.get(
+                "/kv/k", headers={"If-None-Match": '"1"', "Prefer": f"wait={wait}"}, status=304
+            )
+            assert answer.headers["Preference-Applied"] == "wait=1"
     finally:
         application.close()
 
 
 @BEFORE_STORAGE
 @pytest.mark.parametrize(
-    "prefer", ["", "respond-async", "wait=abc", "wait=-1", "wait=1.5", "return=minimal"]
+    "prefer",
+    [
+        "",
+        "respond-async",
+        "wait=abc",
+        "wait=-1",
+        "wait=1.5",
+        "return=minimal",
+        # A wait inside another preference's quoted value is no wait.
+        'foo="a,wait=1"',
+        # A malformed header: none of its preferences is certain.
+        'wait="1',
+        "wait=1 x",
+        "a b, wait=1",
+    ],
 )
 def test_without_a_usable_wait_preference_a_read_is_unchanged(client, prefer):
     client.put("/kv/k", b"v")

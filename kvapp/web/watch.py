@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,18 @@ FLAG = b"watch"
 # against none, alternating five runs each: 0.91 at 0.1 s, 0.94 at 0.2 s
 # (docs/performance.md).  A change after a quiet spell goes out at once.
 GATHER_SECONDS = 0.2
+
+# One element of a Prefer list (RFC 7240 section 2): token [= word] *(; parameter),
+# word = token / quoted-string, with the OWS and the comma after it; empty
+# elements are allowed (RFC 9110 section 5.6.1).  Read element by element,
+# so that a comma inside a quoted string is not taken for the list's.
+# Possessive, as etags._ELEMENT is, so that no input can make it backtrack.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]++"
+_WORD = rf'(?:{_TOKEN}|"(?:[^"\\]|\\.)*+")'
+_PREFERENCE = re.compile(
+    rf"[ \t]*+(?:({_TOKEN})(?:[ \t]*+=[ \t]*+({_WORD}))?+"
+    rf"(?:[ \t]*+;(?:[ \t]*+{_TOKEN}(?:[ \t]*+=[ \t]*+{_WORD})?+)?+)*+)?+[ \t]*+(,|\Z)"
+)
 
 # kvapp.server.Channel.when_closed: register a hook for the connection's close, or None.
 WhenClosed = Callable[[Callable[[], None] | None], None]
@@ -371,15 +384,22 @@ class Watching:
         prefer = request.header("HTTP_PREFER")
         if not prefer:
             return None
-        for preference in prefer.split(","):
-            name, _, value = preference.split(";")[0].partition("=")
-            if name.strip(" \t").lower() != "wait":
-                continue
-            value = value.strip(" \t").strip('"')
-            if not (value.isascii() and value.isdigit() and len(value) <= 10):
+        position = 0
+        while True:  # each element ends in a comma, which moves on, or at the end
+            element = _PREFERENCE.match(prefer, position)
+            if element is None:
+                return None  # a malformed header: none of its preferences is certain
+            name, value, comma = element.groups()
+            position = element.end()
+            if name is not None and name.lower() == "wait":
+                if value is not None and value.startswith('"'):
+                    value = re.sub(r"\\(.)", r"\1", value[1:-1])
+                if not (value and value.isascii() and value.isdigit()):
+                    return None
+                # No int() of thousands of digits; any number past the cap is the cap.
+                return self.max_wait if len(value) > 10 else min(int(value), self.max_wait)
+            if not comma:
                 return None
-            return min(int(value), self.max_wait)
-        return None
 
     def long_poll(
         self, request: Request, item: Item | None, read: Callable[[], Item | None]
