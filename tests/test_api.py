@@ -608,7 +608,14 @@ def test_delete_route_bad_query_is_400(client, query):
 
 
 def keys_of(response) -> list[str]:
-    return response.text.splitlines()
+    """Return the listed keys: each line ends in LF, and only LF ends one (not U+2028)."""
+    assert response.text == "" or response.text.endswith("\n")
+    return response.text.split("\n")[:-1]
+
+
+def test_a_key_with_a_unicode_line_separator_is_one_line_of_the_listing(client):
+    client.get("/set?p/%E2%80%A8=7&p/%E2%80%A9x=8&p/y=9")
+    assert keys_of(client.get("/kv/?prefix=p/")) == ["p/\u2028", "p/\u2029x", "p/y"]
 
 
 @pytest.fixture
