@@ -472,6 +472,7 @@ def test_a_wait_longer_than_max_wait_seconds_is_cut_to_it(make_settings, clock):
         'wait="1',
         "wait=1 x",
         "a b, wait=1",
+        "wait=1, a b",
     ],
 )
 def test_without_a_usable_wait_preference_a_read_is_unchanged(client, prefer):

@@ -384,6 +384,7 @@ class Watching:
         prefer = request.header("HTTP_PREFER")
         if not prefer:
             return None
+        wait: str | None = None
         position = 0
         while True:  # each element ends in a comma, which moves on, or at the end
             element = _PREFERENCE.match(prefer, position)
@@ -391,15 +392,16 @@ class Watching:
                 return None  # a malformed header: none of its preferences is certain
             name, value, comma = element.groups()
             position = element.end()
-            if name is not None and name.lower() == "wait":
-                if value is not None and value.startswith('"'):
-                    value = re.sub(r"\\(.)", r"\1", value[1:-1])
-                if not (value and value.isascii() and value.isdigit()):
-                    return None
-                # No int() of thousands of digits; any number past the cap is the cap.
-                return self.max_wait if len(value) > 10 else min(int(value), self.max_wait)
+            if wait is None and name is not None and name.lower() == "wait":
+                wait = value or ""
             if not comma:
-                return None
+                break
+        if wait is not None and wait.startswith('"'):
+            wait = re.sub(r"\\(.)", r"\1", wait[1:-1])
+        if not (wait and wait.isascii() and wait.isdigit()):
+            return None
+        # No int() of thousands of digits; any number past the cap is the cap.
+        return self.max_wait if len(wait) > 10 else min(int(wait), self.max_wait)
 
     def long_poll(
         self, request: Request, item: Item | None, read: Callable[[], Item | None]
