@@ -14,6 +14,7 @@ import time
 import psycopg
 import pytest
 
+from kvapp.store import feed as feed_module
 from kvapp.store import open_store
 from kvapp.store.base import (
     WHOLE,
@@ -204,9 +205,12 @@ def test_history_cut(oldest, before, beyond, limit, cut):
 
 
 @pytest.mark.backends("postgres")
-def test_the_listener_lets_go_of_its_session_once_no_watcher_waits(make_settings, database):
+def test_the_listener_lets_go_of_its_session_once_no_watcher_waits(
+    make_settings, database, monkeypatch
+):
     # A session that LISTENs and is never read holds back the notification
     # queue of the whole cluster, which every kvapp write adds to.
+    monkeypatch.setattr(feed_module, "LINGER_SECONDS", 0.5)
     store = open_store(make_settings())
 
     def listening() -> int:
@@ -255,3 +259,24 @@ def test_a_page_of_history_ends_at_its_bytes_and_the_next_goes_on_from_there(rep
             break
     assert [n for page in pages for n in page] == list(range(len(sizes)))
     assert repo.history((0, 0), "", 2).cut and not repo.history((0, 0), "", 0).cut
+
+
+@pytest.mark.backends("postgres")
+def test_watchers_waiting_in_turns_keep_one_listening_session(make_settings, monkeypatch):
+    # The tail's refresher reads the log between two waits: a listener that
+    # stopped whenever nobody waited reconnected at nearly every commit.
+    store = open_store(make_settings())
+    writer = open_store(make_settings())
+    opened = []
+    connect = psycopg.connect
+    monkeypatch.setattr(psycopg, "connect", lambda *a, **k: opened.append(1) or connect(*a, **k))
+    try:
+        for n in range(10):
+            version = store.feed.version
+            writer.apply(Write.of(put(f"k{n}")))
+            assert store.feed.wait(version, 20) != version
+            time.sleep(0.3)  # longer than one listen(): the listener sees nobody waiting
+        assert len(opened) == 1
+    finally:
+        writer.close()
+        store.close()
