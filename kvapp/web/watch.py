@@ -401,7 +401,8 @@ class Watching:
         if not (wait and wait.isascii() and wait.isdigit()):
             return None
         # No int() of thousands of digits; any number past the cap is the cap.
-        return self.max_wait if len(wait) > 10 else min(int(wait), self.max_wait)
+        digits = wait.lstrip("0") or "0"
+        return self.max_wait if len(digits) > 10 else min(int(digits), self.max_wait)
 
     def long_poll(
         self, request: Request, item: Item | None, read: Callable[[], Item | None]
