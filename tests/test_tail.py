@@ -26,10 +26,11 @@ from kvapp.web.watch import event_bytes
 class ListLog:
     """A change log in a list: history() as the stores answer it, and trimming."""
 
-    def __init__(self) -> None:
+    def __init__(self, page_bytes: int = PAGE_BYTES) -> None:
         self.events: list[Event] = []  # every change ever made, trimmed or not
         self.revision = 0
         self.floor = 0  # changes up to this revision are trimmed
+        self.page_bytes = page_bytes  # a page's bytes of values, when history() is not told
 
     def commit(self, keys: list[str]) -> None:
         self.revision += 1
@@ -42,8 +43,9 @@ class ListLog:
         self.floor = self.revision
 
     def history(
-        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int = PAGE_BYTES
+        self, after: tuple[int, int], prefix: str, limit: int, max_bytes: int | None = None
     ) -> History:
+        max_bytes = self.page_bytes if max_bytes is None else max_bytes
         later = [
             e
             for e in self.events
@@ -100,11 +102,19 @@ def check_segments(held: Tail, max_bytes: int, max_events: int) -> None:
     assert held._bytes <= max_bytes and len(held._events) <= max_events
 
 
+@example(  # a page of the log cut by its bytes: the next read goes on after it
+    steps=[("commit", ["a", "ab"]), ("refresh", None), ("read", (0, 2, ""))],
+    page=5,
+    max_events=12,
+    max_bytes=4000,
+    page_bytes=1,
+)
 @example(  # a read from the middle of a segment
     steps=[("commit", ["a", "ab"]), ("refresh", None), ("read", (0, 0, ""))],
     page=2,
     max_events=12,
     max_bytes=4000,
+    page_bytes=PAGE_BYTES,
 )
 @example(  # the log trimmed past the tail's start: it starts again, empty
     steps=[
@@ -119,15 +129,20 @@ def check_segments(held: Tail, max_bytes: int, max_events: int) -> None:
     page=5,
     max_events=12,
     max_bytes=4000,
+    page_bytes=PAGE_BYTES,
 )
 @given(
     steps=st.lists(st.one_of(COMMIT, REFRESH, TRIM, READ), max_size=60),
     page=st.integers(1, 5),
     max_events=st.integers(2, 12),
     max_bytes=st.integers(200, 4000),  # an event here is 120 to 130 bytes, held twice
+    # A value here is 3 to 8 bytes: small budgets cut pages by bytes too.
+    page_bytes=st.one_of(st.integers(1, 20), st.just(PAGE_BYTES)),
 )
-def test_every_read_of_the_tail_is_the_change_logs_own_filter(steps, page, max_events, max_bytes):
-    log = ListLog()
+def test_every_read_of_the_tail_is_the_change_logs_own_filter(
+    steps, page, max_events, max_bytes, page_bytes
+):
+    log = ListLog(page_bytes)
     held = Tail(log, event_bytes)
     with (
         mock.patch.object(tail, "PAGE", page),

