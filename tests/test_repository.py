@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-from helpers import stored
+from helpers import ROOT, stored
 
 from kvapp.store import open_store
 from kvapp.store.base import DatabaseUnusable, StorageBusy, StorageError, StorageFull
@@ -540,3 +542,59 @@ def test_closing_the_store_ends_its_group_commit_monitor(make_settings):
     store.close()
     monitor.join(10)
     assert not monitor.is_alive()
+
+
+CLOSE_DURING_A_READ = """
+import sys, threading
+from kvapp.store.base import StorageError
+from kvapp.store.sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+store.set_many([("a", b"1", "text/plain")])
+inside, release = threading.Event(), threading.Event()
+
+
+def blocked(key):
+    inside.set()  # this thread is inside SQLite, stepping the SELECT
+    release.wait(10)
+    return key
+
+
+def read():
+    conn = store._reader()
+    conn.create_function("blocked", 1, blocked)
+    print("read", conn.execute("SELECT blocked(key) FROM kv").fetchall(), flush=True)
+    try:
+        store.list_keys("", None, 10)
+    except StorageError as exc:
+        print("then", exc, flush=True)
+
+
+reader = threading.Thread(target=read)
+reader.start()
+inside.wait(10)
+closer = threading.Thread(target=store.close)
+closer.start()
+closer.join(10)  # close() returns without waiting for the read
+release.set()
+reader.join(10)
+"""
+
+
+def test_closing_the_store_during_another_thread_s_read_neither_crashes_nor_waits(tmp_path):
+    # A connection closed while another thread is inside SQLite with it
+    # crashed the process with a segmentation fault: a request that outlived
+    # the server's stop would have taken the process down at its exit.
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSE_DURING_A_READ, str(tmp_path / "kv.sqlite3")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout == (
+        "read [('a',)]\nthen the store is closed: the server is stopping; retry\n"
+    )
+    # The reader's connection was closed by its own thread: nothing is left open.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.sqlite3", "kv.sqlite3-gen"]

@@ -214,7 +214,9 @@ class SQLiteStore:
         # Called after every commit of apply_batch with the number of Writes it held.
         self.on_commit: Callable[[int], None] = lambda size: None
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        # Every open connection, with the thread whose reads it serves (None:
+        # the writer, which _write_lock guards).
+        self._connections: dict[sqlite3.Connection, threading.Thread | None] = {}
         self._connections_lock = threading.Lock()
         self._closed = False
         self._write_lock = threading.Lock()
@@ -225,7 +227,7 @@ class SQLiteStore:
         except GenerationsUnavailable as exc:
             raise self._refuse(str(exc), exc.advice) from None
         self._cache = ReadCache(self._generations, read_cache_bytes)
-        self._writer = self._connect()
+        self._writer = self._connect(None)
         self._group_commit = GroupCommit(
             self.apply_batch,
             stalled_after=busy_timeout_ms / 1000 + STALLED_BEYOND_BUSY,
@@ -236,7 +238,7 @@ class SQLiteStore:
 
     # -- connections -------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, owner: threading.Thread | None) -> sqlite3.Connection:
         if self._closed:
             raise StorageUnavailable(CLOSED)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -259,7 +261,7 @@ class SQLiteStore:
             if self._closed:  # close() ran while this one opened
                 conn.close()
                 raise StorageUnavailable(CLOSED)
-            self._connections.append(conn)
+            self._connections[conn] = owner
         return conn
 
     @contextmanager
@@ -286,9 +288,13 @@ class SQLiteStore:
         otherwise leave a connection (two file descriptors) behind.
         """
         held = getattr(self._local, "held", None)
+        if self._closed:
+            if held is not None:
+                del self._local.held  # its finalizer closes the connection, in this thread
+            raise StorageUnavailable(CLOSED)
         if held is None:
             with self._reading():
-                conn = self._connect()
+                conn = self._connect(threading.current_thread())
                 held = _Held(conn)  # from here on, it closes conn when it goes
                 lock, connections = self._connections_lock, self._connections
                 weakref.finalize(held, _forget, lock, connections, conn).atexit = False
@@ -297,16 +303,35 @@ class SQLiteStore:
         return held.conn
 
     def close(self) -> None:
-        """Close every connection this repository opened; later calls raise StorageUnavailable."""
+        """Close the connections no other thread is using; later calls raise StorageUnavailable.
+
+        A connection closed while another thread is inside SQLite with it
+        crashes the process (a segmentation fault, measured), so a reading
+        connection of another thread that is still alive (a request that
+        outlived the server's stop) is left to that thread: its next read
+        closes it, and so does its end.  The writer is closed once the commit
+        under way, if any, is done (_write_lock).
+        """
         self.feed.close()  # first: its listener reads the store
         self._group_commit.close()
         with self._connections_lock:
             self._closed = True
-            connections = list(self._connections)
-            self._connections.clear()
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+            connections = dict(self._connections)
+        me = threading.current_thread()
+        for conn, owner in connections.items():
+            if owner is None:
+                if not self._write_lock.acquire(timeout=self.busy_timeout_ms / 1000):
+                    continue  # a commit that hangs: the process's exit closes it
+                try:
+                    conn.close()
+                finally:
+                    self._write_lock.release()
+            elif owner is me or not owner.is_alive():
+                conn.close()
+            else:
+                continue
+            with self._connections_lock:
+                self._connections.pop(conn, None)
         self._cache.clear()
         self._generations.close()
 
@@ -598,6 +623,8 @@ class SQLiteStore:
         if not self._write_lock.acquire(timeout=timeout):
             raise StorageBusy(f"the database is busy{stored}; retry")
         try:
+            if self._closed:  # again: close() may have closed the writer meanwhile
+                raise StorageUnavailable(CLOSED)
             conn = self._writer
             with self._writing(stored), translated(writing):
                 conn.execute("BEGIN IMMEDIATE")
@@ -922,11 +949,10 @@ class _Held:
         self.conn = conn
 
 
-def _forget(lock: threading.Lock, connections: list[sqlite3.Connection], conn: Any) -> None:
+def _forget(lock: threading.Lock, connections: dict[Any, Any], conn: Any) -> None:
     """Close the reading connection of a thread that ended, and stop counting it."""
     with lock:
-        if conn in connections:
-            connections.remove(conn)
+        connections.pop(conn, None)
     conn.close()
 
 
