@@ -104,11 +104,15 @@ def asproxy(text: str) -> str:
         raise ValueError(f"expected the proxy's IP address, got {text!r}") from None
 
 
-# The headers waitress can take from a trusted proxy (adjustments.KNOWN_PROXY_HEADERS).
+# The headers waitress can take from a trusted proxy (adjustments.KNOWN_PROXY_HEADERS)
+# that kvapp lets it take.  Not x-forwarded-host, nor forwarded (whose host=
+# waitress takes too): waitress would put the forwarded host in HTTP_HOST,
+# which the Host allow-list checks, so any client of the proxy (a page after
+# DNS rebinding included) could name an allowed host there and pass.
 PROXY_HEADERS = frozenset(
-    ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port")
-    + ("x-forwarded-by", "forwarded")
+    ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-by")
 )
+HOST_HEADERS = frozenset(("x-forwarded-host", "forwarded"))
 
 
 def asproxyheaders(text: str) -> tuple[str, ...]:
@@ -116,11 +120,14 @@ def asproxyheaders(text: str) -> tuple[str, ...]:
     headers = tuple(dict.fromkeys(text.lower().split()))
     if not headers:
         raise ValueError("name at least one header; leave trusted_proxy empty to trust none")
-    unknown = [header for header in headers if header not in PROXY_HEADERS]
-    if unknown:
-        raise ValueError(f"unknown {unknown[0]!r}; known: {' '.join(sorted(PROXY_HEADERS))}")
-    if "forwarded" in headers and len(headers) > 1:
-        raise ValueError("forwarded and the x-forwarded-* headers cannot be trusted together")
+    for header in headers:
+        if header in HOST_HEADERS:
+            raise ValueError(
+                f"{header} would let a client choose the Host that allowed_hosts checks;"
+                f" trust {' '.join(sorted(PROXY_HEADERS))} (the proxy passes Host itself)"
+            )
+        if header not in PROXY_HEADERS:
+            raise ValueError(f"unknown {header!r}; known: {' '.join(sorted(PROXY_HEADERS))}")
     return headers
 
 

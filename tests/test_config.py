@@ -199,6 +199,9 @@ BAD_VALUES = [
     ("proxy", "trusted_proxy_headers", ""),
     ("proxy", "trusted_proxy_headers", "x-real-ip"),
     ("proxy", "trusted_proxy_headers", "forwarded x-forwarded-for"),
+    # Either would let a client choose the Host that allowed_hosts checks.
+    ("proxy", "trusted_proxy_headers", "x-forwarded-for x-forwarded-host"),
+    ("proxy", "trusted_proxy_headers", "forwarded"),
     ("proxy", "trusted_proxy_count", "0"),
 ]
 
