@@ -949,3 +949,15 @@ def test_kvapp_copy_moves_every_record_from_sqlite_to_postgresql_and_back(databa
     result = kvapp("copy", "--from", database, "--to", str(back))
     assert result.returncode == 0, result.stderr
     assert rows(back) == rows(source)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://kvapp:s3cretpw@[::1/x", "postgresql://kvapp:s3cret%zz@db/x"]
+)
+def test_a_malformed_url_is_refused_in_one_line_without_its_password(url):
+    # libpq's own message quotes the URL, or the part it could not read.
+    with pytest.raises(DatabaseUnusable) as caught:
+        PostgresStore(url)
+    message = str(caught.value)
+    assert "s3cret" not in message and "\n" not in message
+    assert "the URL is malformed; check its host, port and %-escapes" in message

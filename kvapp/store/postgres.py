@@ -337,8 +337,14 @@ class PostgresStore:
         """Return what every connection adds to the URL's own parameters."""
         try:
             given = psycopg.conninfo.conninfo_to_dict(self.url)
-        except psycopg.ProgrammingError as exc:
-            raise self._refuse(f"the URL is malformed ({exc})", "check the setting") from None
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the URL, or the part it could not read,
+            # password included: it is not shown.
+            raise self._refuse(
+                "the URL is malformed",
+                "check its host, port and %-escapes against"
+                " https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS",
+            ) from None
         # Keys are text in UTF-8 both ways, whatever the URL or PGCLIENTENCODING says.
         kwargs: dict[str, Any] = {
             "autocommit": True,
