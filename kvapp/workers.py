@@ -27,6 +27,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvapp.store.base import DatabaseUnusable
+
 # A worker that dies is replaced, unless this many died within the window:
 # then something is wrong with the setup (the database, the disk) and
 # restarting forever would only hide it.
@@ -245,6 +247,8 @@ def _worker_main(
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
+    except DatabaseUnusable as exc:  # at start, as the parent says it: one line
+        print(f"kvapp: worker {os.getpid()}: {exc}", file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:

@@ -98,6 +98,27 @@ def test_a_new_database_waits_for_another_process_creating_it(tmp_path: Path):
         repository.close()
 
 
+def test_an_existing_database_opens_while_another_process_holds_the_write_lock(tmp_path):
+    # A worker restarted (after a crash) while a long import or another
+    # process writes must start: a failed start counted as a worker's death,
+    # and five of them stopped the whole server.
+    path = tmp_path / "kv.sqlite3"
+    SQLiteStore(str(path)).close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        repository = SQLiteStore(str(path), busy_timeout_ms=100)
+        try:
+            assert repository.get("a") is None  # reads go on; writes wait their turn
+            with pytest.raises(StorageBusy):
+                repository.set_many([("a", b"1", TEXT)])
+        finally:
+            repository.close()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 @BOTH
 def test_reopen_after_commit_sees_the_data(repo: SQLiteStore, make_settings, database: str):
     repo.set_many([("a", b"1", TEXT), ("b", b"", TEXT)])

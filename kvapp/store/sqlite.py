@@ -368,10 +368,15 @@ class SQLiteStore:
                         "it is damaged (PRAGMA quick_check failed)", "restore it from a backup"
                     )
             # Check before switching to WAL: refusing a file must not change it.
-            self._check_schema(conn)
+            version = self._check_schema(conn)
             mode = self._switch_to_wal(conn)
             if mode != "wal":
                 raise self._refuse(f"it cannot use WAL mode (got {mode})", "check the filesystem")
+            if version == SCHEMA_VERSION and _has_indexes(conn):
+                # Nothing to create: no write lock, so a worker starting while
+                # another process writes for longer than busy_timeout_ms (a
+                # restart after a crash, a long import) starts all the same.
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Again under the write lock: another process may have created it meanwhile.
@@ -926,6 +931,12 @@ _FLOOR_TO_REVISION = (
     "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'revision')"
     " WHERE name = 'history_floor'"
 )
+
+
+def _has_indexes(conn: sqlite3.Connection) -> bool:
+    """Return True if every index of INDEXES is in the database."""
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    return all(statement.split()[5] in names for statement in INDEXES)
 
 
 def _page(rows: Iterable[Any], max_bytes: int) -> tuple[list[Event], bool]:
