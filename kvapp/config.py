@@ -478,6 +478,14 @@ def describe_config(source: str, environ: Mapping[str, str]) -> str:
     return f"config {BUILT_IN} (no {user_config(environ)}, no KVAPP_CONFIG)"
 
 
+def _resolved(path: Path, what: str) -> Path:
+    """Return path made absolute, its symbolic links followed; ConfigError for a loop of them."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python 3.11 and 3.12)
+        raise ConfigError(f"bad value for {what}: {path} cannot be resolved ({exc})") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -494,7 +502,7 @@ def load_config(
     if installed is None:
         installed = not is_checkout()
     found = default_config(env, installed) if path is None else Path(path)
-    config_path = None if found is None else found.resolve()
+    config_path = None if found is None else _resolved(found, "the config file")
     raw = {name: default for name, (_, _, default) in _BY_NAME.items()}
     origin = {name: "default" for name in raw}
     if installed:
@@ -566,8 +574,9 @@ def load_config(
     # file to the working directory.
     base = Path.cwd() if config_path is None else config_path.parent
     if not is_postgres_url(database):
-        values["database"] = str((base / database).resolve())
+        values["database"] = str(_resolved(base / database, f"database ({origin['database']})"))
     if values["metrics_path"]:
-        values["metrics_path"] = str((base / values["metrics_path"]).resolve())
+        where = f"metrics_path ({origin['metrics_path']})"
+        values["metrics_path"] = str(_resolved(base / values["metrics_path"], where))
     source = BUILT_IN if config_path is None else str(config_path)
     return Settings(source=source, **values)

@@ -484,3 +484,18 @@ def test_python_m_kvapp_serve_refuses_a_body_over_max_body_bytes(tmp_path: Path,
     assert (status, body) == (200, b"stored 1 key\n")
     status, _, body = curl(f"http://127.0.0.1:{port}/get?key=big")
     assert body == b"x" * 96
+
+
+@pytest.mark.parametrize("setting", ["database", "metrics_path", "config"])
+def test_a_loop_of_symbolic_links_is_refused_naming_the_setting(tmp_path: Path, setting: str):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    loop = str(tmp_path / "loop1")
+    if setting == "config":
+        config, named = Path(loop), "the config file"
+    else:
+        config = write_config(tmp_path / "kv.ini", f"[storage]\n{setting} = {loop}\n")
+        named = f"{setting} ({config} [storage] {setting})"
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert one_line(str(caught.value)).startswith(f"bad value for {named}: {loop} cannot be")
