@@ -41,11 +41,22 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """Return a listening TCP socket bound to host and port (port 0: a free one)."""
+    """Return a listening TCP socket bound to host and port (port 0: a free one).
+
+    An IPv6 address may come in brackets, as in a URL and in allowed_hosts.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     family, _, _, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     return socket.create_server(address[:2], family=family, backlog=backlog)
+
+
+def _url_host(host: str) -> str:
+    """Return host as a URL writes it: an IPv6 address in brackets."""
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return f"[{host}]" if ":" in host else host
 
 
 def serve(
@@ -79,15 +90,21 @@ def serve(
         sock = listen(host, port, options.get("backlog", 1024))
     except OSError as exc:
         _close(app)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        if isinstance(exc, socket.gaierror):  # its errno is getaddrinfo's, not errno's
+            reason = f"{exc.strerror}; check the host setting (--host or KVAPP_HOST)"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES) and not isinstance(exc, socket.gaierror):
             # EACCES: a port below 1024 without the privilege (ip(7)).
             reason += "; choose another port with --port or KVAPP_PORT"
-        log(f"cannot listen on {host}:{port}: {reason}")
+        log(f"cannot listen on {_url_host(host)}:{port}: {reason}")
         return 1
     try:
         port = sock.getsockname()[1]
-        log(f"{banner} on http://{host}:{port} with {workers} worker{'s' * (workers > 1)}")
+        log(
+            f"{banner} on http://{_url_host(host)}:{port}"
+            f" with {workers} worker{'s' * (workers > 1)}"
+        )
         for note in notes:
             log(note)
         if workers == 1:

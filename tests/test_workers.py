@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, KvappServer, child_pids, curl
+from helpers import ROOT, KvappServer, child_pids, curl, server_environ
 from workerkit import Client, one_client_per_worker, wait_for, workers_of
 
+from kvapp import workers
 from kvapp.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -127,6 +128,32 @@ def test_a_port_in_use_is_one_line_and_status_1(server_factory):
     assert result.stderr.decode().strip().splitlines() == [
         f"kvapp: cannot listen on 127.0.0.1:{server.port}: Address already in use;"
         " choose another port with --port or KVAPP_PORT"
+    ]
+
+
+def test_a_host_that_names_no_address_is_one_line_naming_the_setting(tmp_path):
+    # getaddrinfo's errors have negative numbers, which os.strerror knows
+    # nothing of: the line said "Unknown error -2".
+    result = subprocess.run(
+        [sys.executable, "-m", "kvapp", "serve", "--port", "0"],
+        cwd=ROOT,
+        env={**server_environ(), "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), "KVAPP_HOST": ""},
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert line.startswith("kvapp: cannot listen on :0: ")
+    assert line.endswith("; check the host setting (--host or KVAPP_HOST)")
+    assert "Unknown error" not in line
+
+
+def test_an_ipv6_host_is_written_in_brackets_in_urls():
+    assert [workers._url_host(h) for h in ("::1", "[::1]", "127.0.0.1", "localhost")] == [
+        "[::1]",
+        "[::1]",
+        "127.0.0.1",
+        "localhost",
     ]
 
 
