@@ -50,10 +50,11 @@ def asbool(text: str) -> bool:
 
 def asint(minimum: int, maximum: int) -> Callable[[str], int]:
     def convert(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {text.strip()!r}") from None
+        digits = text.strip()
+        # int() also takes "1_000", "+5" and other scripts' digits ("٤٠٠٠").
+        if not (digits.isascii() and digits.lstrip("-").isdigit()) or len(digits) > 30:
+            raise ValueError(f"must be a whole number, got {digits!r}")
+        value = int(digits)
         if not minimum <= value <= maximum:
             raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
         return value
@@ -537,7 +538,9 @@ def load_config(
         if not key.startswith("KVAPP_") or key == "KVAPP_CONFIG":
             continue
         name = key[len("KVAPP_") :].lower()
-        if name not in _BY_NAME:
+        # Upper case only: KVAPP_port beside KVAPP_PORT would let the order of
+        # the environment decide between them.
+        if name not in _BY_NAME or key != f"KVAPP_{name.upper()}":
             raise ConfigError(f"unknown setting {key} in the environment")
         raw[name] = value
         origin[name] = f"environment variable {key}"

@@ -160,7 +160,8 @@ def test_unknown_setting_in_file_is_refused(tmp_path: Path, text: str, words: st
     assert "unknown setting" in message and words in message and str(config) in message
 
 
-@pytest.mark.parametrize("name", ["KVAPP_FOO", "KVAPP_MAX_KEY", "KVAPP_"])
+# KVAPP_port beside KVAPP_PORT: the environment's order would choose.
+@pytest.mark.parametrize("name", ["KVAPP_FOO", "KVAPP_MAX_KEY", "KVAPP_", "KVAPP_port"])
 def test_unknown_setting_in_environment_is_refused(tmp_path: Path, name: str):
     config = write_config(tmp_path / "kv.ini", "")
     with pytest.raises(ConfigError) as caught:
@@ -184,6 +185,10 @@ BAD_VALUES = [
     ("storage", "database", ""),
     ("limits", "max_key_bytes", "0"),
     ("limits", "max_key_bytes", "1k"),
+    # int() reads these, and a config file should not mean them.
+    ("limits", "max_key_bytes", "1_024"),
+    ("limits", "max_key_bytes", "\u0661\u0660\u0662\u0664"),
+    ("limits", "max_key_bytes", "+1024"),
     ("limits", "max_value_bytes", "-5"),
     ("limits", "max_body_bytes", "lots"),
     ("server", "port", "65536"),
