@@ -395,6 +395,13 @@ def test_tls_variant_redirects_http_and_checks_https_origins(stack_factory, tmp_
     assert (status, body) == (200, b"stored 1 key\n")
     assert headers["strict-transport-security"] == "max-age=31536000"
     assert curl(*tls, f"{https}/get?key=k")[2] == b"v"
+    # nginx's own answers too: a location with add_header of its own
+    # inherits none of the server's.
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (5 * 1024 * 1024))
+    status, headers, _ = curl(*tls, "-X", "PUT", "--data-binary", f"@{big}", f"{https}/kv/big")
+    assert status == 413
+    assert headers["strict-transport-security"] == "max-age=31536000"
 
     # kvapp knows the request came over https (X-Forwarded-Proto from nginx).
     write = ("-H", "Sec-Fetch-Site: same-origin", "-d", "w=1", f"{https}/set")
