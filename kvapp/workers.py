@@ -9,7 +9,7 @@ SQLite's own file locks then keep the processes consistent: a write committed
 by one worker is seen by the next read transaction of every other one.
 
 The parent only supervises: it restarts a worker that dies, gives up when
-workers keep dying, and on SIGTERM or SIGINT stops every worker and waits
+workers keep dying, and on SIGTERM, SIGINT or SIGHUP stops every worker and waits
 for them.  On Linux a worker also gets SIGTERM when the parent dies, even by
 SIGKILL (prctl PR_SET_PDEATHSIG), so no worker outlives its supervisor.
 """
@@ -37,7 +37,10 @@ DEATH_WINDOW_S = 30.0
 # How long the workers get to finish on SIGTERM before they are killed.
 STOP_GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a closed terminal sends it, and an operator used to nginx sends
+# it to reload.  kvapp has no reload: it stops in order, as on SIGTERM (its
+# default action cut streams mid-chunk and lost access lines not yet written).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -138,6 +141,7 @@ def _stop_on_sigterm() -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
 
 
 def _stderr(message: str) -> None:

@@ -474,10 +474,19 @@ def wait_for_a_free_slot(port: int, path: str) -> None:
     [
         (KvappServer, 1, signal.SIGTERM),
         (KvappServer, 2, signal.SIGTERM),
+        # kvapp has no reload: SIGHUP stops it in order too.
+        (KvappServer, 1, signal.SIGHUP),
+        (KvappServer, 2, signal.SIGHUP),
         # waitress-serve stops on Ctrl-C; SIGTERM kills it outright (no handler).
         (Server, 1, signal.SIGINT),
     ],
-    ids=["kvapp-serve", "kvapp-serve-2-workers", "waitress-serve-sigint"],
+    ids=[
+        "kvapp-serve",
+        "kvapp-serve-2-workers",
+        "kvapp-serve-sighup",
+        "kvapp-serve-2-workers-sighup",
+        "waitress-serve-sigint",
+    ],
 )
 def test_a_stop_signal_ends_streams_and_long_polls(server_factory, kind, workers, stop):
     # waitress-serve's own 4 threads allow 2 watchers: give it config.ini's 16.
