@@ -457,3 +457,32 @@ def test_an_unusable_metrics_path_stops_startup_in_one_line(make_settings, tmp_p
     assert "\n" not in message
     assert message.startswith(f"cannot use the metrics file {tmp_path} (")
     assert message.endswith("): set metrics_path to a file in a writable folder")
+
+
+def documented_operations() -> list[tuple[str, str, dict]]:
+    document = json.loads((ROOT / "kvapp" / "web" / "openapi.json").read_text())
+    return [
+        (path.replace("{key}", "k"), method.upper(), operation)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if method != "parameters"
+    ]
+
+
+def test_openapi_describes_the_guard_s_answers_on_every_operation(make_client):
+    # A client generated from the document must know that a token may be
+    # needed (401) and that a cross-site write is refused (403).
+    token = "t" * 32
+    locked = make_client(auth_token=token)
+    open_ = make_client()
+    for path, method, operation in documented_operations():
+        documented = set(operation["responses"])
+        answer = locked.request(path, method=method, expect_errors=True)
+        if path == "/healthz":
+            assert answer.status_int == 200 and operation["security"] == [{}]
+        else:
+            assert (answer.status_int, "401" in documented) == (401, True), (path, method)
+        answer = open_.request(
+            path, method=method, headers={"Sec-Fetch-Site": "cross-site"}, expect_errors=True
+        )
+        assert (answer.status_int == 403) == ("403" in documented), (path, method)
