@@ -377,7 +377,10 @@ def default_config(environ: Mapping[str, str], installed: bool | None = None) ->
 
     installed: None finds out (is_checkout); tests pass True or False.
     """
-    if environ.get("KVAPP_CONFIG"):
+    if "KVAPP_CONFIG" in environ:
+        if not environ["KVAPP_CONFIG"].strip():
+            # Set but empty: a mistake (an unset variable expanded), not a choice.
+            raise ConfigError("KVAPP_CONFIG is empty: name a config file, or unset it")
         return Path(environ["KVAPP_CONFIG"])
     if installed is None:
         installed = not is_checkout()

@@ -504,3 +504,11 @@ def test_a_loop_of_symbolic_links_is_refused_naming_the_setting(tmp_path: Path, 
     with pytest.raises(ConfigError) as caught:
         load_config(config, environ={})
     assert one_line(str(caught.value)).startswith(f"bad value for {named}: {loop} cannot be")
+
+
+def test_an_empty_kvapp_config_is_refused_rather_than_ignored():
+    # Set but empty is a mistake (an unset variable expanded), not a choice:
+    # falling back to another file would serve a database nobody meant.
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"KVAPP_CONFIG": ""})
+    assert one_line(str(caught.value)) == "KVAPP_CONFIG is empty: name a config file, or unset it"

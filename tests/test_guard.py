@@ -217,6 +217,7 @@ def test_allowed_hosts_setting_is_normalized(text, entries):
         ("http://kv.example.com", "is not a host name"),
         ("bücher.example", "use xn-- for IDNs"),
         (".[::1]", "is not a host name"),
+        ("*.example.com", "write .example.com for that domain and its subdomains"),
     ],
 )
 def test_bad_allowed_hosts_stop_startup(text, message):

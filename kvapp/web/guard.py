@@ -121,6 +121,8 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
         if entry == "*":
             entries.append(entry)
             continue
+        if entry.startswith("*."):
+            raise ValueError(f"{show(entry)}: write {entry[1:]} for that domain and its subdomains")
         subdomains = entry.startswith(".")
         if entry.count(":") > 1 and not entry.startswith("["):
             entry = f"[{entry}]"  # a bare IPv6 address such as ::1
