@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvapp.store import open_store
-from kvapp.store.base import MEDIA_TYPE, DatabaseUnusable
+from kvapp.store.base import MEDIA_TYPE
 from kvapp.store.metricsfile import MetricsStore
 from kvapp.store.sqlite import SQLiteStore
 from kvapp.web.app import App
@@ -445,18 +445,6 @@ def test_metrics_file_sits_beside_the_database(client, db_path):
     client.get("/healthz")
     client.app.metrics.flush()
     assert os.path.exists(db_path.with_name("kv-metrics.sqlite3"))
-
-
-def test_an_unusable_metrics_path_stops_startup_in_one_line(make_settings, tmp_path):
-    # Opened only at its first flush, a folder as metrics_path failed every
-    # second for as long as the server ran, and /metrics answered 503.
-    settings = make_settings(metrics_path=str(tmp_path))
-    with pytest.raises(DatabaseUnusable) as caught:
-        App(settings, open_store(settings))
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith(f"cannot use the metrics file {tmp_path} (")
-    assert message.endswith("): set metrics_path to a file in a writable folder")
 
 
 def documented_operations() -> list[tuple[str, str, dict]]:

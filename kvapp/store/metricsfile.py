@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvapp.store.base import DatabaseUnusable
 from kvapp.store.location import is_postgres_url, redact
 from kvapp.store.sqlite import translated
 
@@ -58,38 +57,19 @@ class MetricsStore:
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = self._open()
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
-
-    def check(self) -> None:
-        """Open the file and close it again; DatabaseUnusable if it cannot hold the metrics.
-
-        At startup: the file is otherwise opened at the first flush, and a
-        folder or a read-only path then failed every second for as long as
-        the server ran, and GET /metrics answered 503.  Closed again, so that
-        no connection crosses the fork of a worker.
-        """
-        try:
-            self._open().close()
-        except sqlite3.Error as exc:
-            raise DatabaseUnusable(
-                f"cannot use the metrics file {self.path} ({exc}): set metrics_path"
-                " to a file in a writable folder"
-            ) from None
 
     def add(self, rows: Iterable[Row]) -> None:
         """Add each row's value to its series, all in one transaction."""

@@ -11,7 +11,6 @@ from typing import Any
 from kvapp.config import Settings
 from kvapp.store.base import (
     ConditionFailed,
-    DatabaseUnusable,
     InvalidInput,
     ReadsTooLarge,
     StorageError,
@@ -84,11 +83,6 @@ class App:
         store = MetricsStore(
             metrics_path(settings.database, settings.metrics_path), settings.busy_timeout_ms
         )
-        try:
-            store.check()
-        except DatabaseUnusable:
-            repository.close()  # the app owns it, and will not be
-            raise
         self.metrics = Metrics(store)
         repository.on_commit = self.metrics.observe_commit
         self.sweeper = Sweeper(
