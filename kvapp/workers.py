@@ -48,17 +48,19 @@ def listen(host: str, port: int, backlog: int = 1024) -> socket.socket:
 
     An IPv6 address may come in brackets, as in a URL and in allowed_hosts.
     """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        _unbracketed(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     return socket.create_server(address[:2], family=family, backlog=backlog)
 
 
+def _unbracketed(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _url_host(host: str) -> str:
     """Return host as a URL writes it: an IPv6 address in brackets."""
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = _unbracketed(host)
     return f"[{host}]" if ":" in host else host
 
 
@@ -97,9 +99,9 @@ def serve(
             reason = f"{exc.strerror}; check the host setting (--host or KVAPP_HOST)"
         else:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES) and not isinstance(exc, socket.gaierror):
-            # EACCES: a port below 1024 without the privilege (ip(7)).
-            reason += "; choose another port with --port or KVAPP_PORT"
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                # EACCES: a port below 1024 without the privilege (ip(7)).
+                reason += "; choose another port with --port or KVAPP_PORT"
         log(f"cannot listen on {_url_host(host)}:{port}: {reason}")
         return 1
     try:
@@ -269,7 +271,7 @@ def _worker_main(
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
     except DatabaseUnusable as exc:  # at start, as the parent says it: one line
-        print(f"kvapp: worker {os.getpid()}: {exc}", file=sys.stderr)
+        _stderr(f"worker {os.getpid()}: {exc}")
     except BaseException:
         traceback.print_exc()
     finally:

@@ -263,6 +263,8 @@ class StorageUnavailable(StorageError):
 
 # How every OutcomeUnknown ends: the client cannot tell from the answer.
 MAY_BE_STORED = "the write may or may not be stored; retry"
+# What a write's error adds when none of it was stored; a read's says nothing of storing.
+NOTHING_STORED = ": nothing was stored"
 
 
 # What a store answers once close() has run (a request or thread that outlived

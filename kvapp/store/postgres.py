@@ -46,6 +46,7 @@ from kvapp.store.base import (
     CLOSED,
     EXPIRED,
     MAY_BE_STORED,
+    NOTHING_STORED,
     PAGE_BYTES,
     DatabaseUnusable,
     Event,
@@ -205,8 +206,7 @@ _GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_co
 # Mistakes in kvapp's own SQL: let them reach the catch-all (500, traceback logged).
 _BUGS = {"42601", "42804", "42883", "42P18"}
 
-# {stored}: ": nothing was stored" in a write's message; a read's says nothing of storing.
-NOTHING_STORED = ": nothing was stored"
+# {stored}: NOTHING_STORED in a write's message; a read's says nothing of storing.
 _UNREACHABLE = "the database server cannot be reached{stored}; retry"
 UNREACHABLE = _UNREACHABLE.format(stored=NOTHING_STORED)
 COMMIT_UNKNOWN = f"the connection to the database server was lost while committing: {MAY_BE_STORED}"

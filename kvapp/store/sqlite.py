@@ -31,6 +31,7 @@ from typing import Any, cast
 from kvapp.store.base import (
     CLOSED,
     EXPIRED,
+    NOTHING_STORED,
     PAGE_BYTES,
     DatabaseUnusable,
     Event,
@@ -168,7 +169,7 @@ def storage_error(exc: sqlite3.Error, writing: bool = True) -> StorageError:
     Only a write's message says that nothing of it was stored.
     """
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    stored = ": nothing was stored" if writing else ""
+    stored = NOTHING_STORED if writing else ""
     if code == _SQLITE_FULL:
         return StorageFull(f"the disk is full{stored}; free space and retry")
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
@@ -623,7 +624,7 @@ class SQLiteStore:
         """
         if self._closed:  # close() unmapped the -gen file that writers lock
             raise StorageUnavailable(CLOSED)
-        stored = ": nothing was stored" if writing else ""
+        stored = NOTHING_STORED if writing else ""
         timeout = self.busy_timeout_ms / 1000
         if not self._write_lock.acquire(timeout=timeout):
             raise StorageBusy(f"the database is busy{stored}; retry")
@@ -651,7 +652,7 @@ class SQLiteStore:
             self._write_lock.release()
 
     @contextmanager
-    def _writing(self, stored: str = ": nothing was stored") -> Iterator[None]:
+    def _writing(self, stored: str = NOTHING_STORED) -> Iterator[None]:
         """Hold the writers' lock on the generation counters; see kvapp.store.readcache."""
         try:
             with self._generations.writing():
