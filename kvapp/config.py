@@ -490,6 +490,30 @@ def _resolved(path: Path, what: str) -> Path:
         raise ConfigError(f"bad value for {what}: {path} cannot be resolved ({exc})") from None
 
 
+def _file_setting(value: str, base: Path, what: str, environ: Mapping[str, str]) -> str:
+    """Return the absolute file a path setting names; ConfigError if it names a folder.
+
+    A leading ~ or ~user is the home folder, as git does for its path settings:
+    taken literally, `database = ~/kv.sqlite3` made a folder named ~ beside the
+    config file.  A value ending in / named a folder, and resolving it dropped
+    the slash, so `database = data/` made a file named data.
+    """
+    if value == "~" or value.startswith("~/"):
+        value = str(environ.get("HOME") or os.path.expanduser("~")) + value[1:]
+    elif value.startswith("~"):
+        expanded = os.path.expanduser(value)
+        if expanded == value:
+            user = value[1:].partition("/")[0]
+            raise ConfigError(f"bad value for {what}: {value}: there is no user {user!r}")
+        value = expanded
+    if value.endswith(("/", os.sep)):
+        raise ConfigError(f"bad value for {what}: {value} names a folder: add a file name")
+    path = _resolved(base / value, what)
+    if path.is_dir():
+        raise ConfigError(f"bad value for {what}: {path} is a folder: name a file in it")
+    return str(path)
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -579,10 +603,8 @@ def load_config(
     # Relative paths are relative to the config file's folder, or with no
     # file to the working directory.
     base = Path.cwd() if config_path is None else config_path.parent
-    if not is_postgres_url(database):
-        values["database"] = str(_resolved(base / database, f"database ({origin['database']})"))
-    if values["metrics_path"]:
-        where = f"metrics_path ({origin['metrics_path']})"
-        values["metrics_path"] = str(_resolved(base / values["metrics_path"], where))
+    for name in ("database", "metrics_path"):
+        if values[name] and not (name == "database" and is_postgres_url(database)):
+            values[name] = _file_setting(values[name], base, f"{name} ({origin[name]})", env)
     source = BUILT_IN if config_path is None else str(config_path)
     return Settings(source=source, **values)

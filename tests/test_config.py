@@ -506,6 +506,42 @@ def test_a_loop_of_symbolic_links_is_refused_naming_the_setting(tmp_path: Path, 
     assert one_line(str(caught.value)).startswith(f"bad value for {named}: {loop} cannot be")
 
 
+@pytest.mark.parametrize("setting", ["database", "metrics_path"])
+def test_a_leading_tilde_is_the_home_folder(tmp_path: Path, setting: str):
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "etc" / "kv.ini", f"[storage]\n{setting} = ~/kv/x.sqlite3\n")
+    settings = load_config(config, environ={"HOME": str(home)})
+    assert getattr(settings, setting) == str(home / "kv" / "x.sqlite3")
+    root = Path(os.path.expanduser("~root")).resolve()
+    env = {f"KVAPP_{setting.upper()}": "~root/x.sqlite3"}
+    assert getattr(load_config(config, environ=env), setting) == str(root / "x.sqlite3")
+
+
+@pytest.mark.parametrize("setting", ["database", "metrics_path"])
+def test_a_tilde_of_an_unknown_user_is_refused(tmp_path: Path, setting: str):
+    config = write_config(tmp_path / "kv.ini", f"[storage]\n{setting} = ~nosuchuser9/x\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={})
+    assert one_line(str(caught.value)) == (
+        f"bad value for {setting} ({config} [storage] {setting}): ~nosuchuser9/x:"
+        " there is no user 'nosuchuser9'"
+    )
+
+
+@pytest.mark.parametrize("setting", ["database", "metrics_path"])
+@pytest.mark.parametrize("value", ["data/", "existing", "existing/.", "~/"])
+def test_a_folder_is_refused_where_a_file_is_due(tmp_path: Path, setting: str, value: str):
+    # Resolving drops a trailing slash: `database = data/` made a file named data.
+    (tmp_path / "existing").mkdir()
+    config = write_config(tmp_path / "kv.ini", f"[storage]\n{setting} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, environ={"HOME": str(tmp_path)})
+    message = one_line(str(caught.value))
+    assert message.startswith(f"bad value for {setting} ({config} [storage] {setting}): ")
+    assert re.search(r" (names a folder: add a file name|is a folder: name a file in it)$", message)
+    assert not (tmp_path / "data").exists()
+
+
 def test_an_empty_kvapp_config_is_refused_rather_than_ignored():
     # Set but empty is a mistake (an unset variable expanded), not a choice:
     # falling back to another file would serve a database nobody meant.

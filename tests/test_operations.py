@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvapp.store import open_store
 from kvapp.store.base import MEDIA_TYPE
-from kvapp.store.metricsfile import MetricsStore
+from kvapp.store.metricsfile import MetricsStore, metrics_path
 from kvapp.store.sqlite import SQLiteStore
 from kvapp.web.app import App
 from kvapp.web.etags import parse_tags
@@ -445,6 +445,15 @@ def test_metrics_file_sits_beside_the_database(client, db_path):
     client.get("/healthz")
     client.app.metrics.flush()
     assert os.path.exists(db_path.with_name("kv-metrics.sqlite3"))
+
+
+def test_two_databases_of_one_folder_never_share_a_metrics_file(tmp_path):
+    # Sharing one would add one server's counters to the other's /metrics.
+    names = ["kv.sqlite3", "kv.db", "kv", "kv.sqlite3.bak"]
+    paths = [metrics_path(str(tmp_path / name)) for name in names]
+    assert len(set(paths)) == len(names)
+    assert not {str(tmp_path / name) for name in names} & set(paths)
+    assert all(Path(path).parent == tmp_path for path in paths)
 
 
 def documented_operations() -> list[tuple[str, str, dict]]:

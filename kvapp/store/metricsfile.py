@@ -34,10 +34,12 @@ def metrics_path(database: str, configured: str = "") -> str:
     """Return the metrics file of this host's processes serving database.
 
     The metrics_path setting if given; beside an SQLite file, kv.sqlite3 ->
-    kv-metrics.sqlite3; for a PostgreSQL URL, a file in the system temp folder
-    named after a hash of the URL, so every worker on this host that serves
-    that database adds to one file, and each host has its own (Prometheus
-    scrapes each host as its own instance).
+    kv-metrics.sqlite3 and kv.db -> kv-metrics.db (the suffix kept, so that
+    two databases of one folder never add to one file); for a PostgreSQL
+    URL, a file in the system temp folder named after a hash of the URL, so
+    every worker on this host that serves that database adds to one file,
+    and each host has its own (Prometheus scrapes each host as its own
+    instance).
     """
     if configured:
         return configured
@@ -45,7 +47,7 @@ def metrics_path(database: str, configured: str = "") -> str:
         digest = hashlib.sha256(redact(database).encode("utf-8")).hexdigest()[:16]
         return str(Path(tempfile.gettempdir()) / f"kvapp-{digest}-metrics.sqlite3")
     path = Path(database)
-    return str(path.with_name(f"{path.stem}-metrics.sqlite3"))
+    return str(path.with_name(f"{path.stem}-metrics{path.suffix}"))
 
 
 class MetricsStore:
