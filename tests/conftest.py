@@ -59,6 +59,36 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped, but FORBID_SKIPS is set: {report.longrepr}"
 
 
+@pytest.fixture
+def summary(request):
+    """Return a function that reports one line of a test's measured figures.
+
+    The lines are printed together at the end of the run.  Printed where the
+    test runs, they were lost under pytest-xdist, which does not pass a
+    worker's output on; a report's user_properties reach the controller.
+    """
+
+    def add(line: str) -> None:
+        request.node.user_properties.append(("summary", line))
+
+    return add
+
+
+_SUMMARIES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _SUMMARIES.extend(value for name, value in report.user_properties if name == "summary")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARIES:
+        terminalreporter.section("measured figures")
+        for line in _SUMMARIES:
+            terminalreporter.write_line(line)
+
+
 def pytest_generate_tests(metafunc):
     """Run a test that uses `backend` once per backend its backends marker names."""
     marker = metafunc.definition.get_closest_marker("backends")

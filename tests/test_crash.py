@@ -124,7 +124,7 @@ def audit(db: Path, ledger: Ledger) -> dict[str, int]:
 
 
 def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
-    db_path, server_factory, tmp_path, capsys
+    db_path, server_factory, tmp_path, summary
 ):
     seed = int(os.environ.get("CRASH_SEED") or random.SystemRandom().randrange(2**32))
     rng = random.Random(seed)
@@ -181,16 +181,15 @@ def test_kill_9_under_concurrent_multi_pair_writes_loses_nothing(
     assert acknowledged > ROUNDS, "the rounds acknowledged almost nothing; nothing was tested"
     # Six clients against four server threads: commits must have carried several requests.
     assert sum(count for bound, count in batches.items() if bound != "1") > 0, batches
-    with capsys.disabled():
-        print(
-            f"\n[crash] {ROUNDS} rounds of kill -9 (seed {seed}), {CLIENT_THREADS} client threads,"
-            f" 4 pairs per request: {len(ledger.thread_of)} requests sent,"
-            f" {acknowledged} acknowledged, lost 0, half-applied 0,"
-            f" {rounds[-1]['applied_unacknowledged']} committed but cut off before"
-            f" the answer, integrity_check ok {ROUNDS}/{ROUNDS};"
-            f" acknowledged per round {[r['acknowledged'] for r in rounds]};"
-            f" commits by batch size (requests per commit, up to): {batches}"
-        )
+    summary(
+        f"[crash] {ROUNDS} rounds of kill -9 (seed {seed}), {CLIENT_THREADS} client threads,"
+        f" 4 pairs per request: {len(ledger.thread_of)} requests sent,"
+        f" {acknowledged} acknowledged, lost 0, half-applied 0,"
+        f" {rounds[-1]['applied_unacknowledged']} committed but cut off before"
+        f" the answer, integrity_check ok {ROUNDS}/{ROUNDS};"
+        f" acknowledged per round {[r['acknowledged'] for r in rounds]};"
+        f" commits by batch size (requests per commit, up to): {batches}"
+    )
 
 
 def batch_sizes(metrics: str) -> dict[str, int]:

@@ -64,7 +64,7 @@ def open_every_threads_reader(port: int) -> None:
         poll.join(DEADLINE)
 
 
-def test_a_hung_disk_fails_queued_writes_in_time_and_reads_go_on(tmp_path: Path, capsys):
+def test_a_hung_disk_fails_queued_writes_in_time_and_reads_go_on(tmp_path: Path, summary):
     disk = Disk(tmp_path / "disk", tmp_path / "mnt", tmp_path / "powercut.log").mount()
     database = disk.mountpoint / "kv.sqlite3"
     env = {
@@ -141,15 +141,14 @@ def test_a_hung_disk_fails_queued_writes_in_time_and_reads_go_on(tmp_path: Path,
     # The unknown were in the frozen commit, which went through once the disk answered.
     assert all(rows.get(a.key) == a.key.encode() for a in unknown)
     longest = max((a.seconds for a in unknown), default=0)
-    with capsys.disabled():
-        print(
-            f"\n[disk hang] 8 writers on 4 threads, fsync frozen {FROZEN:.0f} s"
-            f" (busy_timeout_ms = {BUSY_MS}): {len(during)} writes answered 503 in at most"
-            f" {max(a.seconds for a in during):.2f} s"
-            f" ({Counter(a.body.decode().strip() for a in during).most_common(2)});"
-            f" the frozen commit: its leader answered 201 once thawed, {len(unknown)} more"
-            f" 'may or may not be stored' in at most {longest:.2f} s"
-            " (stored);"
-            f" {len(reads)} reads all 200 in at most {max(s for _, _, s in reads):.2f} s;"
-            f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s; 0 lost"
-        )
+    summary(
+        f"[disk hang] 8 writers on 4 threads, fsync frozen {FROZEN:.0f} s"
+        f" (busy_timeout_ms = {BUSY_MS}): {len(during)} writes answered 503 in at most"
+        f" {max(a.seconds for a in during):.2f} s"
+        f" ({Counter(a.body.decode().strip() for a in during).most_common(2)});"
+        f" the frozen commit: its leader answered 201 once thawed, {len(unknown)} more"
+        f" 'may or may not be stored' in at most {longest:.2f} s"
+        " (stored);"
+        f" {len(reads)} reads all 200 in at most {max(s for _, _, s in reads):.2f} s;"
+        f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s; 0 lost"
+    )

@@ -115,7 +115,7 @@ def pair():
 
 @pytest.mark.parametrize("round_number", range(ROUNDS))
 def test_failover_to_a_clean_promoted_standby_loses_nothing_and_writes_resume(
-    pair, server_factory, round_number, capsys
+    pair, server_factory, round_number, summary
 ):
     primary, standby = pair
     name = primary.create_database().rpartition("/")[2]  # replicated to the standby
@@ -196,14 +196,13 @@ def test_failover_to_a_clean_promoted_standby_loses_nothing_and_writes_resume(
     assert stored(standby.url(name), "SELECT value FROM kv WHERE key = 'after-failover'") == [
         (b"new",)
     ]
-    with capsys.disabled():
-        print(
-            f"\n[failover {round_number}] {WRITERS} writers: {before} writes acknowledged before"
-            f" the promotion, {after} after, 0 lost; first write acknowledged"
-            f" {first.received - promoted:.2f} s after the promotion began"
-            f" (pg_ctl promote took {promotion:.2f} s); {len(outage)} writes answered 503"
-            f" from the kill to then ({len(refused)} in all: {dict(reasons)})"
-        )
+    summary(
+        f"[failover {round_number}] {WRITERS} writers: {before} writes acknowledged before"
+        f" the promotion, {after} after, 0 lost; first write acknowledged"
+        f" {first.received - promoted:.2f} s after the promotion began"
+        f" (pg_ctl promote took {promotion:.2f} s); {len(outage)} writes answered 503"
+        f" from the kill to then ({len(refused)} in all: {dict(reasons)})"
+    )
 
 
 HANG_TIMEOUT = 2  # kvapp's database_timeout_seconds in the variant whose commits hang
@@ -212,7 +211,7 @@ SLACK = 3.0  # seconds allowed on top of a bound, for a loaded machine
 
 
 def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_reading(
-    pair, server_factory, capsys
+    pair, server_factory, summary
 ):
     """The promoted standby keeps synchronous_standby_names: each COMMIT waits for ever.
 
@@ -291,18 +290,17 @@ def test_failover_to_a_standby_whose_commits_hang_answers_503_in_time_and_keeps_
     assert not leaked, f"writes answered 'nothing was stored' are stored: {leaked[:10]}"
     assert server.proc.poll() is None
 
-    with capsys.disabled():
-        kept = sum(a.key in rows for a in unknown)
-        again = min(a.received for a in ledger.acknowledged() if a.sent > released) - released
-        print(
-            f"\n[hanging standby] {2 * WRITERS} writers on 4 threads, {HANG_WINDOW:.0f} s of"
-            f" commits that hang (database_timeout_seconds = {HANG_TIMEOUT}):"
-            f" {len(hung)} writes answered 503 in at most {max(a.seconds for a in hung):.2f} s"
-            f" ({len(unknown)} 'may or may not be stored', {kept} of them kept;"
-            f" {len(hung) - len(unknown)} 'nothing was stored', in at most"
-            f" {max((a.seconds for a in hung if a not in unknown), default=0):.2f} s);"
-            f" {len(reads)} reads all 200 in at most {max(s for _, _, s in reads):.2f} s;"
-            f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s; writes acknowledged"
-            f" again {again:.2f}"
-            " s after synchronous_standby_names was emptied; 0 lost"
-        )
+    kept = sum(a.key in rows for a in unknown)
+    again = min(a.received for a in ledger.acknowledged() if a.sent > released) - released
+    summary(
+        f"[hanging standby] {2 * WRITERS} writers on 4 threads, {HANG_WINDOW:.0f} s of"
+        f" commits that hang (database_timeout_seconds = {HANG_TIMEOUT}):"
+        f" {len(hung)} writes answered 503 in at most {max(a.seconds for a in hung):.2f} s"
+        f" ({len(unknown)} 'may or may not be stored', {kept} of them kept;"
+        f" {len(hung) - len(unknown)} 'nothing was stored', in at most"
+        f" {max((a.seconds for a in hung if a not in unknown), default=0):.2f} s);"
+        f" {len(reads)} reads all 200 in at most {max(s for _, _, s in reads):.2f} s;"
+        f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s; writes acknowledged"
+        f" again {again:.2f}"
+        " s after synchronous_standby_names was emptied; 0 lost"
+    )

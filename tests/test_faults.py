@@ -83,7 +83,7 @@ def small_disk(tmp_path: Path):
 
 @needs_root
 def test_disk_full_answers_507_keeps_every_acknowledged_write_and_recovers(
-    small_disk, server_factory, capsys
+    small_disk, server_factory, summary
 ):
     # WAL mode appends about two 4 KiB pages per commit and only checkpoints
     # at 1000 pages (about 4 MiB), so on this 2 MiB filesystem it is the WAL
@@ -135,13 +135,12 @@ def test_disk_full_answers_507_keeps_every_acknowledged_write_and_recovers(
     for key in refused:
         assert client.get(f"/get?key={key}")[0] == 404
     client.close()
-    with capsys.disabled():
-        print(
-            f"\n[faults] disk full (2 MiB tmpfs): {len(acknowledged) - 1} writes acknowledged"
-            " before the first 507; 4 writes refused with 507 and not stored; reads 200 while"
-            f" full; 200 right after freeing space; {len(acknowledged)} of {len(acknowledged)}"
-            " acknowledged readable after a restart"
-        )
+    summary(
+        f"[faults] disk full (2 MiB tmpfs): {len(acknowledged) - 1} writes acknowledged"
+        " before the first 507; 4 writes refused with 507 and not stored; reads 200 while"
+        f" full; 200 right after freeing space; {len(acknowledged)} of {len(acknowledged)}"
+        " acknowledged readable after a restart"
+    )
 
 
 def test_disk_full_in_process_via_max_page_count(app, client):
@@ -296,7 +295,7 @@ def test_read_only_folder_with_leftover_wal_keeps_serving(db_path, server_factor
 
 @pytest.mark.parametrize("how", ["renamed", "deleted"])
 def test_database_moved_or_deleted_while_serving_answers_503_then_recovers(
-    db_path, server_factory, how, capsys
+    db_path, server_factory, how, summary
 ):
     # In WAL mode SQLite goes on committing after its file is renamed or
     # unlinked (into a WAL that no longer belongs to the file at the path), so
@@ -334,11 +333,10 @@ def test_database_moved_or_deleted_while_serving_answers_503_then_recovers(
     assert client.get("/get?key=a")[::2] == (200, b"3")
     assert client.get("/get?key=b")[0] == 404
     client.close()
-    with capsys.disabled():
-        print(
-            f"\n[faults] database {how} while serving: writes {answer[0]},"
-            f" reads {sorted(status for status, _ in seen)}, put back: 200"
-        )
+    summary(
+        f"[faults] database {how} while serving: writes {answer[0]},"
+        f" reads {sorted(status for status, _ in seen)}, put back: 200"
+    )
 
 
 # -- locked by another process -----------------------------------------------
@@ -356,7 +354,7 @@ print("released", flush=True)
 
 
 @pytest.mark.parametrize("begin", ["BEGIN EXCLUSIVE", "BEGIN IMMEDIATE"])
-def test_locked_database_answers_503_then_recovers(db_path, server_factory, begin, capsys):
+def test_locked_database_answers_503_then_recovers(db_path, server_factory, begin, summary):
     busy_ms = 400
     server = server_factory(env={"KVAPP_BUSY_TIMEOUT_MS": str(busy_ms)})
     client = Client(server.port)
@@ -407,18 +405,17 @@ def test_locked_database_answers_503_then_recovers(db_path, server_factory, begi
     for key in ("refused", "held", "parallel0", "parallel1", "parallel2"):
         assert client.get(f"/get?key={key}")[0] == 404
     client.close()
-    with capsys.disabled():
-        print(
-            f"\n[faults] lock held by {begin}: writes 503 after {waited:.2f} s"
-            f" (busy timeout {busy_ms} ms), reads 200, after release 200"
-        )
+    summary(
+        f"[faults] lock held by {begin}: writes 503 after {waited:.2f} s"
+        f" (busy timeout {busy_ms} ms), reads 200, after release 200"
+    )
 
 
 # -- I/O error -----------------------------------------------------------------
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE via prlimit(2)")
-def test_io_error_answers_503_then_recovers(db_path, server_factory, capsys):
+def test_io_error_answers_503_then_recovers(db_path, server_factory, summary):
     # A real I/O error from the kernel: a file size limit set on the running
     # server makes the WAL's next write() fail with EFBIG, which SQLite reports
     # as SQLITE_IOERR_WRITE.  (Python ignores SIGXFSZ, so the server lives.)
@@ -456,11 +453,10 @@ def test_io_error_answers_503_then_recovers(db_path, server_factory, capsys):
     assert stored == {f"before{n}" for n in range(5)} | {"after"} | {
         f"during{n}" for n in range(20) if n not in refused
     }
-    with capsys.disabled():
-        print(
-            f"\n[faults] I/O error (RLIMIT_FSIZE): {len(refused)} of 20 writes 503,"
-            " reads 200, after lifting the limit 200"
-        )
+    summary(
+        f"[faults] I/O error (RLIMIT_FSIZE): {len(refused)} of 20 writes 503,"
+        " reads 200, after lifting the limit 200"
+    )
 
 
 # -- damaged database file -----------------------------------------------------
@@ -558,7 +554,7 @@ def damage_while_serving(db: Path, kind: str) -> None:
 @pytest.mark.parametrize(
     "kind", ["garbage over table pages", "zeroed index pages", "zeroed header", "truncated"]
 )
-def test_damage_while_serving_never_gives_a_wrong_answer(db_path, server_factory, kind, capsys):
+def test_damage_while_serving_never_gives_a_wrong_answer(db_path, server_factory, kind, summary):
     items = build_database(db_path, count=300)
     server = server_factory()
     # The pages are damaged after the startup check passed and before any
@@ -586,8 +582,7 @@ def test_damage_while_serving_never_gives_a_wrong_answer(db_path, server_factory
     assert tally["503"] > 0, "the damage was never noticed; the test damaged nothing"
     assert curl(f"{server.url}/")[0] == 200  # still up
     client.close()
-    with capsys.disabled():
-        print(
-            f"\n[faults] damage while serving ({kind}): of {len(items)} reads"
-            f" {tally['right']} right, {tally['503']} 503, 0 wrong"
-        )
+    summary(
+        f"[faults] damage while serving ({kind}): of {len(items)} reads"
+        f" {tally['right']} right, {tally['503']} 503, 0 wrong"
+    )

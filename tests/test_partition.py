@@ -73,7 +73,7 @@ def heal(proxy: Proxy, ledger: Ledger) -> tuple[float, float]:
     return healed, again
 
 
-def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off, capsys):
+def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off, summary):
     server, proxy, url = cut_off
     client = Client(server.port, timeout=DEADLINE)
     assert client.request("PUT", "/kv/before", b"old")[0] == 201
@@ -101,19 +101,18 @@ def test_a_partition_while_idle_answers_503_in_time_and_service_resumes(cut_off,
     assert client.get("/kv/before")[::2] == (200, b"old")
     assert client.get("/healthz")[0] == 200
     client.close()
-    with capsys.disabled():
-        print(
-            f"\n[partition while idle] {CUT:.0f} s cut off, {WRITERS} writers:"
-            f" {len(during)} writes answered 503 in at most {max(a.seconds for a in during):.2f} s"
-            f" ({Counter(a.body.decode().strip() for a in during).most_common(3)});"
-            f" {len(reads)} reads 503 in at most {max(s for _, _, s in reads):.2f} s;"
-            f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s;"
-            f" writes acknowledged again {again:.2f} s after the heal; 0 lost"
-        )
+    summary(
+        f"[partition while idle] {CUT:.0f} s cut off, {WRITERS} writers:"
+        f" {len(during)} writes answered 503 in at most {max(a.seconds for a in during):.2f} s"
+        f" ({Counter(a.body.decode().strip() for a in during).most_common(3)});"
+        f" {len(reads)} reads 503 in at most {max(s for _, _, s in reads):.2f} s;"
+        f" /healthz 503 in at most {max(s for _, _, s in probes):.2f} s;"
+        f" writes acknowledged again {again:.2f} s after the heal; 0 lost"
+    )
 
 
 @pytest.mark.parametrize("delivered", [False, True], ids=["commit-lost", "answer-lost"])
-def test_a_partition_in_the_middle_of_a_commit_is_reported_as_unknown(cut_off, delivered, capsys):
+def test_a_partition_in_the_middle_of_a_commit_is_reported_as_unknown(cut_off, delivered, summary):
     """commit-lost: the COMMIT never reaches the server; answer-lost: it does, its answer not."""
     server, proxy, url = cut_off
     writers = Writers(server.port, WRITERS)
@@ -137,12 +136,11 @@ def test_a_partition_in_the_middle_of_a_commit_is_reported_as_unknown(cut_off, d
     assert not [a.key for a in ledger.unknown() if a.sent > cut and a.key in rows]
     during = [a for a in ledger.all() if cut <= a.sent and a.received < healed]
     assert during and {a.status for a in during} == {503}
-    with capsys.disabled():
-        print(
-            f"\n[partition mid-commit, {'answer' if delivered else 'commit'} lost] {WRITERS}"
-            f" writers: {len(doubtful)} writes answered 'may or may not be stored' in at most"
-            f" {max(a.seconds for a in doubtful):.2f} s, {'all' if delivered else 'none'} of"
-            f" them stored; {len(during)} more answered 503 'nothing was stored' in at most"
-            f" {max(a.seconds for a in during):.2f} s; writes acknowledged again {again:.2f} s"
-            " after the heal; 0 lost"
-        )
+    summary(
+        f"[partition mid-commit, {'answer' if delivered else 'commit'} lost] {WRITERS}"
+        f" writers: {len(doubtful)} writes answered 'may or may not be stored' in at most"
+        f" {max(a.seconds for a in doubtful):.2f} s, {'all' if delivered else 'none'} of"
+        f" them stored; {len(during)} more answered 503 'nothing was stored' in at most"
+        f" {max(a.seconds for a in during):.2f} s; writes acknowledged again {again:.2f} s"
+        " after the heal; 0 lost"
+    )

@@ -833,7 +833,7 @@ def test_server_killed_gives_503_then_kvapp_recovers_without_a_restart(own_clust
 
 @pytest.mark.slow
 def test_server_crashes_under_concurrent_writes_lose_nothing_acknowledged(
-    own_cluster, server_factory, capsys
+    own_cluster, server_factory, summary
 ):
     url = own_cluster.create_database()
     server = server_factory(env={"KVAPP_BUSY_TIMEOUT_MS": "500"}, path=url)
@@ -888,13 +888,12 @@ def test_server_crashes_under_concurrent_writes_lose_nothing_acknowledged(
     assert refused, "no request met the crash"
     assert {answered[rid] for rid in refused} == {503}
     assert server.proc.poll() is None
-    with capsys.disabled():
-        print(
-            f"\n[postgres] {rounds} server crashes under {threads_per_round} writers:"
-            f" {len(acknowledged)} requests acknowledged, 0 lost, 0 half-applied;"
-            f" {len(refused)} refused with 503"
-            f" ({len(refused & set(by_request))} of them committed as the server died)"
-        )
+    summary(
+        f"[postgres] {rounds} server crashes under {threads_per_round} writers:"
+        f" {len(acknowledged)} requests acknowledged, 0 lost, 0 half-applied;"
+        f" {len(refused)} refused with 503"
+        f" ({len(refused & set(by_request))} of them committed as the server died)"
+    )
 
 
 # -- dump and load: what the data tools move between backends ---------------------------

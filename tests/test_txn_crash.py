@@ -219,7 +219,7 @@ def audit(integrity_ok: bool, rows: dict[str, tuple[str, int]], ledger: Ledger) 
 
 @pytest.mark.backends("sqlite", "postgres")
 def test_kill_9_under_concurrent_transactions_leaves_each_whole_or_absent(
-    database, backend, server_factory, tmp_path, capsys
+    database, backend, server_factory, tmp_path, summary
 ):
     seed = int(os.environ.get("TXN_CRASH_SEED") or random.SystemRandom().randrange(2**32))
     rng = random.Random(seed)
@@ -279,12 +279,11 @@ def test_kill_9_under_concurrent_transactions_leaves_each_whole_or_absent(
 
     acknowledged = sum(r["acknowledged"] for r in rounds)
     assert acknowledged > ROUNDS, "the rounds acknowledged almost nothing; nothing was tested"
-    with capsys.disabled():
-        print(
-            f"\n[txn-crash {backend}] {ROUNDS} rounds of kill -9 (seed {seed}),"
-            f" {CLIENT_THREADS} client threads, {K} keys + head + marker per txn:"
-            f" {len(ledger.thread_of)} txns sent, {acknowledged} acknowledged, lost 0,"
-            f" half-applied 0, {rounds[-1]['applied_unacknowledged']} committed but cut off"
-            f" before the answer, integrity_check ok {ROUNDS}/{ROUNDS};"
-            f" acknowledged per round {[r['acknowledged'] for r in rounds]}"
-        )
+    summary(
+        f"[txn-crash {backend}] {ROUNDS} rounds of kill -9 (seed {seed}),"
+        f" {CLIENT_THREADS} client threads, {K} keys + head + marker per txn:"
+        f" {len(ledger.thread_of)} txns sent, {acknowledged} acknowledged, lost 0,"
+        f" half-applied 0, {rounds[-1]['applied_unacknowledged']} committed but cut off"
+        f" before the answer, integrity_check ok {ROUNDS}/{ROUNDS};"
+        f" acknowledged per round {[r['acknowledged'] for r in rounds]}"
+    )

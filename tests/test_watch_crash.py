@@ -404,7 +404,7 @@ def value_of(data: dict) -> bytes:
     return base64.b64decode(data["value_base64"])
 
 
-def test_watcher_resuming_across_kill_9_sees_every_acknowledged_write_once(server_factory, capsys):
+def test_watcher_resuming_across_kill_9_sees_every_acknowledged_write_once(server_factory, summary):
     rng = random.Random(SEED)
     ledger = Ledger()
     server = server_factory(env=ENV, kind=KvappServer)
@@ -512,14 +512,13 @@ def test_watcher_resuming_across_kill_9_sees_every_acknowledged_write_once(serve
             assert response.status == 404, (key, response.status)
     client.close()
 
-    with capsys.disabled():
-        unknown = ledger.unknown
-        print(
-            f"\n[watch-crash] {ROUNDS} kills (seed {SEED}), {WRITERS} writers:"
-            f" {len(ledger.writes)} writes sent, {len(ledger.acknowledged)} acknowledged,"
-            f" {len(ledger.refused)} refused, {len(unknown)} cut off"
-            f" ({len(unknown & set(revisions.values()))} of them committed);"
-            f" watcher: {len(watcher.events)} events over {len(watcher.answers)} streams,"
-            f" {watcher.resumes} resumes ({watcher.own_drops} by its own choice,"
-            f" {watcher.mid_revision_drops} inside a revision), final revision {final_revision}"
-        )
+    unknown = ledger.unknown
+    summary(
+        f"[watch-crash] {ROUNDS} kills (seed {SEED}), {WRITERS} writers:"
+        f" {len(ledger.writes)} writes sent, {len(ledger.acknowledged)} acknowledged,"
+        f" {len(ledger.refused)} refused, {len(unknown)} cut off"
+        f" ({len(unknown & set(revisions.values()))} of them committed);"
+        f" watcher: {len(watcher.events)} events over {len(watcher.answers)} streams,"
+        f" {watcher.resumes} resumes ({watcher.own_drops} by its own choice,"
+        f" {watcher.mid_revision_drops} inside a revision), final revision {final_revision}"
+    )
