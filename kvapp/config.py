@@ -251,7 +251,8 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str, str], ...] = (
         "channel_timeout",
         asint(1, 3600),
         "30",
-        "seconds a silent connection stays open (one that trickles bytes is never closed)",
+        "seconds a silent connection stays open, or one whose client takes no byte of its"
+        " answer (one that trickles bytes is never closed)",
     ),
     (
         "server",

@@ -262,6 +262,30 @@ def _marking_pull(pull: Callable[[], None]) -> Callable[[], None]:
 SPARE_FILES = 64
 
 
+def _closing_stalled_readers(server: Any, maintenance: Callable[[float], None]) -> Any:
+    """Return maintenance that also closes a running request's channel whose client stalled.
+
+    waitress's maintenance closes only channels with no request.  A watch
+    stream's client that stops reading kept its thread and its max_watchers
+    slot for good: its task waits, once 16 MiB are queued, for a send that
+    never comes.  Like nginx's send_timeout, a channel whose answer has
+    bytes waiting and which has sent none for channel_timeout is closed,
+    which wakes its task, whose next write fails.  Closed here, not marked:
+    a mark is acted on when the socket can take bytes, which this one never
+    does.  This runs in the main loop's thread (the listening socket's
+    readable()), the thread that closes channels.
+    """
+
+    def run(now: float) -> None:
+        maintenance(now)
+        cutoff = now - server.adj.channel_timeout
+        for channel in list(server.active_channels.values()):
+            if channel.requests and channel.total_outbufs_len and channel.last_activity < cutoff:
+                channel.handle_close()
+
+    return run
+
+
 def raise_open_files_limit(connection_limit: int) -> str | None:
     """Raise this process's soft RLIMIT_NOFILE to fit connection_limit; return a warning or None.
 
@@ -303,6 +327,7 @@ def _add_main_loop(server: Any, app: Any) -> None:
     """
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
+    server.maintenance = _closing_stalled_readers(server, server.maintenance)
     server.run = lambda: _run(server, app)
     # waitress-serve's --threads, not config.ini's, is what watchers share.
     fit_threads = getattr(app, "fit_threads", None)

@@ -525,6 +525,37 @@ def test_a_stop_signal_ends_streams_and_long_polls(server_factory, kind, workers
     assert "still running" not in server.output()
 
 
+@pytest.mark.parametrize("kind", [Server, KvappServer], ids=["waitress-serve", "kvapp-serve"])
+def test_a_stream_whose_client_stops_reading_is_closed_after_channel_timeout(server_factory, kind):
+    # As nginx's send_timeout: bytes wait for the client, and none has gone for
+    # channel_timeout.  Before, such a stream kept its thread and slot for good.
+    env = {"KVAPP_MAX_WATCHERS": "2", "KVAPP_CHANNEL_TIMEOUT": "2"}
+    args = ("--channel-timeout=2", "--cleanup-interval=1") if kind is Server else ()
+    server = server_factory(env=env, args=args, kind=kind)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
+    stalled.settimeout(WAIT)
+    stalled.connect(("127.0.0.1", server.port))
+    # A healthy stream, silent longer than channel_timeout (heartbeats every 15 s):
+    # nothing waits for its client, so it stays open.
+    with Watch(f"{server.url}/kv/?watch&prefix=other/") as healthy:
+        assert healthy.head()[0] == 200
+        stalled.sendall(b"GET /kv/?watch&prefix=big/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert stalled.recv(12) == b"HTTP/1.1 200"
+        for n in range(12):  # 12 MiB of events: more than the kernel's buffers take
+            put_value(server.url, f"big/{n}", b"x" * (1024 * 1024))
+        assert_slot_taken(server.port, "/kv/?watch")
+        wait_for_a_free_slot(server.port, "/kv/?watch")
+        # Its client gets what the kernel had taken, then the end of the connection.
+        received = 0
+        while chunk := stalled.recv(1024 * 1024):
+            received += len(chunk)
+        assert received < 12 * 1024 * 1024
+        put_value(server.url, "other/k", b"v")
+        assert 'event: put\ndata: {"key": "other/k"' in healthy.until(2)[1]
+    stalled.close()
+
+
 def test_one_watcher_over_max_watchers_gets_503(server_factory):
     server = server_factory(env={"KVAPP_MAX_WATCHERS": "2"}, kind=KvappServer)
     etag = put_value(server.url, "k", b"v")
