@@ -45,7 +45,13 @@ from kvapp.store.base import (
 )
 from kvapp.store.location import redact
 from kvapp.store.metricsfile import metrics_path
-from kvapp.store.postgres import COMMIT_UNKNOWN, STALLED_AFTER, UNREACHABLE, PostgresStore
+from kvapp.store.postgres import (
+    COMMIT_UNKNOWN,
+    RECONNECTS,
+    STALLED_AFTER,
+    UNREACHABLE,
+    PostgresStore,
+)
 from kvapp.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.backends("postgres")
@@ -596,6 +602,37 @@ def test_stale_pooled_connections_are_replaced_without_an_error(repo, admin, dat
         repo.set_many([("a", b"1", TEXT)])
 
 
+@pytest.mark.parametrize("dead", [1, RECONNECTS, RECONNECTS + 1])
+def test_connections_found_dead_before_commit_are_replaced_up_to_a_bound(
+    repo, admin, monkeypatch, dead
+):
+    # A restart kills the pooled connections and also those the pool was
+    # opening meanwhile: the first new connection can be dead too.
+    repo.set_many([("a", b"1", TEXT)])
+    pool = repo._pool()
+    getconn, handed = pool.getconn, []
+
+    def dying(*args, **kwargs):
+        conn = getconn(*args, **kwargs)
+        if len(handed) < dead:  # its backend ends before it is used (waited for, 5 s at most)
+            assert admin.execute(
+                "SELECT pg_terminate_backend(%s, 5000)", (conn.info.backend_pid,)
+            ).fetchone() == (True,)
+        handed.append(conn)
+        return conn
+
+    monkeypatch.setattr(pool, "getconn", dying)
+    if dead <= RECONNECTS:
+        repo.set_many([("a", b"2", TEXT)])
+        assert len(handed) == dead + 1
+    else:
+        with pytest.raises(StorageUnavailable, match="^the database server cannot be reached"):
+            repo.set_many([("a", b"2", TEXT)])
+        assert len(handed) == RECONNECTS + 1
+    monkeypatch.undo()
+    assert repo.get("a").value == (b"2" if dead <= RECONNECTS else b"1")
+
+
 SLOW_TRIGGER = """
 CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -613,10 +650,10 @@ def test_connection_lost_mid_batch_stores_nothing_and_the_pool_reconnects(repo, 
 
     def kill_sleepers() -> None:
         # The batch is mid-way: its upserts of a (and maybe b) are done, slow's sleeps.
-        # Its retry on a fresh connection sleeps again and is ended again.
+        # Each retry on a fresh connection sleeps again and is ended again.
         with psycopg.connect(database, autocommit=True) as conn:
             deadline = time.monotonic() + 30
-            while len(killed) < 2 and time.monotonic() < deadline:
+            while len(killed) < RECONNECTS + 1 and time.monotonic() < deadline:
                 pids = conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
                 ).fetchall()
@@ -638,7 +675,7 @@ def test_connection_lost_mid_batch_stores_nothing_and_the_pool_reconnects(repo, 
             )
     finally:
         killer.join(timeout=60)
-    assert len(killed) == 2
+    assert len(killed) == RECONNECTS + 1
     assert str(caught.value) == UNREACHABLE
     assert stored(database, "SELECT key, value FROM kv") == [("a", b"old")]
     assert stored(database, "SELECT value FROM meta WHERE name = 'revision'") == [(1,)]

@@ -125,6 +125,13 @@ KV_COLUMNS = {"key", "value", "content_type", "revision", "expires_at"}
 # A transaction that lost a race under SERIALIZABLE runs again this many times.
 SERIALIZATION_RETRIES = 5
 
+# A transaction that found its connection dead before COMMIT runs again on a
+# new one this many times.  A server restart kills the pooled connections,
+# and also those the pool was opening as it happened (the pool's min_size,
+# 2, refilled in the background): under load the first new connection was
+# one of those too, and the request answered 503.
+RECONNECTS = 3
+
 # Seconds a request waits for a pooled connection before 503.  The pool holds
 # one per waitress thread and more, so a wait means the server cannot be
 # reached: while it is down, requests answer 503 this fast instead of
@@ -464,13 +471,13 @@ class PostgresStore:
         past that it fails, with OutcomeUnknown if its COMMIT was sent, and
         the connection is closed.  When a pooled connection turns out dead
         before anything could be committed (the server restarted since it was
-        pooled), the pool replaces its idle connections and body runs once
-        more on a new one.  When a transaction loses a race under
+        pooled), the pool replaces its idle connections and body runs again on
+        a new one, up to RECONNECTS times.  When a transaction loses a race under
         SERIALIZABLE (40001), body runs again, up to SERIALIZATION_RETRIES times.
         """
         bound = self.timeout_seconds if seconds is None else seconds
         stored = NOTHING_STORED if writing else ""
-        reconnected = False
+        reconnects = 0
         conflicts = 0
         while True:
             pool = self._pool()
@@ -492,10 +499,10 @@ class PostgresStore:
                             raise StorageUnavailable(
                                 TIMED_OUT.format(seconds=guard.seconds, stored=stored)
                             ) from exc
-                        if conn.broken and not reconnected:
+                        if conn.broken and reconnects < RECONNECTS:
                             # _transaction turned a break during COMMIT into a
                             # StorageError, so nothing of this one was committed.
-                            reconnected = True
+                            reconnects += 1
                         elif exc.sqlstate in _CONFLICT and conflicts < SERIALIZATION_RETRIES:
                             conflicts += 1
                             time.sleep(random.uniform(0, 0.002 * 2**conflicts))
