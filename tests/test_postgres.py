@@ -633,6 +633,36 @@ def test_connections_found_dead_before_commit_are_replaced_up_to_a_bound(
     assert repo.get("a").value == (b"2" if dead <= RECONNECTS else b"1")
 
 
+def test_a_batch_given_up_as_stalled_is_not_run_again_when_its_connection_breaks(
+    repo, admin, database
+):
+    # Its other writes were answered "may or may not be stored" when it was given
+    # up.  Run again on a new connection, it committed when a partition healed,
+    # seconds after those answers (tests/test_partition.py caught it).
+    admin.execute("CREATE TABLE sleepy (on_ boolean); INSERT INTO sleepy VALUES (true)")
+    admin.execute(
+        SLOW_TRIGGER.replace("pg_sleep(60)", "pg_sleep((SELECT 60 * on_::int FROM sleepy))")
+    )
+
+    def break_it_once_given_up() -> None:
+        assert wait_for(repo._group_commit.stalled_now)
+        admin.execute("UPDATE sleepy SET on_ = false")  # a second run would commit at once
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+        )
+
+    breaker = threading.Thread(target=break_it_once_given_up)
+    breaker.start()
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            repo.set_many([("slow", b"x", TEXT)])
+    finally:
+        breaker.join(timeout=60)
+    assert "nothing was stored" in str(caught.value)
+    assert stored(database, "SELECT key FROM kv") == []
+    assert repo.set_many([("slow", b"y", TEXT)]) >= 1  # the store goes on
+
+
 SLOW_TRIGGER = """
 CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -472,8 +472,10 @@ class PostgresStore:
         the connection is closed.  When a pooled connection turns out dead
         before anything could be committed (the server restarted since it was
         pooled), the pool replaces its idle connections and body runs again on
-        a new one, up to RECONNECTS times.  When a transaction loses a race under
-        SERIALIZABLE (40001), body runs again, up to SERIALIZATION_RETRIES times.
+        a new one, up to RECONNECTS times, unless the batch being written was
+        given up as stalled (kvapp.store.groupcommit).  When a transaction
+        loses a race under SERIALIZABLE (40001), body runs again, up to
+        SERIALIZATION_RETRIES times.
         """
         bound = self.timeout_seconds if seconds is None else seconds
         stored = NOTHING_STORED if writing else ""
@@ -499,9 +501,17 @@ class PostgresStore:
                             raise StorageUnavailable(
                                 TIMED_OUT.format(seconds=guard.seconds, stored=stored)
                             ) from exc
-                        if conn.broken and reconnects < RECONNECTS:
+                        if (
+                            conn.broken
+                            and reconnects < RECONNECTS
+                            and not (writing and self._group_commit.stalled_now())
+                        ):
                             # _transaction turned a break during COMMIT into a
                             # StorageError, so nothing of this one was committed.
+                            # Not once the batch was given up: its other writes
+                            # were answered "may or may not be stored", and a run
+                            # again would commit it long after (when a partition
+                            # heals).
                             reconnects += 1
                         elif exc.sqlstate in _CONFLICT and conflicts < SERIALIZATION_RETRIES:
                             conflicts += 1
