@@ -43,13 +43,17 @@ def _command_line_database(location: str) -> str:
 
     A path on the command line is relative to the working directory, as for
     the data tools, not to the config file's folder.  It is checked before it
-    is made absolute: /cwd/pgsql:/host/db would pass for a file path.
+    is made absolute: /cwd/pgsql:/host/db would pass for a file path.  A path
+    that starts with ~ (the shell leaves --database=~/kv.sqlite3 alone) is
+    load_config's to expand, and a trailing / is kept for it to refuse.
     """
     try:
         check_location(location)
     except LocationError as exc:
         raise ConfigError(f"bad value for database (--database): {exc}") from None
-    return location if is_postgres_url(location) else os.path.abspath(location)
+    if is_postgres_url(location) or location.startswith("~"):
+        return location
+    return os.path.join(os.getcwd(), location)
 
 
 def main(argv: list[str] | None = None) -> int:

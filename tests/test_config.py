@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, curl, free_port
 
+from kvapp.__main__ import _command_line_database
 from kvapp.config import SETTINGS, ConfigError, Settings, load_config
 
 CONFIG_INI = ROOT / "config.ini"
@@ -373,6 +374,26 @@ def test_bad_command_line_option_stops_serve_with_one_line(option: str, tmp_path
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert option.split("=")[0].lstrip("-") in result.stderr
+
+
+@pytest.mark.parametrize("value", ["data/", "~nosuchuser9/kv.sqlite3"])
+def test_serve_s_database_option_is_checked_as_the_setting_is(value: str, tmp_path: Path):
+    env = clean_env(HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "kvapp", "serve", "--port=0", f"--database={value}"]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("kvapp: bad value for database (--database): ")
+    assert value in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_s_database_option_expands_a_tilde(tmp_path: Path):
+    database = _command_line_database("~/kv/x.sqlite3")  # as --database=~/kv/x.sqlite3 gives it
+    settings = load_config(CONFIG_INI, environ={"HOME": str(tmp_path)}, database=database)
+    assert settings.database == str(tmp_path / "kv" / "x.sqlite3")
 
 
 def listening_addresses(port: int) -> set[str]:
