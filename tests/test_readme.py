@@ -19,7 +19,7 @@ def test_quick_start_has_exactly_two_commands():
     commands = quick_start_commands()
     assert len(commands) == 2, commands
     assert commands[0].endswith("-m kvapp serve")
-    assert commands[1].endswith("-m pytest")
+    assert commands[1].endswith("-m pytest -n 2")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
