@@ -24,8 +24,11 @@ streams of a busy store that was 339 MiB resident after 15 s.
 
 from __future__ import annotations
 
+import fcntl
 import resource
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +95,8 @@ class Channel(HTTPChannel):
     outbufs: list[OverflowableBuffer]  # waitress sets it in __init__, unannotated
     _watching = False
     _closed_hook: Callable[[], None] | None = None
+    # kvapp.server._client_stalled's last sight of the client taking bytes.
+    taken_mark: tuple[int, float, float] | None = None
 
     def write_parts(self, parts: list[bytes]) -> None:
         """Send parts now if nothing is waiting to go before them; queue what the socket refuses.
@@ -268,8 +273,8 @@ def _closing_stalled_readers(server: Any, maintenance: Callable[[float], None]) 
     waitress's maintenance closes only channels with no request.  A watch
     stream's client that stops reading kept its thread and its max_watchers
     slot for good: its task waits, once 16 MiB are queued, for a send that
-    never comes.  Like nginx's send_timeout, a channel whose answer has
-    bytes waiting and which has sent none for channel_timeout is closed,
+    never comes.  Like nginx's send_timeout, a channel whose client has
+    taken no byte for channel_timeout while bytes wait for it is closed,
     which wakes its task, whose next write fails.  Closed here, not marked:
     a mark is acted on when the socket can take bytes, which this one never
     does.  This runs in the main loop's thread (the listening socket's
@@ -278,12 +283,36 @@ def _closing_stalled_readers(server: Any, maintenance: Callable[[float], None]) 
 
     def run(now: float) -> None:
         maintenance(now)
-        cutoff = now - server.adj.channel_timeout
         for channel in list(server.active_channels.values()):
-            if channel.requests and channel.total_outbufs_len and channel.last_activity < cutoff:
-                channel.handle_close()
+            if channel.requests and channel.total_outbufs_len:
+                if _client_stalled(channel, now, server.adj.channel_timeout):
+                    channel.handle_close()
 
     return run
+
+
+def _client_stalled(channel: Any, now: float, timeout: float) -> bool:
+    """Return True once channel's client has taken no byte for timeout seconds.
+
+    Its last send (last_activity) alone cannot tell: a client that reads
+    slowly drains the kernel's send buffer (up to about 4 MiB) for longer
+    than that while nothing more can go in.  The kernel's count of bytes
+    sent but not acknowledged, or not sent yet (SIOCOUTQ, tcp(7)), falls
+    whenever the client takes some.  What waits in the channel's buffer is
+    first offered to the socket, as the loop would once it could write.
+    """
+    channel._flush_exception(channel._flush_some_if_lockable)
+    if channel.will_close:  # the send failed: the connection is gone
+        return True
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(channel.socket, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return False  # not a TCP socket, or already closed: nothing to judge
+    mark = channel.taken_mark  # (queued, last_activity, since) when last seen to move
+    if mark is None or queued < mark[0] or channel.last_activity != mark[1] or not queued:
+        channel.taken_mark = (queued, channel.last_activity, now)
+        return False
+    return now - mark[2] >= timeout
 
 
 def raise_open_files_limit(connection_limit: int) -> str | None:

@@ -556,6 +556,26 @@ def test_a_stream_whose_client_stops_reading_is_closed_after_channel_timeout(ser
     stalled.close()
 
 
+def test_a_stream_whose_client_reads_slowly_is_not_closed(server_factory):
+    # Its client drains the kernel's send buffer (megabytes) for longer than
+    # channel_timeout while nothing more can go in: that is progress too.
+    env = {"KVAPP_MAX_WATCHERS": "1", "KVAPP_CHANNEL_TIMEOUT": "2"}
+    server = server_factory(env=env, kind=KvappServer)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as slow:
+        slow.sendall(b"GET /kv/?watch&prefix=big/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert slow.recv(12) == b"HTTP/1.1 200"
+        for n in range(8):
+            put_value(server.url, f"big/{n}", b"x" * (1024 * 1024))
+        received, start = 0, time.monotonic()
+        while time.monotonic() - start < 8:  # about 200 KB a second, for 4 x channel_timeout
+            chunk = slow.recv(20_000)
+            assert chunk, f"closed after {received} bytes"
+            received += len(chunk)
+            time.sleep(0.1)
+        assert_slot_taken(server.port, "/kv/?watch")  # the stream still runs
+    wait_for_a_free_slot(server.port, "/kv/?watch")
+
+
 def test_one_watcher_over_max_watchers_gets_503(server_factory):
     server = server_factory(env={"KVAPP_MAX_WATCHERS": "2"}, kind=KvappServer)
     etag = put_value(server.url, "k", b"v")
