@@ -663,6 +663,34 @@ def test_a_batch_given_up_as_stalled_is_not_run_again_when_its_connection_breaks
     assert repo.set_many([("slow", b"y", TEXT)]) >= 1  # the store goes on
 
 
+def test_runs_again_on_new_connections_share_one_bound(repo, database):
+    # A query that hangs, then loses its connection, runs again: in all it
+    # waits database_timeout_seconds (2 here) plus the cancel's 1 s, not that
+    # much per run.
+    bound, stop = 2, threading.Event()
+
+    def end_long_sleeps() -> None:
+        with psycopg.connect(database, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE wait_event = 'PgSleep' AND now() - query_start > interval '1.4 s'"
+                )
+                time.sleep(0.05)
+
+    ender = threading.Thread(target=end_long_sleeps)
+    ender.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            repo._run(lambda conn: conn.execute("SELECT pg_sleep(5)"), bound, writing=False)
+    finally:
+        stop.set()
+        ender.join(timeout=30)
+    assert time.monotonic() - start < bound + 1 + 1.5  # each run waiting its own bound: 5.6 s
+    assert str(caught.value) == f"the database server did not answer within {bound} s; retry"
+
+
 SLOW_TRIGGER = """
 CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

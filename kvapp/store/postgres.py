@@ -70,7 +70,7 @@ from kvapp.store.feed import Feed
 from kvapp.store.groupcommit import GroupCommit
 from kvapp.store.location import redact
 from kvapp.store.plan import history_cut, plan
-from kvapp.store.watchdog import Watchdog
+from kvapp.store.watchdog import Guard, Watchdog
 
 T = TypeVar("T")
 
@@ -227,6 +227,11 @@ NOT_REPLICATED = (
     " standby: the write may or may not be stored after a failover; retry"
 )
 STALLED_FOR = "the database server has not answered a commit for {:.0f} s"
+
+
+def _waited(guard: Guard, left: float, bound: float) -> float:
+    """Return the wait a timed-out run reports: its request's bound, or the silent server's."""
+    return bound if guard.seconds == left else guard.seconds
 
 
 def storage_error(exc: psycopg.Error, writing: bool = True) -> StorageError:
@@ -475,31 +480,39 @@ class PostgresStore:
         a new one, up to RECONNECTS times, unless the batch being written was
         given up as stalled (kvapp.store.groupcommit).  When a transaction
         loses a race under SERIALIZABLE (40001), body runs again, up to
-        SERIALIZATION_RETRIES times.
+        SERIALIZATION_RETRIES times.  All runs together get seconds.
         """
         bound = self.timeout_seconds if seconds is None else seconds
         stored = NOTHING_STORED if writing else ""
         reconnects = 0
         conflicts = 0
+        # Runs again share the first one's bound: no request waits longer in all.
+        deadline = time.monotonic() + bound
         while True:
             pool = self._pool()
             try:
                 conn = pool.getconn()
             except PoolTimeout:
                 raise StorageUnavailable(_UNREACHABLE.format(stored=stored)) from None
-            guard = self._watchdog.guard(conn, bound, STALLED_AFTER)
+            left = bound if not (reconnects or conflicts) else deadline - time.monotonic()
+            if left <= 0:
+                pool.putconn(conn)
+                raise StorageUnavailable(TIMED_OUT.format(seconds=bound, stored=stored))
+            guard = self._watchdog.guard(conn, left, STALLED_AFTER)
             try:
                 with guard:
                     try:
                         return body(conn)
                     except _ConnectionLost as exc:
                         if guard.timed_out:  # the watchdog cut it
-                            raise OutcomeUnknown(COMMIT_UNANSWERED.format(guard.seconds)) from exc
+                            raise OutcomeUnknown(
+                                COMMIT_UNANSWERED.format(_waited(guard, left, bound))
+                            ) from exc
                         raise
                     except psycopg.Error as exc:
                         if guard.timed_out:
                             raise StorageUnavailable(
-                                TIMED_OUT.format(seconds=guard.seconds, stored=stored)
+                                TIMED_OUT.format(seconds=_waited(guard, left, bound), stored=stored)
                             ) from exc
                         if (
                             conn.broken
