@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvapp.store.location import LocationError, check_location, is_postgres_url
+from kvapp.store.location import LocationError, check_location, file_path, is_postgres_url
 from kvapp.web.guard import parse_allowed_hosts, parse_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -492,27 +492,11 @@ def _resolved(path: Path, what: str) -> Path:
 
 
 def _file_setting(value: str, base: Path, what: str, environ: Mapping[str, str]) -> str:
-    """Return the absolute file a path setting names; ConfigError if it names a folder.
-
-    A leading ~ or ~user is the home folder, as git does for its path settings:
-    taken literally, `database = ~/kv.sqlite3` made a folder named ~ beside the
-    config file.  A value ending in / named a folder, and resolving it dropped
-    the slash, so `database = data/` made a file named data.
-    """
-    if value == "~" or value.startswith("~/"):
-        value = str(environ.get("HOME") or os.path.expanduser("~")) + value[1:]
-    elif value.startswith("~"):
-        expanded = os.path.expanduser(value)
-        if expanded == value:
-            user = value[1:].partition("/")[0]
-            raise ConfigError(f"bad value for {what}: {value}: there is no user {user!r}")
-        value = expanded
-    if value.endswith(("/", os.sep)):
-        raise ConfigError(f"bad value for {what}: {value} names a folder: add a file name")
-    path = _resolved(base / value, what)
-    if path.is_dir():
-        raise ConfigError(f"bad value for {what}: {path} is a folder: name a file in it")
-    return str(path)
+    """Return the absolute file a path setting names (location.file_path); else ConfigError."""
+    try:
+        return str(file_path(value, base, environ))
+    except LocationError as exc:
+        raise ConfigError(f"bad value for {what}: {exc}") from None
 
 
 def load_config(

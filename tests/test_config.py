@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import pwd
 import re
 import signal
 import socket
@@ -533,9 +534,10 @@ def test_a_leading_tilde_is_the_home_folder(tmp_path: Path, setting: str):
     config = write_config(tmp_path / "etc" / "kv.ini", f"[storage]\n{setting} = ~/kv/x.sqlite3\n")
     settings = load_config(config, environ={"HOME": str(home)})
     assert getattr(settings, setting) == str(home / "kv" / "x.sqlite3")
-    root = Path(os.path.expanduser("~root")).resolve()
-    env = {f"KVAPP_{setting.upper()}": "~root/x.sqlite3"}
-    assert getattr(load_config(config, environ=env), setting) == str(root / "x.sqlite3")
+    user = pwd.getpwuid(os.getuid())  # whoever runs the tests: ~name is their home
+    env = {f"KVAPP_{setting.upper()}": f"~{user.pw_name}/x.sqlite3"}
+    expected = Path(user.pw_dir).resolve() / "x.sqlite3"
+    assert getattr(load_config(config, environ=env), setting) == str(expected)
 
 
 @pytest.mark.parametrize("setting", ["database", "metrics_path"])

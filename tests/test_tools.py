@@ -269,6 +269,42 @@ def test_a_url_kvapp_cannot_use_is_refused_and_creates_nothing(
     assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", sorted(every_command_on("", Path(), Path())))
+@pytest.mark.parametrize(
+    ("location", "words"),
+    [
+        ("out/", "out/ names a folder: add a file name"),
+        ("folder", "/cwd/folder is a folder: name a file in it"),
+        ("~nosuchuser9/kv.sqlite3", "~nosuchuser9/kv.sqlite3: there is no user 'nosuchuser9'"),
+    ],
+    ids=["trailing-slash", "existing-folder", "unknown-user"],
+)
+def test_a_folder_is_refused_where_a_database_file_is_due_and_nothing_is_made(
+    tmp_path, source_db, export_file, location, words, command
+):
+    # copy --to out/ made a file named out; --to=~/x.sqlite3 a folder named ~.
+    cwd = tmp_path / "cwd"
+    (cwd / "folder").mkdir(parents=True)
+    before = listing(tmp_path)
+    args = every_command_on(location, source_db, export_file)[command]
+    result = kvapp(*args, cwd=cwd, timeout=60)
+    assert result.returncode == 1, result
+    assert one_line_error(result).rstrip("\n").endswith(words), result
+    assert listing(tmp_path) == before
+
+
+def test_a_leading_tilde_in_a_tool_s_path_is_the_home_folder(tmp_path, source_db):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    env = {"HOME": str(home)}
+    result = kvapp("copy", "--from", str(source_db), "--to=~/copy.sqlite3", cwd=cwd, env=env)
+    assert result.returncode == 0, result
+    assert (home / "copy.sqlite3").is_file()
+    assert listing(cwd) == []
+    assert kvapp("stats", "--database=~/copy.sqlite3", cwd=cwd, env=env).returncode == 0
+
+
 @pytest.mark.parametrize("location", NOT_DATABASES)
 @pytest.mark.parametrize("where", ["environment", "config file"])
 def test_serve_refuses_a_url_it_cannot_use_from_the_settings(tmp_path, location, where):

@@ -10,8 +10,11 @@ starts like a scheme can still be named as `./name:...`.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -36,6 +39,36 @@ def check_location(location: str) -> str:
         f"{redact(location)!r} is not a supported database: only postgresql:// URLs"
         " and file paths are supported"
     )
+
+
+def file_path(value: str, base: Path, environ: Mapping[str, str]) -> Path:
+    """Return the file value names, absolute and resolved; LocationError if it names a folder.
+
+    A relative value is relative to base.  A leading ~ or ~user is that home
+    folder, as git does for its path settings: taken literally,
+    `database = ~/kv.sqlite3` made a folder named ~.  A value ending in /
+    names a folder, and resolving it drops the slash, so `data/` made a file
+    named data.
+    """
+    if value == "~" or value.startswith("~/"):
+        value = str(environ.get("HOME") or os.path.expanduser("~")) + value[1:]
+    elif value.startswith("~"):
+        expanded = os.path.expanduser(value)
+        if expanded == value:
+            user = value[1:].partition("/")[0]
+            raise LocationError(f"{value}: there is no user {user!r}")
+        value = expanded
+    if value.endswith(("/", os.sep)):
+        raise LocationError(f"{value} names a folder: add a file name")
+    try:
+        path = (base / value).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python 3.11 and 3.12)
+        raise LocationError(f"{base / value} cannot be resolved ({exc})") from None
+    # os.path.isdir, not Path.is_dir, which raises for a folder on the way
+    # that this user may not search (the store then says what is wrong).
+    if os.path.isdir(path):
+        raise LocationError(f"{path} is a folder: name a file in it")
+    return path
 
 
 def redact(location: str) -> str:

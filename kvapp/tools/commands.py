@@ -305,7 +305,7 @@ def run(command: Command, args: argparse.Namespace) -> int:
         # must not turn into a file of that name, nor fail only half-way.
         for name in ("database", "source", "target"):
             if getattr(args, name, None) is not None:
-                targets.location(getattr(args, name))
+                setattr(args, name, targets.location(getattr(args, name)))
         return command(args, load_config(args.config), tally)
     except KeyboardInterrupt:
         reason, status = "interrupted by SIGINT", 128 + signal.SIGINT

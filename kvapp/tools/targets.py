@@ -9,6 +9,7 @@ a failed or killed run never leaves a database there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ from pathlib import Path
 from kvapp.config import Settings
 from kvapp.store import open_store
 from kvapp.store.base import Store
-from kvapp.store.location import LocationError, check_location, is_postgres_url, redact
+from kvapp.store.location import (
+    LocationError,
+    check_location,
+    file_path,
+    is_postgres_url,
+    redact,
+)
 from kvapp.store.sqlite import make_folders
 from kvapp.tools import atomicfile
 
@@ -27,9 +34,18 @@ class StoreError(Exception):
 
 
 def location(url: str) -> str:
-    """Return url if it names an SQLite file or a PostgreSQL database; else StoreError."""
+    """Return url if it names an SQLite file or a PostgreSQL database; else StoreError.
+
+    A file's leading ~ or ~user is expanded (the shell leaves `--to=~/kv.sqlite3`
+    alone), and a folder is refused, as for the database setting
+    (kvapp.store.location.file_path); the path is otherwise returned as given.
+    """
     try:
-        return check_location(url)
+        check_location(url)
+        if not is_postgres_url(url):
+            file_path(url, Path.cwd(), os.environ)
+            return os.path.expanduser(url) if url.startswith("~") else url
+        return url
     except LocationError as exc:
         raise StoreError(str(exc)) from None
 
