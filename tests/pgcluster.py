@@ -49,9 +49,21 @@ def find_bindir() -> Path | None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Return a port of 127.0.0.1 that nothing listens on now (the kernel's pick).
+
+    Under pytest-xdist each test process keeps only the ports of its own share
+    (port // 2 modulo the number of processes; Linux hands bind() even ports
+    first), so that two processes never start servers on one port, nor find
+    the other's server when they wait for theirs to listen.
+    """
+    share = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if (port // 2) % processes == share:
+            return port
 
 
 def server_owner() -> tuple[int, int] | None:
