@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -321,6 +322,26 @@ def test_metrics_flush_failure_keeps_the_counts(tmp_path):
     assert rows[("kvapp_request_duration_seconds", 'route="/get"', "0.0025")] == 1
     assert rows[("kvapp_commit_batch_size", "", "4")] == 1
     assert rows[("kvapp_commit_batch_size", "", "sum")] == 3
+    store.close()
+
+
+def test_an_unusable_metrics_file_is_logged_once_and_its_recovery_too(tmp_path, caplog):
+    # Flushed once a second, it logged one line a second for as long as it lasted.
+    store = MetricsStore(str(tmp_path / "missing-folder" / "m.sqlite3"))
+    metrics = Metrics(store)
+    with caplog.at_level(logging.WARNING, logger="kvapp"):
+        for _ in range(5):
+            metrics.observe_request("/get", "GET", 200, 0.002)
+            metrics.flush_in_background()
+        store.path = str(tmp_path / "m.sqlite3")
+        metrics.flush_in_background()
+        metrics.flush_in_background()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("metrics not saved yet, will retry every second: ")
+    assert messages[1] == "metrics saved again"
+    rows = {(metric, labels): value for metric, labels, _, value in store.read()}
+    assert rows[("kvapp_requests_total", 'route="/get",method="GET",code="200"')] == 5
     store.close()
 
 

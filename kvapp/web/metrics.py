@@ -116,6 +116,7 @@ class Metrics:
         self._deltas = _Deltas()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing: str | None = None  # the failure logged last, until a flush succeeds
 
     # -- the request path ---------------------------------------------------
 
@@ -145,12 +146,27 @@ class Metrics:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval):
-            try:
-                self.flush()
-            except StorageError as exc:
-                log.warning("metrics not saved yet, will retry: %s", exc)
-            except Exception:
-                log.exception("metrics flush failed")
+            self.flush_in_background()
+
+    def flush_in_background(self) -> None:
+        """Flush, as the thread does once an interval; log a failure once, and the recovery.
+
+        An unusable file (a folder that cannot be written) fails every
+        second: logged each time, it filled the log with one line a second.
+        """
+        try:
+            self.flush()
+        except StorageError as exc:
+            if str(exc) != self._failing:
+                self._failing = str(exc)
+                log.warning("metrics not saved yet, will retry every second: %s", exc)
+            return
+        except Exception:
+            log.exception("metrics flush failed")
+            return
+        if self._failing is not None:
+            self._failing = None
+            log.warning("metrics saved again")
 
     def flush(self) -> None:
         """Add this process's deltas to the shared file; on failure keep them and raise."""
