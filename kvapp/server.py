@@ -42,8 +42,8 @@ from waitress.task import WSGITask
 from kvapp.mainloop import MainLoop
 from kvapp.refusals import ErrorTask
 
-# While a task runs, its own thread sends what it writes; the main loop
-# helps only once this much is waiting (a client that reads slowly, a large
+# While a task thread writes, it sends its own output; the main loop helps
+# then only once this much is waiting (a client that reads slowly, a large
 # value), well below waitress's outbuf_high_watermark (16 MiB), where the
 # task thread stops and waits for the main loop to send.
 LOOP_FLUSH_BYTES = 1024 * 1024
@@ -97,6 +97,7 @@ class Channel(HTTPChannel):
     _closed_hook: Callable[[], None] | None = None
     # kvapp.server._client_stalled's last sight of the client taking bytes.
     taken_mark: tuple[int, float, float] | None = None
+    task_writing = False  # a task thread is inside write_parts or write_soon
 
     def write_parts(self, parts: list[bytes]) -> None:
         """Send parts now if nothing is waiting to go before them; queue what the socket refuses.
@@ -111,22 +112,40 @@ class Channel(HTTPChannel):
         parts = [part for part in parts if part]
         if not parts:
             return
-        with self.outbuf_lock:
-            # Again under the lock: handle_close clears connected under it,
-            # and closes the socket after.
-            if not self.connected:
-                raise ClientDisconnected
-            sent = 0
-            if not self.total_outbufs_len:
-                try:
-                    sent = self.socket.sendmsg(parts)
-                except OSError:  # EAGAIN, or the client went: as below
-                    sent = 0
-                if sent:
-                    self.last_activity = time.time()
-            rest = _after(parts, sent)
-            if rest:
-                super().write_soon(rest)
+        self.task_writing = True
+        try:
+            with self.outbuf_lock:
+                # Again under the lock: handle_close clears connected under it,
+                # and closes the socket after.
+                if not self.connected:
+                    raise ClientDisconnected
+                sent = 0
+                if not self.total_outbufs_len:
+                    try:
+                        sent = self.socket.sendmsg(parts)
+                    except OSError:  # EAGAIN, or the client went: as below
+                        sent = 0
+                    if sent:
+                        self.last_activity = time.time()
+                rest = _after(parts, sent)
+                if rest:
+                    super().write_soon(rest)
+        finally:
+            self.task_writing = False
+        if self.total_outbufs_len:
+            # What the socket refused waits for the loop, which sends it once the
+            # socket takes bytes again (writable), and must ask this channel again.
+            self.server.pull_trigger()
+
+    def write_soon(self, data: Any) -> int:
+        """waitress's write_soon (its own write path: 100 Continue, odd bodies), flagged."""
+        self.task_writing = True
+        try:
+            return int(super().write_soon(data))
+        finally:
+            self.task_writing = False
+            if self.total_outbufs_len:
+                self.server.pull_trigger()
 
     def _flush_some(self, do_close: bool = True) -> bool:
         """Send what waits (waitress), then drop a buffer that is empty but holds memory.
@@ -187,10 +206,16 @@ class Channel(HTTPChannel):
         return bool(super().readable())
 
     def writable(self) -> bool:
-        """Return True if the main loop should send now: no task runs, or much is waiting."""
-        if self.requests and self.total_outbufs_len < LOOP_FLUSH_BYTES:
-            # The task thread sends its own output; when it ends, service()
-            # pulls the trigger and the main loop sends whatever is left.
+        """Return True if the main loop should send now: bytes wait, and no task is writing.
+
+        While a task thread writes, it sends its own output (the busy loop
+        of the module's docstring otherwise), unless much is waiting.  What
+        the socket refused stays in the buffer once the task has written:
+        the loop sends it as the client takes bytes.  Before, it waited for
+        the task's next write: the end of a watch event for a slow client
+        came a heartbeat (15 s) late.
+        """
+        if self.task_writing and self.total_outbufs_len < LOOP_FLUSH_BYTES:
             return bool(self.will_close or self.close_when_flushed)
         return bool(super().writable())
 

@@ -576,6 +576,31 @@ def test_a_stream_whose_client_reads_slowly_is_not_closed(server_factory):
     wait_for_a_free_slot(server.port, "/kv/?watch")
 
 
+def test_an_event_reaches_a_client_that_was_slow_to_read_it_without_waiting_a_heartbeat(
+    server_factory,
+):
+    # What the socket refused used to wait for the stream's next write: the
+    # last part of the event came with the next heartbeat (60 s here).
+    env = {"KVAPP_WATCH_HEARTBEAT_SECONDS": "60", "KVAPP_CHANNEL_TIMEOUT": "300"}
+    server = server_factory(env=env, kind=KvappServer)
+    value = b"x" * (1024 * 1024)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
+        sock.settimeout(WAIT)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /kv/?watch&prefix=big/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data = sock.recv(65536)
+        for n in range(8):  # more than the kernel's buffers take
+            put_value(server.url, f"big/{n}", value)
+        time.sleep(1)  # not reading yet: the socket refuses the rest
+        last = b'"key": "big/7"'
+        deadline = time.monotonic() + WAIT
+        while last not in data or b"null}\n\n" not in data[data.find(last) :]:
+            assert time.monotonic() < deadline, f"{len(data)} bytes after {WAIT} s"
+            data += sock.recv(1024 * 1024)
+    assert data.count(value) == 8
+
+
 def test_one_watcher_over_max_watchers_gets_503(server_factory):
     server = server_factory(env={"KVAPP_MAX_WATCHERS": "2"}, kind=KvappServer)
     etag = put_value(server.url, "k", b"v")
