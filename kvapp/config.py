@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvapp.store.location import LocationError, check_location, file_path, is_postgres_url
+from kvapp.store.location import (
+    LocationError,
+    check_location,
+    file_path,
+    is_postgres_url,
+    resolved,
+)
 from kvapp.web.guard import parse_allowed_hosts, parse_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -484,11 +490,11 @@ def describe_config(source: str, environ: Mapping[str, str]) -> str:
 
 
 def _resolved(path: Path, what: str) -> Path:
-    """Return path made absolute, its symbolic links followed; ConfigError for a loop of them."""
+    """Return path made absolute and resolved (location.resolved); else ConfigError."""
     try:
-        return path.resolve()
-    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python 3.11 and 3.12)
-        raise ConfigError(f"bad value for {what}: {path} cannot be resolved ({exc})") from None
+        return resolved(path)
+    except LocationError as exc:
+        raise ConfigError(f"bad value for {what}: {exc}") from None
 
 
 def _file_setting(value: str, base: Path, what: str, environ: Mapping[str, str]) -> str:

@@ -31,7 +31,8 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from waitress.buffers import OverflowableBuffer
@@ -112,39 +113,39 @@ class Channel(HTTPChannel):
         parts = [part for part in parts if part]
         if not parts:
             return
-        self.task_writing = True
-        try:
-            with self.outbuf_lock:
-                # Again under the lock: handle_close clears connected under it,
-                # and closes the socket after.
-                if not self.connected:
-                    raise ClientDisconnected
-                sent = 0
-                if not self.total_outbufs_len:
-                    try:
-                        sent = self.socket.sendmsg(parts)
-                    except OSError:  # EAGAIN, or the client went: as below
-                        sent = 0
-                    if sent:
-                        self.last_activity = time.time()
-                rest = _after(parts, sent)
-                if rest:
-                    super().write_soon(rest)
-        finally:
-            self.task_writing = False
-        if self.total_outbufs_len:
-            # What the socket refused waits for the loop, which sends it once the
-            # socket takes bytes again (writable), and must ask this channel again.
-            self.server.pull_trigger()
+        with self._task_writes(), self.outbuf_lock:
+            # Again under the lock: handle_close clears connected under it,
+            # and closes the socket after.
+            if not self.connected:
+                raise ClientDisconnected
+            sent = 0
+            if not self.total_outbufs_len:
+                try:
+                    sent = self.socket.sendmsg(parts)
+                except OSError:  # EAGAIN, or the client went: as below
+                    sent = 0
+                if sent:
+                    self.last_activity = time.time()
+            rest = _after(parts, sent)
+            if rest:
+                super().write_soon(rest)
 
     def write_soon(self, data: Any) -> int:
         """waitress's write_soon (its own write path: 100 Continue, odd bodies), flagged."""
+        with self._task_writes():
+            return int(super().write_soon(data))
+
+    @contextmanager
+    def _task_writes(self) -> Iterator[None]:
+        """Flag a task thread's write (see writable); then hand what waits to the loop."""
         self.task_writing = True
         try:
-            return int(super().write_soon(data))
+            yield
         finally:
             self.task_writing = False
             if self.total_outbufs_len:
+                # What the socket refused waits for the loop, which sends it once the
+                # socket takes bytes again (writable), and must ask this channel again.
                 self.server.pull_trigger()
 
     def _flush_some(self, do_close: bool = True) -> bool:
@@ -309,9 +310,12 @@ def _closing_stalled_readers(server: Any, maintenance: Callable[[float], None]) 
     def run(now: float) -> None:
         maintenance(now)
         for channel in list(server.active_channels.values()):
-            if channel.requests and channel.total_outbufs_len:
-                if _client_stalled(channel, now, server.adj.channel_timeout):
-                    channel.handle_close()
+            if (
+                channel.requests
+                and channel.total_outbufs_len
+                and _client_stalled(channel, now, server.adj.channel_timeout)
+            ):
+                channel.handle_close()
 
     return run
 

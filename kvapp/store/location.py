@@ -41,29 +41,42 @@ def check_location(location: str) -> str:
     )
 
 
-def file_path(value: str, base: Path, environ: Mapping[str, str]) -> Path:
-    """Return the file value names, absolute and resolved; LocationError if it names a folder.
+def home_expanded(value: str, environ: Mapping[str, str]) -> str:
+    """Return value with a leading ~ or ~user made that home folder; LocationError for no user.
 
-    A relative value is relative to base.  A leading ~ or ~user is that home
-    folder, as git does for its path settings: taken literally,
-    `database = ~/kv.sqlite3` made a folder named ~.  A value ending in /
-    names a folder, and resolving it drops the slash, so `data/` made a file
-    named data.
+    As git does for its path settings: taken literally, `database =
+    ~/kv.sqlite3` made a folder named ~.
     """
     if value == "~" or value.startswith("~/"):
-        value = str(environ.get("HOME") or os.path.expanduser("~")) + value[1:]
-    elif value.startswith("~"):
+        return str(environ.get("HOME") or os.path.expanduser("~")) + value[1:]
+    if value.startswith("~"):
         expanded = os.path.expanduser(value)
         if expanded == value:
             user = value[1:].partition("/")[0]
             raise LocationError(f"{value}: there is no user {user!r}")
-        value = expanded
+        return expanded
+    return value
+
+
+def resolved(path: Path) -> Path:
+    """Return path made absolute, its symbolic links followed; LocationError for a loop of them."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python 3.11 and 3.12)
+        raise LocationError(f"{path} cannot be resolved ({exc})") from None
+
+
+def file_path(value: str, base: Path, environ: Mapping[str, str]) -> Path:
+    """Return the file value names, absolute and resolved; LocationError if it names a folder.
+
+    A relative value is relative to base, and a leading ~ is expanded
+    (home_expanded).  A value ending in / names a folder, and resolving it
+    drops the slash, so `data/` made a file named data.
+    """
+    value = home_expanded(value, environ)
     if value.endswith(("/", os.sep)):
         raise LocationError(f"{value} names a folder: add a file name")
-    try:
-        path = (base / value).resolve()
-    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python 3.11 and 3.12)
-        raise LocationError(f"{base / value} cannot be resolved ({exc})") from None
+    path = resolved(base / value)
     # os.path.isdir, not Path.is_dir, which raises for a folder on the way
     # that this user may not search (the store then says what is wrong).
     if os.path.isdir(path):

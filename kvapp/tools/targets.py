@@ -22,6 +22,7 @@ from kvapp.store.location import (
     LocationError,
     check_location,
     file_path,
+    home_expanded,
     is_postgres_url,
     redact,
 )
@@ -42,10 +43,11 @@ def location(url: str) -> str:
     """
     try:
         check_location(url)
-        if not is_postgres_url(url):
-            file_path(url, Path.cwd(), os.environ)
-            return os.path.expanduser(url) if url.startswith("~") else url
-        return url
+        if is_postgres_url(url):
+            return url
+        named = home_expanded(url, os.environ)
+        file_path(named, Path.cwd(), os.environ)  # refuses a folder
+        return named
     except LocationError as exc:
         raise StoreError(str(exc)) from None
 
