@@ -31,8 +31,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from waitress.buffers import OverflowableBuffer
@@ -113,40 +112,45 @@ class Channel(HTTPChannel):
         parts = [part for part in parts if part]
         if not parts:
             return
-        with self._task_writes(), self.outbuf_lock:
-            # Again under the lock: handle_close clears connected under it,
-            # and closes the socket after.
-            if not self.connected:
-                raise ClientDisconnected
-            sent = 0
-            if not self.total_outbufs_len:
-                try:
-                    sent = self.socket.sendmsg(parts)
-                except OSError:  # EAGAIN, or the client went: as below
-                    sent = 0
-                if sent:
-                    self.last_activity = time.time()
-            rest = _after(parts, sent)
-            if rest:
-                super().write_soon(rest)
+        self.task_writing = True
+        try:
+            with self.outbuf_lock:
+                # Again under the lock: handle_close clears connected under it,
+                # and closes the socket after.
+                if not self.connected:
+                    raise ClientDisconnected
+                sent = 0
+                if not self.total_outbufs_len:
+                    try:
+                        sent = self.socket.sendmsg(parts)
+                    except OSError:  # EAGAIN, or the client went: as below
+                        sent = 0
+                    if sent:
+                        self.last_activity = time.time()
+                rest = _after(parts, sent)
+                if rest:
+                    super().write_soon(rest)
+        finally:
+            self._task_wrote()
 
     def write_soon(self, data: Any) -> int:
         """waitress's write_soon (its own write path: 100 Continue, odd bodies), flagged."""
-        with self._task_writes():
-            return int(super().write_soon(data))
-
-    @contextmanager
-    def _task_writes(self) -> Iterator[None]:
-        """Flag a task thread's write (see writable); then hand what waits to the loop."""
         self.task_writing = True
         try:
-            yield
+            return int(super().write_soon(data))
         finally:
-            self.task_writing = False
-            if self.total_outbufs_len:
-                # What the socket refused waits for the loop, which sends it once the
-                # socket takes bytes again (writable), and must ask this channel again.
-                self.server.pull_trigger()
+            self._task_wrote()
+
+    def _task_wrote(self) -> None:
+        """End a task thread's write (see writable): hand what the socket refused to the loop.
+
+        A plain method, not a context manager: write_parts runs once per answer.
+        """
+        self.task_writing = False
+        if self.total_outbufs_len:
+            # It waits for the loop, which sends it once the socket takes bytes
+            # again (writable), and must ask this channel again.
+            self.server.pull_trigger()
 
     def _flush_some(self, do_close: bool = True) -> bool:
         """Send what waits (waitress), then drop a buffer that is empty but holds memory.
