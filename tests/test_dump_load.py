@@ -71,6 +71,49 @@ def test_load_replaces_and_keeps_revisions_in_one_transaction(repo, database):
     assert repo.apply(Write.of(Put("e", b"5", TEXT))).revision == 43
 
 
+def test_reserve_takes_revisions_that_no_write_gets(repo):
+    assert repo.apply(Write.of(Put("a", b"1", TEXT))).revision == 1
+    assert repo.reserve(10) == 1
+    assert repo.revision() == 11
+    assert repo.apply(Write.of(Put("b", b"2", TEXT))).revision == 12
+    # A watcher from before must list the keys again: the floor passed it.
+    assert repo.history((1, 0), "", 10).floor >= 11
+
+
+def test_a_load_leaves_a_row_equal_to_its_record_and_its_etag_alone(repo):
+    repo.load([Record("same", b"v", TEXT, 5, None), Record("other", b"v", TEXT, 6, None)])
+    repo.load(
+        [
+            Record("same", b"v", TEXT, 9, None),  # equal but for the revision: left alone
+            Record("other", b"v", TEXT, 9, now_ms() + 60_000),  # another expiry: replaced
+        ]
+    )
+    assert [(r.key, r.revision) for r in repo.dump(None, 10)] == [("other", 9), ("same", 5)]
+
+
+def test_a_failed_import_into_an_empty_live_store_keeps_what_clients_wrote_meanwhile(repo):
+    records = [Record(f"k{n:05d}", b"loaded", TEXT, n + 1, None) for n in range(3 * transfer.PAGE)]
+
+    def source():
+        yield from records[: transfer.PAGE]
+        # Clients of a live server write while the import runs: a key the
+        # import never loads, one it loads later, and one it loaded already.
+        repo.apply(Write.of(Put("a-client", b"acknowledged", TEXT)))
+        repo.apply(Write.of(Put("k01500", b"acknowledged", TEXT)))
+        repo.apply(Write.of(Put("k00010", b"acknowledged", TEXT)))
+        yield from records[transfer.PAGE : 2 * transfer.PAGE]
+        raise OSError("the export file could not be read")
+
+    tally = transfer.Tally()
+    with pytest.raises(OSError):
+        transfer.load(source(), Target(repo, fresh=False, empty=True), tally, highest=3000)
+    left = {record.key: record.value for record in repo.dump(None, 10)}
+    # What the import loaded is gone; "k01500" was loaded over the client's
+    # value (an import replaces keys), the other two keep their writes.
+    assert left == {"a-client": b"acknowledged", "k00010": b"acknowledged"}
+    assert (tally.records, tally.last_key) == (0, None)
+
+
 def fail_inserts_of_b(database: str) -> None:
     """Make the database refuse to store the key b, as a full disk would, half-way."""
     if is_postgres_url(database):

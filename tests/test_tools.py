@@ -577,12 +577,70 @@ def test_import_into_keys_needs_merge_and_then_replaces_same_keys(tmp_path, sour
     export.write_bytes(b"\n".join(lines) + b"\n")
     result = kvapp("import", "--database", str(source_db), str(export))
     assert "already holds keys; give --merge" in one_line_error(result)
+    before = meta_revision(source_db)
     result = kvapp("import", "--merge", "--database", str(source_db), str(export))
     assert result.returncode == 0, result.stderr
     after = {row[0]: row for row in rows(source_db)}
-    assert after["binary"] == ("binary", b"1", "text/plain", 1, None)
-    assert after["c"] == ("c", b"3", "text/plain", 3, None)
+    # Above every revision the store had used: "binary" had ETag 3 for another value.
+    assert after["binary"] == ("binary", b"1", "text/plain", before + 1, None)
+    assert after["c"] == ("c", b"3", "text/plain", before + 3, None)
     assert after["nul"] == awkward_records()[3]  # not in the file: kept
+
+
+@pytest.mark.parametrize("how", ["import", "copy"])
+def test_a_merge_never_gives_a_key_an_etag_it_had_for_another_value(tmp_path, how):
+    # The target gave "a" ETag 1 and "b" ETag 2; the source has other values
+    # under the same revisions, and "c" equal to the target's.
+    target = tmp_path / "target.sqlite3"
+    fill(
+        target,
+        iter(
+            [
+                Record("a", b"mine-a", TEXT, 1, None),
+                Record("b", b"mine-b", TEXT, 2, None),
+                Record("c", b"same", TEXT, 3, None),
+            ]
+        ),
+    )
+    source = tmp_path / "source.sqlite3"
+    fill(
+        source,
+        iter(
+            [
+                Record("a", b"other-a", TEXT, 1, None),
+                Record("b", b"other-b", TEXT, 2, None),
+                Record("c", b"same", TEXT, 7, None),
+                Record("d", b"new", TEXT, 2, None),
+            ]
+        ),
+    )
+    before = meta_revision(target)
+    if how == "import":
+        export = tmp_path / "dump.jsonl"
+        assert kvapp("export", "--database", str(source), str(export)).returncode == 0
+        result = kvapp("import", "--merge", "--database", str(target), str(export))
+    else:
+        result = kvapp("copy", "--merge", "--from", str(source), "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert rows(target) == [
+        ("a", b"other-a", TEXT, before + 1, None),
+        ("b", b"other-b", TEXT, before + 2, None),
+        ("c", b"same", TEXT, 3, None),  # unchanged: it keeps its ETag
+        ("d", b"new", TEXT, before + 2, None),
+    ]
+    assert meta_revision(target) > before + 7  # no later write takes a loaded ETag
+
+
+def test_an_import_into_a_store_no_write_has_touched_keeps_the_etags(tmp_path, source_db):
+    export = tmp_path / "dump.jsonl"
+    assert kvapp("export", "--database", str(source_db), str(export)).returncode == 0
+    target = tmp_path / "target.sqlite3"
+    empty_database(target)
+    assert meta_revision(target) == 0
+    result = kvapp("import", "--database", str(target), str(export))
+    assert result.returncode == 0, result.stderr
+    assert rows(target) == rows(source_db)
+    assert meta_revision(target) >= 12  # no later write takes a loaded ETag
 
 
 def fail_on_key(path: Path, key: str) -> None:
@@ -641,11 +699,17 @@ def test_failed_merge_is_finished_by_running_it_again(tmp_path, how):
     err = one_line_error(kvapp(*args))
     assert "the destination holds the first 4000 records (through key 'key-000003999')" in err
     assert "run the same command with --merge to finish" in err
-    assert len(rows(target)) == 4001
+    first = rows(target)
+    assert len(first) == 4001
     drop_trigger(target)
     result = kvapp(*args)
     assert result.returncode == 0, result.stderr
-    assert rows(target) == rows(source) + [("zzz", b"mine", TEXT, 1, None)]
+    after = rows(target)
+    assert [row[:3] + row[4:] for row in after] == [
+        row[:3] + row[4:] for row in rows(source) + [("zzz", b"mine", TEXT, 1, None)]
+    ]
+    # The run again changed nothing it had loaded: those keep their ETags.
+    assert after[:4000] == first[:4000] and after[-1] == ("zzz", b"mine", TEXT, 1, None)
 
 
 # -- copy ---------------------------------------------------------------------

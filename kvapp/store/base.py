@@ -500,13 +500,28 @@ class Store(Protocol):
         """Return up to limit live records whose keys sort above after, in UTF-8 byte order."""
         ...
 
-    def load(self, records: list[Record]) -> None:
-        """Insert or replace records as they are, revisions included, in one transaction.
+    def revision(self) -> int:
+        """Return the store's revision: the highest one a write or a load has used."""
+        ...
 
-        The revision counter rises to the highest revision loaded, so no later
-        write reuses an ETag that a loaded key carries.  A load is not in the
-        change log: the history floor rises to the revision after it, so a
-        watcher from before it must list the keys again (410).
+    def reserve(self, count: int) -> int:
+        """Take the next count revisions for a load; return the revision before them.
+
+        No write gets them: the revision counter passes them, and with it the
+        history floor (a watcher from before must list the keys again, 410).
+        """
+        ...
+
+    def load(self, records: list[Record]) -> None:
+        """Insert or replace records, revisions included, in one transaction.
+
+        A record equal to the stored row (value, content type, expiry) leaves
+        that row and its ETag as they are.  The revision counter rises to the
+        highest revision loaded, so no later write reuses an ETag that a
+        loaded key carries.  A load is not in the change log: the history
+        floor rises to the revision after it, so a watcher from before it
+        must list the keys again (410).  Which revisions records may carry
+        without reusing an ETag is the caller's to choose (reserve()).
         """
         ...
 

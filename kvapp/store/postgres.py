@@ -164,6 +164,11 @@ _UPSERT = (
     " content_type = excluded.content_type, revision = excluded.revision,"
     " expires_at = excluded.expires_at"
 )
+# A load leaves a row equal to its record alone (see kvapp.store.sqlite._LOAD).
+_LOAD = (
+    _UPSERT + " WHERE (kv.value, kv.content_type, kv.expires_at)"
+    " IS DISTINCT FROM (excluded.value, excluded.content_type, excluded.expires_at)"
+)
 _LOG = (
     "INSERT INTO changes (revision, n, key, kind, value, content_type, expires_at, committed_at)"
     " SELECT r, n, k, kind, v, t, e, %b FROM unnest(%b::bigint[], %b::int[], %b::text[],"
@@ -341,7 +346,7 @@ class PostgresStore:
         self._listener: psycopg.Connection | None = None
         self._listener_pid = 0
         self._closed = False
-        self.feed = Feed(self._listen, self._revision, self._stop_listening)
+        self.feed = Feed(self._listen, self.revision, self._stop_listening)
 
     # -- connections -------------------------------------------------------
 
@@ -1004,7 +1009,7 @@ class PostgresStore:
 
         return self._run(trim)
 
-    def _revision(self) -> int:
+    def revision(self) -> int:
         """Return the store's revision, read now."""
         return int(self._read("SELECT value FROM meta WHERE name = 'revision'", ())[0][0])
 
@@ -1067,8 +1072,30 @@ class PostgresStore:
         )
         return [Record(key, bytes(value), *rest) for key, value, *rest in rows]
 
+    def reserve(self, count: int) -> int:
+        """Take the next count revisions for a load; return the revision before them."""
+
+        def reserve(conn: psycopg.Connection) -> int:
+            with self._transaction(conn, pipelined=True) as commit:
+                before = conn.execute(
+                    "UPDATE meta SET value = value + %s WHERE name = 'revision'"
+                    " RETURNING value - %s",
+                    (count, count),
+                ).fetchone()
+                conn.execute(_FLOOR_TO_REVISION)
+                conn.execute(f"NOTIFY {CHANNEL}")
+                commit()
+            assert before is not None
+            return int(before[0])
+
+        before = self._run(reserve)
+        self.feed.notify()
+        return before
+
     def load(self, records: list[Record]) -> None:
-        """Insert or replace records as they are, revisions included, in one transaction.
+        """Insert or replace records, revisions included, in one transaction.
+
+        A record equal to its stored row keeps that row, and its ETag, as it is.
 
         The store's revision counter is raised to the highest revision loaded,
         so a later write never reuses a revision (an ETag) that a loaded key
@@ -1084,7 +1111,7 @@ class PostgresStore:
             with self._transaction(conn, pipelined=True) as commit:
                 conn.execute(_LOCK_REVISION)
                 last = {record.key: record for record in records}  # as if one by one
-                conn.execute(_UPSERT, _columns(last.values()))
+                conn.execute(_LOAD, _columns(last.values()))
                 conn.execute(
                     "UPDATE meta SET value = GREATEST(value + 1, %s) WHERE name = 'revision'",
                     (max(record.revision for record in records),),

@@ -235,7 +235,7 @@ class SQLiteStore:
             stalled=lambda age, in_batch: gave_up(STALLED_FOR.format(age), in_batch),
         )
         self._seen_commits = self._generations.commits()
-        self.feed = Feed(self._listen, self._revision)
+        self.feed = Feed(self._listen, self.revision)
 
     # -- connections -------------------------------------------------------
 
@@ -802,7 +802,7 @@ class SQLiteStore:
             )
         return int(removed)
 
-    def _revision(self) -> int:
+    def revision(self) -> int:
         """Return the store's revision, read now."""
         with self._reading():
             row = self._reader().execute("SELECT value FROM meta WHERE name = 'revision'")
@@ -837,8 +837,24 @@ class SQLiteStore:
             rows = self._reader().execute(sql, (*params, self._now_ms(), limit)).fetchall()
         return [Record(*row) for row in rows]
 
+    def reserve(self, count: int) -> int:
+        """Take the next count revisions for a load; return the revision before them."""
+        with self._transaction() as conn:
+            before = int(
+                conn.execute(
+                    "UPDATE meta SET value = value + ? WHERE name = 'revision' RETURNING value - ?",
+                    (count, count),
+                ).fetchone()[0]
+            )
+            conn.execute(_FLOOR_TO_REVISION)
+            self._generations.committing()
+        self.feed.notify()
+        return before
+
     def load(self, records: list[Record]) -> None:
-        """Insert or replace records as they are, revisions included, in one transaction.
+        """Insert or replace records, revisions included, in one transaction.
+
+        A record equal to its stored row keeps that row, and its ETag, as it is.
 
         The store's revision counter is raised to the highest revision loaded,
         so a later write never reuses a revision (an ETag) that a loaded key
@@ -850,7 +866,7 @@ class SQLiteStore:
         if not records:
             return
         with self._transaction() as conn:
-            conn.executemany(_UPSERT, records)
+            conn.executemany(_LOAD, records)
             conn.execute(
                 "UPDATE meta SET value = max(value + 1, ?) WHERE name = 'revision'",
                 (max(record.revision for record in records),),
@@ -921,6 +937,12 @@ _UPSERT = (
 
 
 _UPSERT_ROWS = _UPSERT.replace("VALUES (?, ?, ?, ?, ?)", "VALUES {rows}")
+# A load leaves a row equal to its record alone: importing a file again, or
+# finishing a failed --merge, changes no ETag of a value it did not change.
+_LOAD = (
+    _UPSERT + " WHERE (kv.value, kv.content_type, kv.expires_at)"
+    " IS NOT (excluded.value, excluded.content_type, excluded.expires_at)"
+)
 
 _LOG_ROWS = (
     "INSERT INTO changes (revision, n, key, kind, value, content_type, expires_at, committed_at)"

@@ -134,11 +134,13 @@ def import_(args: argparse.Namespace, settings: Settings, tally: transfer.Tally)
                 # Into an existing store the whole file is checked first: a
                 # bad line anywhere fails the import before it writes anything.
                 with bar(size, "B", "check") as progress:
-                    again, count = transfer.check_input(source, settings.max_key_bytes, progress)
+                    again, count, highest = transfer.check_input(
+                        source, settings.max_key_bytes, progress
+                    )
                 try:
                     with bar(count, "rec", "import") as progress:
                         records = exportformat.read(again, settings.max_key_bytes)
-                        transfer.load(records, target, tally, progress)
+                        transfer.load(records, target, tally, progress, highest)
                 finally:
                     if again is not source:
                         again.close()
@@ -161,7 +163,8 @@ def copy(args: argparse.Namespace, settings: Settings, tally: transfer.Tally) ->
         total = source.stats()[0]
         with targets.destination(args.target, settings, args.merge) as target:
             with bar(total, "rec", "copy") as progress:
-                transfer.load(transfer.records(source), target, tally, progress)
+                highest = source.revision()  # before the first page is read
+                transfer.load(transfer.records(source), target, tally, progress, highest)
     finally:
         source.close()
     _say(
