@@ -619,3 +619,29 @@ def test_closing_the_store_during_another_thread_s_read_neither_crashes_nor_wait
     )
     # The reader's connection was closed by its own thread: nothing is left open.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.sqlite3", "kv.sqlite3-gen"]
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_wal_or_shm_file_removed_while_starting_is_not_taken_for_read_only(
+    tmp_path, monkeypatch, suffix
+):
+    # Another process's last connection removes -wal and -shm as it closes
+    # (workers starting together, a data tool): between "it exists" and "may
+    # I write it" the file can go, and a file that is gone is not read-only.
+    path = tmp_path / "kv.sqlite3"
+    SQLiteStore(str(path)).close()
+    leftover = Path(f"{path}{suffix}")
+    leftover.touch()
+    access = os.access
+
+    def closed_meanwhile(name, mode, **kwargs):
+        if Path(name) == leftover and leftover.exists():
+            leftover.unlink()
+        return access(name, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", closed_meanwhile)
+    store = SQLiteStore(str(path))
+    try:
+        assert store.set_many([("a", b"1", "text/plain")]) >= 1
+    finally:
+        store.close()

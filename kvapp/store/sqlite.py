@@ -440,7 +440,7 @@ class SQLiteStore:
             )
         gen = Path(generations_path(str(path)))
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), gen):
-            if name.exists() and not os.access(name, os.W_OK):
+            if _read_only(name):
                 problem = "it is read-only" if name == path else f"{name} is read-only"
                 raise self._refuse(problem, "make it writable for the user running kvapp")
 
@@ -1075,6 +1075,18 @@ def _advice(exc: sqlite3.Error) -> str:
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return "another process holds it locked; retry"
     return "check the file, its folder and their permissions"
+
+
+def _read_only(name: Path) -> bool:
+    """Return True if name is a file that this process may not write.
+
+    Another process's last connection removes the -wal and -shm files when it
+    closes (https://sqlite.org/tempfiles.html#write_ahead_log_wal_files): one
+    that is gone by the time it is asked about is not read-only.
+    """
+    if os.access(name, os.W_OK):
+        return False
+    return name.exists() and not os.access(name, os.W_OK)
 
 
 def _identity(path: str) -> tuple[int, int] | None:
