@@ -10,6 +10,9 @@ wrong and the headers every kvapp answer carries, and writes its access
 line (kvapp.web.logs) as for any request.  The connection still closes
 after it: what follows a request that could not be parsed cannot be
 trusted to be the next request.
+
+Parser refuses one request waitress would serve: Content-Length together
+with Transfer-Encoding, the classic request-smuggling frame.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import time
 
 from waitress.adjustments import Adjustments
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.task import ErrorTask as WaitressErrorTask
 from waitress.utilities import Error, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
@@ -44,6 +48,31 @@ def refusal_line(error: Error, adj: Adjustments) -> str:
     if len(reason) > _MAX_REASON:
         reason = reason[:_MAX_REASON] + "..."
     return f"{error.reason.lower()}: {reason}"
+
+
+# Parser's reason: refusal_line words it "bad request: ...".
+BOTH_FRAMINGS = "Content-Length and Transfer-Encoding were both sent; send one of them"
+
+
+class Parser(HTTPRequestParser):
+    """waitress's request parser; refuses a request framed by both Content-Length and chunked.
+
+    waitress 3.0.2 reads such a request as chunked and keeps the connection
+    open, so what follows its chunked body is served as the next request; a
+    proxy in front that framed it by Content-Length sees other boundaries.
+    RFC 9112 section 6.1: a server MAY reject such a request, and MUST
+    close the connection after answering it.  It is refused (400, and
+    ErrorTask closes the connection), as nginx does.  HTTP/1.0 with
+    Transfer-Encoding (which waitress ignores there) is refused alike:
+    section 6.1 calls its framing faulty.
+    """
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # waitress pops TRANSFER_ENCODING from an HTTP/1.1 request once it has read it.
+        transfer_encoding = self.chunked or "TRANSFER_ENCODING" in self.headers
+        if transfer_encoding and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError(BOTH_FRAMINGS)
 
 
 class ErrorTask(WaitressErrorTask):

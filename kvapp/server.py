@@ -40,7 +40,7 @@ from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
 
 from kvapp.mainloop import MainLoop
-from kvapp.refusals import ErrorTask
+from kvapp.refusals import ErrorTask, Parser
 
 # While a task thread writes, it sends its own output; the main loop helps
 # then only once this much is waiting (a client that reads slowly, a large
@@ -92,6 +92,7 @@ class Channel(HTTPChannel):
 
     task_class = Task
     error_task_class = ErrorTask
+    parser_class = Parser
     outbufs: list[OverflowableBuffer]  # waitress sets it in __init__, unannotated
     _watching = False
     _closed_hook: Callable[[], None] | None = None

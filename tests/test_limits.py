@@ -87,6 +87,9 @@ def chunked(body: bytes, size: int = 256) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
 
 
+BOTH_FRAMINGS = (
+    b"\r\n\r\nbad request: Content-Length and Transfer-Encoding were both sent; send one of them\n"
+)
 TOO_LARGE = b"\r\n\r\nthe request body is over the limit of %d bytes\n" % MAX_BODY
 
 # (id, request with {key} where a key goes, status, a phrase of waitress's answer)
@@ -164,6 +167,20 @@ ROWS = [
         400,
         b"Invalid chunk size",
     ),
+    (
+        "Content-Length and Transfer-Encoding: chunked",
+        post("{key}", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", chunked(b"{key}=1")),
+        400,
+        b"Content-Length and Transfer-Encoding were both sent",
+    ),
+    (
+        "HTTP/1.0 with Content-Length and Transfer-Encoding",
+        post("{key}", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"{key}=1").replace(
+            b"HTTP/1.1", b"HTTP/1.0"
+        ),
+        400,
+        b"Content-Length and Transfer-Encoding were both sent",
+    ),
     ("Transfer-Encoding gzip", post("{key}", b"Transfer-Encoding: gzip\r\n"), 501, b"not supp"),
     ("Transfer-Encoding identity", post("{key}", b"Transfer-Encoding: identity\r\n"), 501, b"not"),
     (
@@ -233,14 +250,17 @@ def test_a_small_chunked_body_is_stored(limited):
     assert got.endswith(b"\r\n\r\nchunked value")
 
 
-def test_chunked_wins_over_content_length(limited):
-    """RFC 9112 section 6.3: when both are sent, Transfer-Encoding decides."""
+def test_content_length_with_chunked_is_refused_and_the_pipelined_request_is_not_served(limited):
+    """RFC 9112 section 6.1: a server may refuse both framings, and must close after answering."""
     key = "k" + uuid.uuid4().hex[:12]
     body = chunked(f"{key}=1".encode())
-    headers = b"Connection: close\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n"
-    answer = exchange(limited.port, post(key, headers, body))
-    assert status_of(answer) == 200, answer
-    assert stored(limited, key)
+    headers = b"Content-Length: 100\r\nTransfer-Encoding: chunked\r\n"
+    behind = f"GET /set?{key}b=1 HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    answer = exchange(limited.port, post(key, headers, body) + behind)
+    assert status_of(answer) == 400, answer
+    assert answer.endswith(BOTH_FRAMINGS), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, "the request behind it was served"
+    assert not stored(limited, key) and not stored(limited, key + "b")
 
 
 def test_expect_100_continue_over_the_limit_reads_at_most_the_limit(limited):
