@@ -298,35 +298,54 @@ def _marking_pull(pull: Callable[[], None]) -> Callable[[], None]:
 SPARE_FILES = 64
 
 
-def _closing_stalled_readers(server: Any, maintenance: Callable[[float], None]) -> Any:
-    """Return maintenance that also closes a running request's channel whose client stalled.
+def _maintenance(server: Any) -> Any:
+    """Return waitress's maintenance, judging a channel with bytes queued by its client's reading.
 
-    waitress's maintenance closes only channels with no request.  A watch
-    stream's client that stops reading kept its thread and its max_watchers
-    slot for good: its task waits, once 16 MiB are queued, for a send that
-    never comes.  Like nginx's send_timeout, a channel whose client has
-    taken no byte for channel_timeout while bytes wait for it is closed,
-    which wakes its task, whose next write fails.  Closed here, not marked:
-    a mark is acted on when the socket can take bytes, which this one never
-    does.  This runs in the main loop's thread (the listening socket's
-    readable()), the thread that closes channels.
+    waitress's maintenance closes a channel with no request whose last
+    send (last_activity) is older than channel_timeout, and throws away
+    what waits in its buffers.  A client that reads a large answer slowly
+    after its requests have been served (pipelined GETs of 1 MiB values
+    read at 200 kB/s, channel_timeout 5 s) saw it cut: the loop sends, and
+    so moves last_activity, only when the socket can take bytes again,
+    after about a third of the kernel's ~4 MiB send queue has drained.
+    Such a channel, like one whose request still runs, is now judged by
+    _client_stalled: it stays while its client takes bytes, and is closed
+    once its client has taken none for channel_timeout.  A channel with
+    nothing queued keeps waitress's idle rule.
+
+    A running request's channel with bytes waiting is judged alike.  A
+    watch stream's client that stops reading kept its thread and its
+    max_watchers slot for good: its task waits, once 16 MiB are queued,
+    for a send that never comes.  As nginx's send_timeout, it is closed,
+    which wakes its task, whose next write fails.
+
+    A stalled channel is closed here, not marked: a mark is acted on when
+    the socket can take bytes, which this one never does.  This runs in
+    the main loop's thread (the listening socket's readable()), the
+    thread that closes channels.
     """
 
     def run(now: float) -> None:
-        maintenance(now)
+        timeout = server.adj.channel_timeout
         for channel in list(server.active_channels.values()):
-            if (
-                channel.requests
-                and channel.total_outbufs_len
-                and _client_stalled(channel, now, server.adj.channel_timeout)
-            ):
-                channel.handle_close()
+            if channel.total_outbufs_len:
+                # Looked at on every pass, so that a client that stops taking
+                # bytes is closed channel_timeout after it last took some,
+                # give or take cleanup_interval.
+                if _client_stalled(channel, now, timeout):
+                    channel.handle_close()
+            elif not channel.requests and channel.last_activity < now - timeout:
+                # Its buffers are sent; the kernel may still hold megabytes.
+                if _client_stalled(channel, now, timeout):
+                    channel.handle_close()
+                elif not _queued(channel) and _last_taken(channel) < now - timeout:
+                    channel.will_close = True  # idle: waitress's rule
 
     return run
 
 
 def _client_stalled(channel: Any, now: float, timeout: float) -> bool:
-    """Return True once channel's client has taken no byte for timeout seconds.
+    """Return True once channel's client has taken no byte for timeout seconds while some wait.
 
     Its last send (last_activity) alone cannot tell: a client that reads
     slowly drains the kernel's send buffer (up to about 4 MiB) for longer
@@ -342,11 +361,26 @@ def _client_stalled(channel: Any, now: float, timeout: float) -> bool:
         queued = struct.unpack("i", fcntl.ioctl(channel.socket, termios.TIOCOUTQ, b"\0" * 4))[0]
     except OSError:
         return False  # not a TCP socket, or already closed: nothing to judge
-    mark = channel.taken_mark  # (queued, last_activity, since) when last seen to move
-    if mark is None or queued < mark[0] or channel.last_activity != mark[1] or not queued:
-        channel.taken_mark = (queued, channel.last_activity, now)
+    # (queued, last_activity, since): since is when the client was last seen
+    # taking bytes; with nothing queued before or now, when it took the last.
+    mark = channel.taken_mark
+    if mark is None or queued < mark[0] or channel.last_activity != mark[1]:
+        since = now if queued or (mark is not None and mark[0]) else channel.last_activity
+        channel.taken_mark = (queued, channel.last_activity, since)
         return False
-    return now - mark[2] >= timeout
+    return bool(queued) and now - mark[2] >= timeout
+
+
+def _queued(channel: Any) -> int:
+    """Return the bytes waiting for channel's client, in its buffers and the kernel's, last seen."""
+    mark = channel.taken_mark
+    return int(channel.total_outbufs_len) + (mark[0] if mark is not None else 0)
+
+
+def _last_taken(channel: Any) -> float:
+    """Return when channel's client was last seen taking bytes (its last send at the least)."""
+    mark = channel.taken_mark
+    return float(channel.last_activity if mark is None else max(mark[2], channel.last_activity))
 
 
 def raise_open_files_limit(connection_limit: int) -> str | None:
@@ -390,7 +424,7 @@ def _add_main_loop(server: Any, app: Any) -> None:
     """
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
-    server.maintenance = _closing_stalled_readers(server, server.maintenance)
+    server.maintenance = _maintenance(server)
     server.run = lambda: _run(server, app)
     # waitress-serve's --threads, not config.ini's, is what watchers share.
     fit_threads = getattr(app, "fit_threads", None)

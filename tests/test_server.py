@@ -240,3 +240,93 @@ def test_waitress_serve_answers_300_clients_and_keeps_idle_ones(tmp_path):
         process.terminate()
         process.wait(timeout=30)
         process.stdout.close()
+
+
+TIMEOUT = 10  # channel_timeout of the in-process server below; its clock is moved by hand
+
+
+@pytest.fixture
+def quiet_server():
+    """Yield a kvapp waitress server built in process, its loop never run, and a client maker.
+
+    The maker returns (channel, client socket): a real TCP connection on
+    127.0.0.1 whose server side is a Channel of that server.  The tests
+    call the server's maintenance with a clock of their own.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    built = server.build(_no_app, listener, {"channel_timeout": TIMEOUT, "threads": 1})
+    clients = []
+
+    def connect():
+        client = socket.socket()
+        # Before connecting: the window the handshake announces is small too.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(10)
+        client.connect(listener.getsockname())
+        clients.append(client)
+        sock, addr = listener.accept()
+        sock.setblocking(False)
+        return server.Channel(built, sock, addr, built.adj, map=built._map), client
+
+    try:
+        yield built, connect
+    finally:
+        for client in clients:
+            client.close()
+        for channel in list(built.active_channels.values()):
+            channel.handle_close()
+        built.task_dispatcher.shutdown()
+        built.close()
+        listener.close()
+
+
+def _no_app(environ, start_response):
+    raise AssertionError("no request reaches these channels")
+
+
+def _take(client: socket.socket, size: int) -> None:
+    """Read size bytes, as a client taking a large answer does."""
+    while size > 0:
+        size -= len(client.recv(min(size, 65536)))
+
+
+def test_a_client_reading_slowly_after_its_requests_stays_until_it_stops_taking_bytes(
+    quiet_server,
+):
+    # The last answers of pipelined GETs wait in the channel's buffer after the
+    # requests have ended.  waitress closed the channel once its last send was
+    # channel_timeout old, and threw that output away, while the client read on.
+    built, connect = quiet_server
+    channel, client = connect()
+    channel.write_soon(b"x" * (8 * 1024 * 1024))  # more than the kernel's queue takes
+    channel._flush_some()
+    assert channel.total_outbufs_len, "the kernel took 8 MiB at once"
+    now = channel.last_activity + 3 * TIMEOUT
+    built.maintenance(now)
+    assert channel.connected and not channel.will_close, "cut while bytes wait for the client"
+    _take(client, 256 * 1024)
+    now += 3 * TIMEOUT
+    built.maintenance(now)
+    assert channel.connected and not channel.will_close, "cut while the client takes bytes"
+    # Then it stops reading: closed once it has taken nothing for channel_timeout.
+    # (A window update from the last read may still let a few bytes go: a look more.)
+    for _ in range(3):
+        now += TIMEOUT
+        built.maintenance(now)
+        if not channel.connected:
+            break
+    assert not channel.connected, "a client that took nothing for channel_timeout stays"
+
+
+def test_a_channel_with_nothing_queued_keeps_waitresss_idle_rule(quiet_server):
+    built, connect = quiet_server
+    idle, _ = connect()
+    drained, client = connect()
+    drained.write_soon(b"x" * 100_000)
+    drained._flush_some()
+    _take(client, 100_000)
+    now = max(idle.last_activity, drained.last_activity)
+    built.maintenance(now + TIMEOUT / 2)
+    assert not idle.will_close and not drained.will_close
+    built.maintenance(now + TIMEOUT + 1)
+    assert idle.will_close and drained.will_close
