@@ -465,4 +465,13 @@ _adopted_app: Any = None
 def _adopted_run(server: Any) -> None:
     app = _adopted_app if _adopted_app is not None else server.application
     _add_main_loop(server, app)
+    if threading.current_thread() is threading.main_thread():
+        # waitress-serve leaves SIGTERM at its default action, which ended the
+        # process at once: watch streams cut without their last chunk,
+        # long-polls unanswered.  As `kvapp serve`: stop in order.  (Only a
+        # main thread may set a handler, and a server run in another thread
+        # belongs to a program that handles its own signals.)
+        from kvapp.workers import stop_on_sigterm
+
+        stop_on_sigterm()
     _run(server, app)

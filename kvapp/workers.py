@@ -113,7 +113,7 @@ def serve(
         for note in notes:
             log(note)
         if workers == 1:
-            _stop_on_sigterm()
+            stop_on_sigterm()
             _serve_one(app, sock, options)
             return 0
         _close(app)
@@ -138,7 +138,7 @@ def _close(app: Any) -> None:
         close()
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
@@ -263,7 +263,7 @@ def _worker_main(
         # Ctrl-C reaches the whole process group; the parent turns it into
         # one orderly SIGTERM per worker.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _stop_on_sigterm()
+        stop_on_sigterm()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
         _serve_one(make_app(), sock, options)

@@ -477,8 +477,11 @@ def wait_for_a_free_slot(port: int, path: str) -> None:
         # kvapp has no reload: SIGHUP stops it in order too.
         (KvappServer, 1, signal.SIGHUP),
         (KvappServer, 2, signal.SIGHUP),
-        # waitress-serve stops on Ctrl-C; SIGTERM kills it outright (no handler).
+        # waitress-serve stops on Ctrl-C; kvapp.server gives it SIGTERM and SIGHUP
+        # (their default action ended the process at once, streams cut mid-chunk).
         (Server, 1, signal.SIGINT),
+        (Server, 1, signal.SIGTERM),
+        (Server, 1, signal.SIGHUP),
     ],
     ids=[
         "kvapp-serve",
@@ -486,6 +489,8 @@ def wait_for_a_free_slot(port: int, path: str) -> None:
         "kvapp-serve-sighup",
         "kvapp-serve-2-workers-sighup",
         "waitress-serve-sigint",
+        "waitress-serve-sigterm",
+        "waitress-serve-sighup",
     ],
 )
 def test_a_stop_signal_ends_streams_and_long_polls(server_factory, kind, workers, stop):
