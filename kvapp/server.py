@@ -24,7 +24,9 @@ streams of a busy store that was 339 MiB resident after 15 s.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import os
 import resource
 import socket
 import struct
@@ -292,10 +294,23 @@ def _marking_pull(pull: Callable[[], None]) -> Callable[[], None]:
     return pull_trigger
 
 
-# Files a process keeps open besides its connections: the listening socket,
-# waitress's trigger pipe, SQLite's database, WAL and -shm per connection, the
-# -gen and metrics files, the log.
+# Files a process keeps open besides its connections and its threads: the
+# listening socket, waitress's trigger pipe, the epoll set, the writer's
+# database, WAL and -shm, the -gen and metrics files, the log.  An idle
+# server held 17, 20 once the metrics file was open.
 SPARE_FILES = 64
+# Each thread that has served a request keeps its own SQLite reader
+# connection: the database and its -wal (-shm is mapped once per process).
+# Measured in /proc/PID/fd after every thread had served requests: 23 open
+# files at --threads 4, 43 at 16 (15 threads had served), 126 at 64 (55):
+# two more per thread each time.  A PostgreSQL reader is one socket.
+FILES_PER_THREAD = 2
+# After accept() fails with EMFILE or ENFILE the connection stays in the
+# listen queue and the listening socket stays readable, so the loop, asking
+# again at once, spun at 100% CPU (waitress logged a traceback per attempt:
+# 212,430 lines in 5 s).  nginx stops accepting for accept_mutex_delay
+# (500 ms) then (ngx_event_accept.c).
+ACCEPT_PAUSE_S = 0.5
 
 
 def _maintenance(server: Any) -> Any:
@@ -383,24 +398,63 @@ def _last_taken(channel: Any) -> float:
     return float(channel.last_activity if mark is None else max(mark[2], channel.last_activity))
 
 
-def raise_open_files_limit(connection_limit: int) -> str | None:
+def raise_open_files_limit(connection_limit: int, threads: int = 0) -> str | None:
     """Raise this process's soft RLIMIT_NOFILE to fit connection_limit; return a warning or None.
 
-    Debian's default soft limit is 1024 open files; each connection is one.
-    The soft limit may rise up to the hard one without privilege (getrlimit(2)).
+    Debian's default soft limit is 1024 open files; each connection is
+    one, each thread FILES_PER_THREAD.  The soft limit may rise up to the
+    hard one without privilege (getrlimit(2)).
     """
-    needed = connection_limit + SPARE_FILES
+    needed = connection_limit + threads * FILES_PER_THREAD + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft != resource.RLIM_INFINITY and soft < needed:
         return (
-            f"connection_limit = {connection_limit} needs {needed} open files, but the limit is"
-            f" {soft} (ulimit -n); connections beyond it will fail: lower connection_limit"
-            " or raise the hard limit (LimitNOFILE= in a systemd unit)"
+            f"connection_limit = {connection_limit} with {threads} threads needs {needed} open"
+            f" files, but the limit is {soft} (ulimit -n); connections beyond it will wait:"
+            " lower connection_limit or raise the hard limit (LimitNOFILE= in a systemd unit)"
         )
     return None
+
+
+class _AcceptPause:
+    """A server's accept, paused for ACCEPT_PAUSE_S once the process has no file left for it."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.until = 0.0  # time.monotonic() before which the socket is not asked for
+        self.refused = 0  # EMFILE or ENFILE since the last connection accepted
+        self._accept, self._readable = server.accept, server.readable
+        server.accept, server.readable = self.accept, self.readable
+
+    def readable(self) -> bool:
+        """waitress's readable() (it runs the maintenance too), False while paused."""
+        wanted = bool(self._readable())
+        return wanted and time.monotonic() >= self.until
+
+    def accept(self) -> tuple[socket.socket, Any] | None:
+        """Return waitress's accept(); None after EMFILE or ENFILE, which pauses accepting."""
+        try:
+            pair: tuple[socket.socket, Any] | None = self._accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.until = time.monotonic() + ACCEPT_PAUSE_S
+            if not self.refused:  # one line per shortage, not one per attempt
+                self.server.logger.warning(
+                    "cannot accept connections: %s; new ones wait in the listen queue"
+                    " (the open-files limit is too low for connection_limit and threads)",
+                    os.strerror(exc.errno),
+                )
+            self.refused += 1
+            return None
+        if pair is not None and self.refused:
+            failed = f"{self.refused} failed attempt{'s' * (self.refused > 1)}"
+            self.server.logger.warning("accepting connections again after %s", failed)
+            self.refused = 0
+        return pair
 
 
 def build(app: Any, sock: socket.socket, options: dict[str, Any], channel: type = Channel) -> Any:
@@ -425,6 +479,7 @@ def _add_main_loop(server: Any, app: Any) -> None:
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
     server.maintenance = _maintenance(server)
+    _AcceptPause(server)
     server.run = lambda: _run(server, app)
     # waitress-serve's --threads, not config.ini's, is what watchers share.
     fit_threads = getattr(app, "fit_threads", None)

@@ -85,7 +85,9 @@ def serve(
     from kvapp import server
 
     # Before the app and the socket: the limit is inherited by every worker.
-    warning = server.raise_open_files_limit(options.get("connection_limit", 100))
+    warning = server.raise_open_files_limit(
+        options.get("connection_limit", 100), options.get("threads", 4)
+    )
     if warning:
         log(warning)
     # The app first, the socket second: once the port accepts connections the

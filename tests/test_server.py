@@ -6,6 +6,7 @@ are the benchmark's (docs/performance.md), never assertions here.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -89,8 +90,92 @@ def test_the_open_files_limit_is_raised_to_fit_the_connections():
     )
     lines = result.stdout.splitlines()
     assert lines[0] == "None" and int(lines[1]) == 1000 + server.SPARE_FILES
-    assert "connection_limit = 1000 needs 1064 open files, but the limit is 512" in lines[2]
+    assert "connection_limit = 1000 with 0 threads needs 1064 open files" in lines[2]
+    assert "the limit is 512" in lines[2]
     assert "lower connection_limit" in lines[2] and int(lines[3]) == 512
+
+
+def test_the_open_files_limit_counts_each_thread_s_database_files():
+    # Each thread keeps its own SQLite reader: its database and -wal files.
+    # Counted as spare files, 64 threads left a server out of files (EMFILE)
+    # before it reached connection_limit.
+    code = (
+        "import resource; from kvapp import server\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "print(server.raise_open_files_limit(1000, 64))\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.fail(f"this machine's hard open-files limit {hard} is below what the test needs")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0] == "None"
+    # 1000 connections, 64 threads of 2 files each (measured), the spare ones.
+    assert int(lines[1]) == 1000 + 64 * 2 + server.SPARE_FILES
+
+
+# A child process with a server built in process, its loop not run: it runs
+# out of files, then asks the listening socket as the loop would.
+OUT_OF_FILES = """
+import json, logging, os, resource, socket, time
+from kvapp import server
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("waitress").addHandler(handler)
+listener = socket.create_server(("127.0.0.1", 0))
+built = server.build(lambda environ, start_response: [], listener, {"threads": 1})
+clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+filler = []
+while True:
+    try:
+        filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+asked = 0
+for _ in range(20):
+    if built.readable():
+        asked += 1
+        built.handle_accept()
+out = {"asked": asked, "lines": [(r.getMessage(), bool(r.exc_info)) for r in records]}
+for fd in filler:
+    os.close(fd)
+deadline = time.monotonic() + 10
+while not built.readable() and time.monotonic() < deadline:
+    time.sleep(0.05)
+built.handle_accept()
+out["channels"] = len(built.active_channels)
+out["after"] = [r.getMessage() for r in records[len(out["lines"]):]]
+print(json.dumps(out), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_server_out_of_files_stops_asking_to_accept_for_a_while_and_logs_once():
+    # Level-triggered, the listening socket stays readable while accept()
+    # fails with EMFILE: the loop spun at 100% CPU, and waitress logged a
+    # traceback per attempt (212,430 lines in 5 s).
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_FILES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["asked"] == 1, f"asked to accept {out['asked']} times while out of files"
+    assert len(out["lines"]) == 1 and not out["lines"][0][1], out["lines"]
+    assert "cannot accept connections: Too many open files" in out["lines"][0][0]
+    # Files again: the queued connection is accepted, and that is said once.
+    assert out["channels"] == 1
+    assert out["after"] == ["accepting connections again after 1 failed attempt"]
 
 
 def test_the_default_connection_limit_holds_256_clients_and_1000_idle_ones():
