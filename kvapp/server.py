@@ -102,6 +102,21 @@ class Channel(HTTPChannel):
     taken_mark: tuple[int, float, float] | None = None
     task_writing = False  # a task thread is inside write_parts or write_soon
 
+    def send_continue(self) -> None:
+        """Send 100 Continue, unless the request is already refused from its headers.
+
+        waitress sends it also when its parser refused the request (a
+        Content-Length over max_request_body_size), and then reopens the
+        request to read a body it will not take: the client waits for a
+        status after sending up to max_request_body_size, or for a body that
+        never comes.  RFC 9110 section 10.1.1: a server that can tell the
+        final status from the header fields may send it at once.  Left
+        complete, the request goes to the ErrorTask, which answers and closes.
+        """
+        if self.request is not None and self.request.error is not None:
+            return
+        super().send_continue()
+
     def write_parts(self, parts: list[bytes]) -> None:
         """Send parts now if nothing is waiting to go before them; queue what the socket refuses.
 
