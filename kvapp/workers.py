@@ -141,6 +141,12 @@ def _close(app: Any) -> None:
 
 
 def stop_on_sigterm() -> None:
+    """Make SIGTERM and SIGHUP raise SystemExit in the main thread: the server stops in order.
+
+    Their default action ends the process at once: streams cut mid-chunk,
+    long-polls unanswered, access lines not yet written lost.
+    """
+
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
