@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import resource
 import socket
@@ -326,6 +327,10 @@ FILES_PER_THREAD = 2
 # 212,430 lines in 5 s).  nginx stops accepting for accept_mutex_delay
 # (500 ms) then (ngx_event_accept.c).
 ACCEPT_PAUSE_S = 0.5
+# How long a stopping server keeps sending what its channels hold (_drain).
+# waitress then waits up to 5 s for its threads: within kvapp.workers'
+# STOP_GRACE_S (10 s), after which the supervisor kills a worker.
+STOP_DRAIN_S = 4.0
 
 
 def _maintenance(server: Any) -> Any:
@@ -444,6 +449,10 @@ class _AcceptPause:
         self._accept, self._readable = server.accept, server.readable
         server.accept, server.readable = self.accept, self.readable
 
+    def stop(self) -> None:
+        """Accept no more connections: the server is stopping."""
+        self.until = math.inf
+
     def readable(self) -> bool:
         """waitress's readable() (it runs the maintenance too), False while paused."""
         wanted = bool(self._readable())
@@ -494,7 +503,7 @@ def _add_main_loop(server: Any, app: Any) -> None:
     server.main_loop = MainLoop(server)
     server.pull_trigger = _marking_pull(server.pull_trigger)
     server.maintenance = _maintenance(server)
-    _AcceptPause(server)
+    server.accept_pause = _AcceptPause(server)
     server.run = lambda: _run(server, app)
     # waitress-serve's --threads, not config.ini's, is what watchers share.
     fit_threads = getattr(app, "fit_threads", None)
@@ -506,13 +515,46 @@ def _run(server: Any, app: Any) -> None:
     try:
         server.main_loop.run(server.adj.asyncore_loop_timeout)
     except (SystemExit, KeyboardInterrupt):
-        # As waitress's own run(): let running tasks finish (up to 5 s) before
-        # the caller closes the app; the trigger stays open for their last pull.
+        deadline = time.monotonic() + STOP_DRAIN_S
         # Watch streams and long-polls would run on: end them first.
         end_streams = getattr(app, "end_streams", None)
         if end_streams is not None:
             end_streams()
+        _drain(server, deadline)
+        # As waitress's own run(): let running tasks finish (up to 5 s) before
+        # the caller closes the app; the trigger stays open for their last pull.
         server.task_dispatcher.shutdown()
+
+
+def _drain(server: Any, deadline: float) -> None:
+    """Run the loop, accepting nothing, until every answer is sent or deadline passes.
+
+    The loop alone sends what a client's socket refused: once it stopped,
+    the rest of an answer in the channel's buffers was lost when the
+    process exited (a slow client of pipelined GETs of 1 MiB values got
+    three and a part of the fourth).  A channel with no request left is
+    closed once its buffers are sent (waitress's close_when_flushed), so
+    it reads no new request; one whose requests still run (a stream
+    ending, pipelined requests) is waited for.  A second stop signal ends
+    the wait.
+    """
+    server.accept_pause.stop()
+    loop = server.main_loop
+    try:
+        while time.monotonic() < deadline:
+            waiting = False
+            for fd, channel in list(server.active_channels.items()):
+                if channel.requests:
+                    waiting = True
+                elif not channel.close_when_flushed and not channel.will_close:
+                    channel.close_when_flushed = True
+                    loop.mark(fd)
+                waiting = waiting or bool(channel.total_outbufs_len)
+            if not waiting:
+                return
+            loop.one_pass(min(0.1, max(0.0, deadline - time.monotonic())))
+    except (SystemExit, KeyboardInterrupt):
+        pass
 
 
 def adopt_waitress(app: Any = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -415,3 +416,49 @@ def test_a_channel_with_nothing_queued_keeps_waitresss_idle_rule(quiet_server):
     assert not idle.will_close and not drained.will_close
     built.maintenance(now + TIMEOUT + 1)
     assert idle.will_close and drained.will_close
+
+
+@pytest.mark.slow
+def test_a_stop_sends_the_answers_still_in_the_server_s_buffers(tmp_path):
+    # The loop alone sends what a client's socket refused; once SIGTERM had
+    # stopped it, the answers still in the channel's buffers were lost.
+    value = b"v" * (1024 * 1024)
+    with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (process, port):
+        put = (
+            f"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(value)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(put + value)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", port))
+            # 8 MiB of answers, more than the kernel's buffers take: the rest
+            # waits in the channel's buffers.
+            sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
+            received = bytearray(sock.recv(100))  # bytes += would copy megabytes per read
+            assert received.startswith(b"HTTP/1.1 200")
+            process.send_signal(signal.SIGTERM)
+            while chunk := sock.recv(1024 * 1024):
+                received += chunk
+            assert process.wait(timeout=30) == 0
+    assert received.count(value) == 8, f"{len(received)} bytes of 8 answers of 1 MiB"
+
+
+@pytest.mark.slow
+def test_a_client_that_reads_nothing_does_not_keep_a_stopping_server(tmp_path):
+    # The stop sends what waits only until its deadline (server.STOP_DRAIN_S).
+    with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (process, port):
+        put = b"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (1 << 20)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(put + b"v" * (1 << 20))
+            assert read_answer(sock).startswith(b"HTTP/1.1 201")
+            sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
