@@ -577,6 +577,11 @@ _adopted_app: Any = None
 def _adopted_run(server: Any) -> None:
     app = _adopted_app if _adopted_app is not None else server.application
     _add_main_loop(server, app)
+    # As `kvapp serve` does: `--connection-limit=2050` (docs/guarantees.md)
+    # is over Debian's default 1024 open files.
+    warning = raise_open_files_limit(server.adj.connection_limit, server.adj.threads)
+    if warning:
+        server.logger.warning("%s", warning)
     if threading.current_thread() is threading.main_thread():
         # waitress-serve leaves SIGTERM at its default action, which ended the
         # process at once: watch streams cut without their last chunk,

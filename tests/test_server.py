@@ -119,6 +119,43 @@ def test_the_open_files_limit_counts_each_thread_s_database_files():
     assert int(lines[1]) == 1000 + 64 * 2 + server.SPARE_FILES
 
 
+@pytest.mark.slow
+def test_waitress_serve_raises_the_open_files_limit_as_kvapp_serve_does(tmp_path):
+    # docs/guarantees.md gives waitress-serve --connection-limit=2050, over
+    # Debian's default soft limit of 1024 open files.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.fail(f"this machine's hard open-files limit {hard} is below what the test needs")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    waitress = str(Path(sys.executable).with_name("waitress-serve"))
+    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
+    process = subprocess.Popen(
+        [waitress, "--listen=127.0.0.1:0", "--connection-limit=1000", "--threads=8", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        line = b""
+        while b"Serving on http://" not in line:
+            line = process.stdout.readline()
+            assert line, "waitress-serve exited"
+        # waitress says "Serving" before it runs the server: once it answers, it runs.
+        assert _get(int(line.rsplit(b":", 1)[1]), "/healthz").startswith(b"HTTP/1.1 200")
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        soft = int(next(row for row in limits.splitlines() if "open files" in row).split()[3])
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        process.stdout.close()
+    assert soft == 1000 + 8 * 2 + server.SPARE_FILES
+
+
 # A child process with a server built in process, its loop not run: it runs
 # out of files, then asks the listening socket as the loop would.
 OUT_OF_FILES = """
