@@ -80,6 +80,26 @@ def test_reserve_takes_revisions_that_no_write_gets(repo):
     assert repo.history((1, 0), "", 10).floor >= 11
 
 
+def test_a_merge_of_nothing_leaves_the_history_floor_where_it_was(repo):
+    repo.apply(Write.of(Put("a", b"1", TEXT)))
+    before = repo.history((0, 0), "", 10)
+    target = Target(repo, fresh=False, empty=False)
+    assert transfer.load([], target, transfer.Tally(), highest=0) == 0
+    after = repo.history((0, 0), "", 10)
+    assert (after.floor, after.revision, len(after.events)) == (before.floor, 1, 1)
+
+
+def test_a_merge_whose_revisions_would_pass_the_export_format_s_bound_is_refused(repo):
+    from kvapp.tools import exportformat
+
+    repo.load([Record("a", b"1", TEXT, exportformat.MAX_REVISION - 5, None)])
+    target = Target(repo, fresh=False, empty=False)
+    records = [Record("b", b"2", TEXT, 10, None)]
+    with pytest.raises(targets.StoreError, match="the export format's bound"):
+        transfer.load(records, target, transfer.Tally(), highest=10)
+    assert [record.key for record in repo.dump(None, 10)] == ["a"]
+
+
 def test_a_load_leaves_a_row_equal_to_its_record_and_its_etag_alone(repo):
     repo.load([Record("same", b"v", TEXT, 5, None), Record("other", b"v", TEXT, 6, None)])
     repo.load(
@@ -164,7 +184,7 @@ def test_a_failed_import_into_an_empty_store_leaves_it_empty_even_if_its_last_lo
     repo.load = load_then_lose_the_answer
     tally = transfer.Tally()
     with pytest.raises(OutcomeUnknown):
-        transfer.load(records, Target(repo, fresh=False, empty=True), tally)
+        transfer.load(records, Target(repo, fresh=False, empty=True), tally, highest=1)
     assert repo.dump(None, 10) == [] and (tally.records, tally.last_key) == (0, None)
 
 

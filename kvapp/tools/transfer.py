@@ -46,9 +46,6 @@ from kvapp.tools.targets import StoreError, Target
 # per-transaction fsync costs little, small enough that a batch takes a
 # fraction of a second and a few MB of memory with typical values.
 PAGE = 1000
-# Revisions are SQLite INTEGERs and PostgreSQL bigints: past this a sum would
-# not fit (SQLite would turn it into a REAL, https://sqlite.org/datatype3.html).
-MAX_STORED_REVISION = 2**63 - 1
 
 
 @dataclass
@@ -112,27 +109,45 @@ class Revisions:
 
 
 def reserve(store: Any, highest: int) -> Revisions:
-    """Reserve the revisions of a run that loads a source whose highest revision is highest."""
-    if store.revision() > MAX_STORED_REVISION - highest - 2**32:
+    """Reserve the revisions of a run that loads a source whose highest revision is highest.
+
+    An empty source takes none: reserving moves the history floor, which
+    would send watchers that are behind a 410 for a run that changed nothing.
+    """
+    revision = store.revision()
+    # Past the export format's bound, an export of the store could not be
+    # imported again.  (Each merge adds the source's highest revision.)
+    if revision + highest > exportformat.MAX_REVISION:
         raise StoreError(
-            f"the destination's revisions would pass {MAX_STORED_REVISION}: export it and"
-            " import the export into a new store instead"
+            f"the destination's revisions would pass {exportformat.MAX_REVISION}, the export"
+            " format's bound: import into a new store instead"
         )
+    if not highest:
+        return Revisions(revision, 0, set())
     return Revisions(store.reserve(highest), highest, set())
 
 
 def load(
-    source: Iterable[Record], target: Target, tally: Tally, bar: Any = None, highest: int = 0
+    source: Iterable[Record],
+    target: Target,
+    tally: Tally,
+    bar: Any = None,
+    highest: int | None = None,
 ) -> int:
     """Load source's records, in key order, into target, PAGE per transaction; return how many.
 
-    highest is the source's highest revision (unused for a fresh file).  On
-    any failure the exception goes on, and tally says what the target keeps:
-    nothing from a fresh file (it is discarded) or an empty store (what was
-    loaded is deleted again), else the records loaded so far.
+    highest is the source's highest revision, needed unless target is a
+    fresh file.  On any failure the exception goes on, and tally says what
+    the target keeps: nothing from a fresh file (it is discarded) or an
+    empty store (what was loaded is deleted again), else the records
+    loaded so far.
     """
     bar = NoBar() if bar is None else bar  # not `or`: a tqdm without total has no truth value
-    revisions = None if target.fresh else reserve(target.store, highest)
+    revisions = None
+    if not target.fresh:
+        if highest is None:
+            raise ValueError("loading into an existing store needs the source's highest revision")
+        revisions = reserve(target.store, highest)
     iterator = iter(source)
     # The last key of the batch being loaded: a load that failed may still
     # have committed (PostgreSQL's OutcomeUnknown, a lost answer to COMMIT).
@@ -171,7 +186,7 @@ def erase_loaded(store: Any, last_key: str, revisions: Revisions) -> None:
             try:
                 store.apply(Write(tuple(deletes)))
             except ConditionFailed:
-                continue
+                continue  # read the page again: the key a client wrote keeps its write
         if len(page) < PAGE or page[-1].key >= last_key:
             return
         after = page[-1].key
