@@ -35,6 +35,7 @@ poll's.
 from __future__ import annotations
 
 import select
+import signal
 from collections import deque
 from typing import Any
 
@@ -43,6 +44,37 @@ from waitress.channel import HTTPChannel
 
 READ = select.POLLIN | select.POLLPRI
 WRITE = select.POLLOUT
+
+
+class Stopping:
+    """The stop signals of a server process, acted on where the loop waits, not mid-send.
+
+    A handler that raised SystemExit wherever the main thread was could land
+    between a send and the buffer's skip of what it sent; the loop that then
+    sends what answers still hold (kvapp.server._drain) sent those bytes
+    again: a corrupt answer under a 200.  So handle() raises only before the
+    loop runs or while it waits in poll(); otherwise the loop raises at its
+    next wait.  Each signal is acted on once: a second one ends the drain.
+    """
+
+    received: list[type[BaseException]] = []  # what each stop signal asks to raise
+    heeded = 0  # how many of them the loop has raised
+    looping = False  # a loop has started
+    waiting = False  # the main thread is about to wait, or waits, in poll()
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        """The handler of SIGTERM and SIGHUP (SystemExit) and SIGINT (KeyboardInterrupt)."""
+        cls.received.append(KeyboardInterrupt if signum == signal.SIGINT else SystemExit)
+        if cls.waiting or not cls.looping:
+            cls.check()
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise what the first stop signal not yet acted on asks for, if there is one."""
+        if len(cls.received) > cls.heeded:
+            cls.heeded += 1
+            raise cls.received[cls.heeded - 1]
 
 
 class MainLoop:
@@ -100,6 +132,7 @@ class MainLoop:
 
     def run(self, timeout: float) -> None:
         """Pass until the map is empty, waiting at most timeout seconds per pass."""
+        Stopping.looping = True
         while self.map:
             self.one_pass(timeout)
 
@@ -128,10 +161,14 @@ class MainLoop:
             # The listening socket's readable() ran the maintenance: it may
             # have marked idle channels for closing.
             self.ask_all = True
+        Stopping.waiting = True
         try:
+            Stopping.check()  # a signal that came while the pass ran
             events = self.others.poll(int(timeout * 1000))
         except InterruptedError:
             events = []
+        finally:
+            Stopping.waiting = False
         epoll_fd = self.poller.fileno()
         if any(fd == epoll_fd for fd, _ in events):
             events = [event for event in events if event[0] != epoll_fd]

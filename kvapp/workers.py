@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvapp.mainloop import Stopping
 from kvapp.store.base import DatabaseUnusable
 
 # A worker that dies is replaced, unless this many died within the window:
@@ -141,17 +142,16 @@ def _close(app: Any) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """Make SIGTERM and SIGHUP raise SystemExit in the main thread: the server stops in order.
+    """Make SIGTERM, SIGHUP (and Ctrl-C) stop the server in order, where its loop waits.
 
     Their default action ends the process at once: streams cut mid-chunk,
-    long-polls unanswered, access lines not yet written lost.
+    long-polls unanswered, access lines not yet written lost.  An ignored
+    signal stays ignored: `nohup` ignores SIGHUP, a worker SIGINT (the
+    supervisor turns Ctrl-C into SIGTERM).
     """
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, Stopping.handle)
 
 
 def _stderr(message: str) -> None:

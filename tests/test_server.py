@@ -6,14 +6,18 @@ are the benchmark's (docs/performance.md), never assertions here.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,20 +107,17 @@ def test_the_open_files_limit_counts_each_thread_s_database_files():
     code = (
         "import resource; from kvapp import server\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "print(server.raise_open_files_limit(1000, 64))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "print(server.raise_open_files_limit(100, 16))\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
     )
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < 2000:
-        pytest.fail(f"this machine's hard open-files limit {hard} is below what the test needs")
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     lines = result.stdout.splitlines()
     assert lines[0] == "None"
-    # 1000 connections, 64 threads of 2 files each (measured), the spare ones.
-    assert int(lines[1]) == 1000 + 64 * 2 + server.SPARE_FILES
+    # 100 connections, 16 threads of 2 files each (measured), the spare ones.
+    assert int(lines[1]) == 100 + 16 * 2 + server.SPARE_FILES
 
 
 @pytest.mark.slow
@@ -124,16 +125,14 @@ def test_waitress_serve_raises_the_open_files_limit_as_kvapp_serve_does(tmp_path
     # docs/guarantees.md gives waitress-serve --connection-limit=2050, over
     # Debian's default soft limit of 1024 open files.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < 2000:
-        pytest.fail(f"this machine's hard open-files limit {hard} is below what the test needs")
 
     def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
 
     waitress = str(Path(sys.executable).with_name("waitress-serve"))
     env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
     process = subprocess.Popen(
-        [waitress, "--listen=127.0.0.1:0", "--connection-limit=1000", "--threads=8", "wsgi:app"],
+        [waitress, "--listen=127.0.0.1:0", "--connection-limit=100", "--threads=8", "wsgi:app"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -153,7 +152,7 @@ def test_waitress_serve_raises_the_open_files_limit_as_kvapp_serve_does(tmp_path
         process.terminate()
         process.wait(timeout=30)
         process.stdout.close()
-    assert soft == 1000 + 8 * 2 + server.SPARE_FILES
+    assert soft == 100 + 8 * 2 + server.SPARE_FILES
 
 
 # A child process with a server built in process, its loop not run: it runs
@@ -193,6 +192,56 @@ out["after"] = [r.getMessage() for r in records[len(out["lines"]):]]
 print(json.dumps(out), flush=True)
 os._exit(0)
 """
+
+
+def test_a_stop_signal_is_acted_on_where_the_loop_waits_not_in_the_middle_of_a_pass(
+    monkeypatch,
+):
+    # A SystemExit raised between a send and the buffer's skip of it made
+    # the drain send those bytes again.
+    from kvapp.mainloop import Stopping
+
+    monkeypatch.setattr(Stopping, "received", [])
+    monkeypatch.setattr(Stopping, "heeded", 0)
+    monkeypatch.setattr(Stopping, "looping", True)
+    monkeypatch.setattr(Stopping, "waiting", False)
+    Stopping.handle(signal.SIGTERM, None)  # mid-pass: noted, not raised
+    with pytest.raises(SystemExit):
+        Stopping.check()  # the loop's next wait
+    Stopping.check()  # acted on once: the drain goes on
+    monkeypatch.setattr(Stopping, "waiting", True)
+    with pytest.raises(KeyboardInterrupt):
+        Stopping.handle(signal.SIGINT, None)  # a second signal, while it waits: at once
+
+
+def test_a_signal_that_nohup_ignores_stays_ignored(tmp_path):
+    waitress = str(Path(sys.executable).with_name("waitress-serve"))
+    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
+    process = subprocess.Popen(
+        [waitress, "--listen=127.0.0.1:0", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    try:
+        line = b""
+        while b"Serving on http://" not in line:
+            line = process.stdout.readline()
+            assert line, "waitress-serve exited"
+        port = int(line.rsplit(b":", 1)[1])
+        assert _get(port, "/healthz").startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGHUP)
+        assert _get(port, "/healthz").startswith(b"HTTP/1.1 200"), "SIGHUP stopped it"
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
 
 
 def test_a_server_out_of_files_stops_asking_to_accept_for_a_while_and_logs_once():
@@ -455,6 +504,33 @@ def test_a_channel_with_nothing_queued_keeps_waitresss_idle_rule(quiet_server):
     assert idle.will_close and drained.will_close
 
 
+def test_a_channel_that_had_megabytes_waiting_is_idle_channel_timeout_after_its_last_send(
+    quiet_server,
+):
+    # A pass saw bytes waiting, then the client took them all: counting the
+    # idle time from the next pass kept it up to twice channel_timeout.
+    built, connect = quiet_server
+    channel, client = connect()
+    channel.write_soon(b"x" * (8 * 1024 * 1024))
+    channel._flush_some()
+    built.maintenance(channel.last_activity + TIMEOUT / 2)
+    assert channel.taken_mark[0], "the pass saw nothing waiting in the kernel"
+    got = 0
+    while got < 8 * 1024 * 1024:
+        channel._flush_some()
+        got += len(client.recv(65536))
+    deadline = time.monotonic() + 10
+    while _unacknowledged(channel) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the client's last ACK
+    assert not channel.will_close and channel.connected
+    built.maintenance(channel.last_activity + TIMEOUT + 1)
+    assert channel.will_close
+
+
+def _unacknowledged(channel) -> int:
+    return struct.unpack("i", fcntl.ioctl(channel.socket, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 @pytest.mark.slow
 def test_a_stop_sends_the_answers_still_in_the_server_s_buffers(tmp_path):
     # The loop alone sends what a client's socket refused; once SIGTERM had
@@ -487,6 +563,10 @@ def test_a_stop_sends_the_answers_still_in_the_server_s_buffers(tmp_path):
 @pytest.mark.slow
 def test_a_client_that_reads_nothing_does_not_keep_a_stopping_server(tmp_path):
     # The stop sends what waits only until its deadline (server.STOP_DRAIN_S).
+    # 40 answers of 1 MiB pass outbuf_high_watermark (16 MiB): the task waits
+    # for the client; the drain's end closes the channel, which wakes it, so
+    # waitress need not give up on its thread ("1 thread(s) still running"
+    # after 5 s more, which took the stop near the supervisor's 10 s).
     with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (process, port):
         put = b"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (1 << 20)
         with socket.socket() as sock:
@@ -495,7 +575,8 @@ def test_a_client_that_reads_nothing_does_not_keep_a_stopping_server(tmp_path):
             sock.connect(("127.0.0.1", port))
             sock.sendall(put + b"v" * (1 << 20))
             assert read_answer(sock).startswith(b"HTTP/1.1 201")
-            sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
+            sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 40)
             assert sock.recv(100).startswith(b"HTTP/1.1 200")
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
+            assert b"still running" not in process.stderr.read()
