@@ -46,6 +46,10 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 # signal to the default).
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# So with SIGHUP, which nohup ignores: kvapp keeps an ignored stop signal
+# ignored, as nohup asks, and the SIGHUP tests would fail under it.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 # In CI every test must run: FORBID_SKIPS=1 (set by .ci/run) turns a skip
