@@ -18,6 +18,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,29 @@ def test_the_open_files_limit_counts_each_thread_s_database_files():
 
 
 @pytest.mark.slow
+def _waitress_serve(
+    tmp_path: Path, *options: str, preexec_fn: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen, int]:
+    """Start `waitress-serve wsgi:app` on a port the kernel picks; return it and the port."""
+    waitress = str(Path(sys.executable).with_name("waitress-serve"))
+    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
+    process = subprocess.Popen(
+        [waitress, "--listen=127.0.0.1:0", *options, "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
+    )
+    line = b""
+    while b"Serving on http://" not in line:
+        line = process.stdout.readline()
+        if not line:
+            process.wait(timeout=30)
+            raise AssertionError(f"waitress-serve exited with status {process.returncode}")
+    return process, int(line.rsplit(b":", 1)[1])
+
+
 def test_waitress_serve_raises_the_open_files_limit_as_kvapp_serve_does(tmp_path):
     # docs/guarantees.md gives waitress-serve --connection-limit=2050, over
     # Debian's default soft limit of 1024 open files.
@@ -129,23 +153,12 @@ def test_waitress_serve_raises_the_open_files_limit_as_kvapp_serve_does(tmp_path
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
 
-    waitress = str(Path(sys.executable).with_name("waitress-serve"))
-    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
-    process = subprocess.Popen(
-        [waitress, "--listen=127.0.0.1:0", "--connection-limit=100", "--threads=8", "wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        preexec_fn=low_soft_limit,
+    process, port = _waitress_serve(
+        tmp_path, "--connection-limit=100", "--threads=8", preexec_fn=low_soft_limit
     )
     try:
-        line = b""
-        while b"Serving on http://" not in line:
-            line = process.stdout.readline()
-            assert line, "waitress-serve exited"
         # waitress says "Serving" before it runs the server: once it answers, it runs.
-        assert _get(int(line.rsplit(b":", 1)[1]), "/healthz").startswith(b"HTTP/1.1 200")
+        assert _get(port, "/healthz").startswith(b"HTTP/1.1 200")
         limits = Path(f"/proc/{process.pid}/limits").read_text()
         soft = int(next(row for row in limits.splitlines() if "open files" in row).split()[3])
     finally:
@@ -215,22 +228,11 @@ def test_a_stop_signal_is_acted_on_where_the_loop_waits_not_in_the_middle_of_a_p
 
 
 def test_a_signal_that_nohup_ignores_stays_ignored(tmp_path):
-    waitress = str(Path(sys.executable).with_name("waitress-serve"))
-    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
-    process = subprocess.Popen(
-        [waitress, "--listen=127.0.0.1:0", "wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
-    )
+    def as_nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    process, port = _waitress_serve(tmp_path, preexec_fn=as_nohup)
     try:
-        line = b""
-        while b"Serving on http://" not in line:
-            line = process.stdout.readline()
-            assert line, "waitress-serve exited"
-        port = int(line.rsplit(b":", 1)[1])
         assert _get(port, "/healthz").startswith(b"HTTP/1.1 200")
         process.send_signal(signal.SIGHUP)
         assert _get(port, "/healthz").startswith(b"HTTP/1.1 200"), "SIGHUP stopped it"
@@ -287,18 +289,36 @@ def test_300_clients_at_once_are_all_answered(tmp_path):
         assert answer.endswith(b"\r\n\r\nv299")
 
 
+def _store_big(port: int, value: bytes, content_type: str = "application/octet-stream") -> None:
+    """PUT value under /kv/big on its own connection."""
+    put = (
+        f"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(value)}\r\n"
+        f"Content-Type: {content_type}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(put + value)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+
+
+def _small_window(port: int) -> socket.socket:
+    """Return a connection whose receive buffer, and so the window it announces, is small.
+
+    Set before connecting: set afterwards, Linux keeps the larger window
+    scale and then waits about 25 ms per 1 KiB read.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 @pytest.mark.slow
 def test_a_large_value_reaches_a_client_that_reads_slowly(tmp_path):
     """An answer larger than LOOP_FLUSH_BYTES, read in small sips while other clients write."""
     value = bytes(range(256)) * 4096  # 1 MiB, the largest value config.ini allows
     with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (_, port):
-        put = (
-            f"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(value)}\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(put + value)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+        _store_big(port, value)
         done = threading.Event()
 
         def write_meanwhile() -> None:
@@ -310,14 +330,8 @@ def test_a_large_value_reaches_a_client_that_reads_slowly(tmp_path):
         writer = threading.Thread(target=write_meanwhile)
         writer.start()
         try:
-            # The small buffer is set before connecting, so that the window
-            # the handshake announces is small too: set afterwards, Linux
-            # keeps the larger window scale and then waits about 25 ms per
-            # 1 KiB read (a raw socket server measured the same 26 s).
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.settimeout(30)
-                sock.connect(("127.0.0.1", port))
+            # (A raw socket server measured the same 26 s as kvapp for this read.)
+            with _small_window(port) as sock:
                 sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 received = b""
                 while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < len(
@@ -379,21 +393,8 @@ def test_waitress_serve_builds_its_server_with_kvapps_channel_and_loop(tmp_path,
 @pytest.mark.slow
 def test_waitress_serve_answers_300_clients_and_keeps_idle_ones(tmp_path):
     """`waitress-serve wsgi:app` with kvapp's loop: idle connections stay served."""
-    waitress = str(Path(sys.executable).with_name("waitress-serve"))
-    env = {**os.environ, "KVAPP_DATABASE": str(tmp_path / "kv.sqlite3"), **QUIET}
-    process = subprocess.Popen(
-        [waitress, "--listen=127.0.0.1:0", "--connection-limit=1000", "wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    process, port = _waitress_serve(tmp_path, "--connection-limit=1000")
     try:
-        line = b""
-        while b"Serving on http://" not in line:
-            line = process.stdout.readline()
-            assert line, "waitress-serve exited"
-        port = int(line.rsplit(b":", 1)[1])
         clients = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(300)]
         try:
             for rounds in range(2):  # the second round on connections idle since the first
@@ -537,17 +538,8 @@ def test_a_stop_sends_the_answers_still_in_the_server_s_buffers(tmp_path):
     # stopped it, the answers still in the channel's buffers were lost.
     value = b"v" * (1024 * 1024)
     with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (process, port):
-        put = (
-            f"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(value)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(put + value)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 201")
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
-            sock.settimeout(30)
-            sock.connect(("127.0.0.1", port))
+        _store_big(port, value)
+        with _small_window(port) as sock:
             # 8 MiB of answers, more than the kernel's buffers take: the rest
             # waits in the channel's buffers.
             sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 8)
@@ -568,13 +560,8 @@ def test_a_client_that_reads_nothing_does_not_keep_a_stopping_server(tmp_path):
     # waitress need not give up on its thread ("1 thread(s) still running"
     # after 5 s more, which took the stop near the supervisor's 10 s).
     with serving("--database", str(tmp_path / "kv.sqlite3"), env=QUIET) as (process, port):
-        put = b"PUT /kv/big HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (1 << 20)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it counts
-            sock.settimeout(30)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(put + b"v" * (1 << 20))
-            assert read_answer(sock).startswith(b"HTTP/1.1 201")
+        _store_big(port, b"v" * (1 << 20))
+        with _small_window(port) as sock:
             sock.sendall(b"GET /kv/big HTTP/1.1\r\nHost: localhost\r\n\r\n" * 40)
             assert sock.recv(100).startswith(b"HTTP/1.1 200")
             process.send_signal(signal.SIGTERM)

@@ -592,28 +592,11 @@ def test_a_merge_never_gives_a_key_an_etag_it_had_for_another_value(tmp_path, ho
     # The target gave "a" ETag 1 and "b" ETag 2; the source has other values
     # under the same revisions, and "c" equal to the target's.
     target = tmp_path / "target.sqlite3"
-    fill(
-        target,
-        iter(
-            [
-                Record("a", b"mine-a", TEXT, 1, None),
-                Record("b", b"mine-b", TEXT, 2, None),
-                Record("c", b"same", TEXT, 3, None),
-            ]
-        ),
-    )
+    mine = [("a", b"mine-a", 1), ("b", b"mine-b", 2), ("c", b"same", 3)]
+    fill(target, iter(Record(key, value, TEXT, rev, None) for key, value, rev in mine))
     source = tmp_path / "source.sqlite3"
-    fill(
-        source,
-        iter(
-            [
-                Record("a", b"other-a", TEXT, 1, None),
-                Record("b", b"other-b", TEXT, 2, None),
-                Record("c", b"same", TEXT, 7, None),
-                Record("d", b"new", TEXT, 2, None),
-            ]
-        ),
-    )
+    other = [("a", b"other-a", 1), ("b", b"other-b", 2), ("c", b"same", 7), ("d", b"new", 2)]
+    fill(source, iter(Record(key, value, TEXT, rev, None) for key, value, rev in other))
     before = meta_revision(target)
     if how == "import":
         export = tmp_path / "dump.jsonl"
