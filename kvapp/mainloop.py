@@ -63,6 +63,19 @@ class Stopping:
     waiting = False  # the main thread is about to wait, or waits, in poll()
 
     @classmethod
+    def install(cls) -> None:
+        """Make SIGTERM, SIGHUP (and Ctrl-C) stop the server in order: handle() them.
+
+        Their default action ends the process at once: streams cut mid-chunk,
+        long-polls unanswered, access lines not yet written lost.  An ignored
+        signal stays ignored: `nohup` ignores SIGHUP, a worker SIGINT (the
+        supervisor turns Ctrl-C into SIGTERM).
+        """
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, cls.handle)
+
+    @classmethod
     def handle(cls, signum: int, frame: Any) -> None:
         """The handler of SIGTERM and SIGHUP (SystemExit) and SIGINT (KeyboardInterrupt)."""
         cls.received.append(KeyboardInterrupt if signum == signal.SIGINT else SystemExit)

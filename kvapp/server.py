@@ -42,7 +42,7 @@ from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
 
-from kvapp.mainloop import MainLoop
+from kvapp.mainloop import MainLoop, Stopping
 from kvapp.refusals import ErrorTask, Parser
 
 # While a task thread writes, it sends its own output; the main loop helps
@@ -363,21 +363,21 @@ def _maintenance(server: Any) -> Any:
     def run(now: float) -> None:
         timeout = server.adj.channel_timeout
         for channel in list(server.active_channels.values()):
-            if channel.total_outbufs_len:
-                # Looked at on every pass, so that a client that stops taking
-                # bytes is closed channel_timeout after it last took some,
-                # give or take cleanup_interval.
-                if _client_stalled(channel, now, timeout):
-                    channel.handle_close()
-            elif not channel.requests and channel.last_activity < now - timeout:
-                # Its buffers are sent; the kernel may still hold megabytes.
-                if _client_stalled(channel, now, timeout):
-                    channel.handle_close()
-                elif channel.taken_mark is None or not channel.taken_mark[0]:
-                    # The client has taken every byte: idle, waitress's rule.
-                    # (Counting from the pass that first saw the kernel's queue
-                    # empty kept it up to twice channel_timeout.)
-                    channel.will_close = True
+            # One with bytes in its buffers is looked at on every pass, so that
+            # a client that stops taking them is closed channel_timeout after it
+            # last took some, give or take cleanup_interval.  One with none is
+            # looked at once its last send is that old (waitress's idle rule):
+            # the kernel may still hold megabytes for it.
+            buffered = channel.total_outbufs_len
+            if not buffered and (channel.requests or channel.last_activity >= now - timeout):
+                continue
+            if _client_stalled(channel, now, timeout):
+                channel.handle_close()
+            elif not buffered and (channel.taken_mark is None or not channel.taken_mark[0]):
+                # The client has taken every byte: idle, waitress's rule.
+                # (Counting from the pass that first saw the kernel's queue
+                # empty kept it up to twice channel_timeout.)
+                channel.will_close = True
 
     return run
 
@@ -588,7 +588,5 @@ def _adopted_run(server: Any) -> None:
         # long-polls unanswered.  As `kvapp serve`: stop in order.  (Only a
         # main thread may set a handler, and a server run in another thread
         # belongs to a program that handles its own signals.)
-        from kvapp.workers import stop_on_sigterm
-
-        stop_on_sigterm()
+        Stopping.install()
     _run(server, app)

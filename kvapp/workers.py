@@ -116,7 +116,7 @@ def serve(
         for note in notes:
             log(note)
         if workers == 1:
-            stop_on_sigterm()
+            Stopping.install()
             _serve_one(app, sock, options)
             return 0
         _close(app)
@@ -139,19 +139,6 @@ def _close(app: Any) -> None:
     close = getattr(app, "close", None)
     if close is not None:
         close()
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM, SIGHUP (and Ctrl-C) stop the server in order, where its loop waits.
-
-    Their default action ends the process at once: streams cut mid-chunk,
-    long-polls unanswered, access lines not yet written lost.  An ignored
-    signal stays ignored: `nohup` ignores SIGHUP, a worker SIGINT (the
-    supervisor turns Ctrl-C into SIGTERM).
-    """
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, Stopping.handle)
 
 
 def _stderr(message: str) -> None:
@@ -271,7 +258,7 @@ def _worker_main(
         # Ctrl-C reaches the whole process group; the parent turns it into
         # one orderly SIGTERM per worker.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stop_on_sigterm()
+        Stopping.install()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
         _serve_one(make_app(), sock, options)
